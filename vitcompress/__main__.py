@@ -1,0 +1,3 @@
+from vitcompress.cli import main
+
+main()

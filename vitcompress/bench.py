@@ -1,0 +1,192 @@
+"""Latency measurement with ONNX Runtime, done the way a deployment gate needs it (RELIABILITY 29).
+
+Several models are measured interleaved in one run (round-robin, rotating which goes first) so that
+noise from a shared machine falls on all of them alike; the first model is the baseline every ratio
+is taken against. Warm-up runs are excluded; the thread count is fixed and recorded together with
+the CPU model, its ISA flags (AVX-512 VNNI, AMX) and the library versions.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitcompress.errors import BudgetExceededError, OnnxModelError
+from vitcompress.runtime import OnnxRunner, Provider
+
+ISA_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+    "asimd", "asimddp", "i8mm", "sve",
+)
+
+
+@dataclass(frozen=True)
+class Environment:
+    cpu_model: str
+    cpu_count: int
+    isa: dict[str, bool]
+    machine: str
+    versions: dict[str, str]
+
+    @classmethod
+    def detect(cls) -> Environment:
+        import onnx
+        import onnxruntime
+
+        model, flags = platform.processor() or "unknown", set()
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for line in fh:
+                    key, _, value = line.partition(":")
+                    key = key.strip().lower()
+                    if key in ("model name", "hardware") and model in ("unknown", "", platform.machine()):
+                        model = value.strip()
+                    elif key in ("flags", "features"):
+                        flags.update(value.split())
+        except OSError:
+            pass
+        versions = {
+            "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__,
+            "numpy": np.__version__,
+        }
+        try:
+            from importlib.metadata import version
+
+            versions["vitcompress"] = version("vitcompress")
+        except Exception:
+            pass
+        return cls(
+            cpu_model=model,
+            cpu_count=os.cpu_count() or 1,
+            isa={flag: flag in flags for flag in ISA_FLAGS},
+            machine=platform.machine(),
+            versions=versions,
+        )
+
+    def isa_summary(self) -> str:
+        return " ".join(flag for flag, present in self.isa.items() if present) or "none detected"
+
+
+@dataclass(frozen=True)
+class Latency:
+    model: str
+    batch_size: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput_ips: float  # images per second at the median latency
+    speedup_vs_first: float  # first model's p50 / this p50, at the same batch size
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    provider: str
+    threads: int
+    batch_sizes: tuple[int, ...]
+    warmup: int
+    runs: int
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    environment: Environment
+    settings: BenchSettings
+    results: list[Latency] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def find(self, model: str, batch_size: int) -> Latency:
+        return next(r for r in self.results if r.model == model and r.batch_size == batch_size)
+
+
+def _input_for(runner: OnnxRunner, batch_size: int, seed: int) -> np.ndarray:
+    dims = runner.input_shape
+    if isinstance(dims[0], int) and dims[0] != batch_size:
+        raise OnnxModelError(
+            f"{runner.path.name} has a fixed batch size of {dims[0]}, cannot bench batch {batch_size}",
+            hint="export with a dynamic batch axis (vitcompress export does) or bench at that batch size",
+        )
+    shape = [batch_size] + [d if isinstance(d, int) else 1 for d in dims[1:]]
+    return np.random.default_rng(seed).standard_normal(shape).astype(runner.input_dtype)
+
+
+def bench_models(
+    paths: Sequence[Path],
+    provider: Provider = Provider.cpu,
+    threads: int = 2,
+    batch_sizes: Sequence[int] = (1,),
+    warmup: int = 10,
+    runs: int = 100,
+    on_step: Callable[[int], None] | None = None,
+    seed: int = 0,
+) -> BenchReport:
+    """Measure every model at every batch size, interleaved; on_step(n) reports progress in runs."""
+    if not paths:
+        raise OnnxModelError("no ONNX models to bench", hint="pass one or more .onnx files")
+    runners = [OnnxRunner(Path(p), provider=provider, threads=threads) for p in paths]
+    labels = [str(p) for p in paths]
+    results: list[Latency] = []
+    for batch_size in batch_sizes:
+        inputs = [_input_for(r, batch_size, seed) for r in runners]
+        for runner, batch in zip(runners, inputs, strict=True):
+            for _ in range(warmup):
+                runner.session.run(None, {runner.input_name: batch})
+            if on_step:
+                on_step(warmup)
+        times: list[list[float]] = [[] for _ in runners]
+        order = list(range(len(runners)))
+        for i in range(runs):
+            for j in order[i % len(order) :] + order[: i % len(order)]:
+                runner, feed = runners[j], {runners[j].input_name: inputs[j]}
+                start = time.perf_counter()
+                runner.session.run(None, feed)
+                times[j].append((time.perf_counter() - start) * 1e3)
+            if on_step:
+                on_step(len(runners))
+        first_p50 = float(np.percentile(times[0], 50))
+        for label, samples in zip(labels, times, strict=True):
+            ms = np.asarray(samples)
+            p50 = float(np.percentile(ms, 50))
+            results.append(
+                Latency(
+                    model=label,
+                    batch_size=batch_size,
+                    runs=runs,
+                    p50_ms=p50,
+                    p90_ms=float(np.percentile(ms, 90)),
+                    p99_ms=float(np.percentile(ms, 99)),
+                    mean_ms=float(ms.mean()),
+                    min_ms=float(ms.min()),
+                    throughput_ips=batch_size * 1e3 / p50,
+                    speedup_vs_first=first_p50 / p50,
+                )
+            )
+    settings = BenchSettings(provider.value, threads, tuple(batch_sizes), warmup, runs)
+    return BenchReport(Environment.detect(), settings, results)
+
+
+def check_gate(latency: Latency, max_p50_ms: float | None, min_speedup: float | None) -> None:
+    """Raise BudgetExceededError (exit code 3) when a measured value is past its budget."""
+    if max_p50_ms is not None and latency.p50_ms > max_p50_ms:
+        raise BudgetExceededError(
+            f"latency gate failed: {latency.model} p50 {latency.p50_ms:.2f} ms at batch {latency.batch_size} "
+            f"> budget {max_p50_ms:g} ms"
+        )
+    if min_speedup is not None and latency.speedup_vs_first < min_speedup:
+        raise BudgetExceededError(
+            f"speed-up gate failed: {latency.model} is {latency.speedup_vs_first:.2f}x the baseline "
+            f"at batch {latency.batch_size}, budget {min_speedup:g}x"
+        )

@@ -1,0 +1,73 @@
+"""Options shared by several commands, output consoles, and flag-to-config conversion."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+
+from vitcompress.errors import VitcompressError
+
+out_console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="timm:NAME (e.g. timm:deit_small_patch16_224), hf:DIR (Hugging Face ViT/DeiT folder), "
+        "or a vitcompress artifact directory.",
+        show_default=False,
+    ),
+]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", "-c", exists=True, dir_okay=False, help="Weights for a timm model "
+                 "(.safetensors preferred; .pth/.pt/.bin are loaded weights-only)."),
+]
+NumClassesOpt = Annotated[int | None, typer.Option(min=1, help="Classifier size; a checkpoint head of another "
+                                                   "size is re-initialized (logged). Default: from the checkpoint.")]
+ImgSizeOpt = Annotated[int | None, typer.Option(min=8, help="Input resolution; position embeddings are resampled.")]
+InChansOpt = Annotated[int | None, typer.Option(min=1, help="Input channels (1 for grey images).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow unsafe pickle loading (runs code "
+                                        "in the file). Only for files you made; the file's hash is logged.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
+
+
+def model_ref(source: str, checkpoint: Path | None, num_classes: int | None, img_size: int | None,
+              in_chans: int | None, trust: bool) -> Any:
+    from vitcompress.models import ModelRef
+
+    return ModelRef(source, checkpoint, num_classes, img_size, in_chans, trust)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def build_config(cls: type[C], **flags: Any) -> C:
+    """Validate CLI flags through the same pydantic config a recipe uses; errors name the flag."""
+    try:
+        return cls(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        raise VitcompressError(f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})") \
+            from None
+
+
+def _default(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
+    sys.stdout.flush()

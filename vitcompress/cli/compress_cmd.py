@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from vitcompress.cli.common import JsonOpt, err_console, out_console, print_json
+
+
+def compress(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for artifacts and reports.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a recipe: load the model, run its passes in order, print the per-pass ledger.
+
+    Writes the artifacts, report.json, report.md and recipe.resolved.yaml (every default spelled out)
+    to OUT, each file atomically. Exit code 3 when a budget in the recipe fails (reports are still written).
+
+    Example:
+      vitcompress compress --recipe recipes/quickstart.yaml --out out/
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from vitcompress.pipeline import run_recipe
+    from vitcompress.recipe import load_recipe
+    from vitcompress.report import LEDGER_COLUMNS, ledger_rows
+
+    parsed = load_recipe(recipe)
+    steps = ["load"] + [cfg.name or cfg.kind for cfg in parsed.passes]
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("", total=len(steps))
+
+        def on_pass(index: int, name: str) -> None:
+            progress.update(task, completed=index, description=f"[{index + 1}/{len(steps)}] {name}")
+
+        result = run_recipe(parsed, out, on_pass=on_pass)
+    if json_out:
+        print_json({"out_dir": str(out), "ledger": [r.to_dict() for r in result.ledger],
+                    "final_onnx": result.state.onnx_path})
+        return
+    table = Table(title=f"{parsed.name or parsed.model.source} -> {out}")
+    for column in LEDGER_COLUMNS:
+        table.add_column(column, justify="left" if column == "pass" else "right")
+    for row in ledger_rows(result.ledger):
+        table.add_row(*row)
+    out_console.print(table)
+    out_console.print(f"reports: {out / 'report.md'}, {out / 'report.json'}; recipe: {out / 'recipe.resolved.yaml'}")

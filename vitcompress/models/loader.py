@@ -1,0 +1,356 @@
+"""Model references and loading.
+
+A model reference is one of
+  `timm:NAME`   a timm model by name, random-init or with `--checkpoint FILE`;
+  `hf:DIR`      a local Hugging Face ViT/DeiT folder (safetensors only, never remote code);
+  `DIR`         a vitcompress artifact (`model.safetensors` + `model.json`).
+Loading always returns the model in eval mode with a forward that maps images to logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitcompress.errors import (
+    CheckpointError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+    did_you_mean,
+)
+from vitcompress.models.adapters import ViTAdapter, adapter_for
+from vitcompress.models.checkpoint import StateDict, load_state_dict
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_MANIFEST = "model.json"
+ARTIFACT_WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from and how to build it: what the CLI flags and the recipe's `model:` hold."""
+
+    source: str
+    checkpoint: Path | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    in_chans: int | None = None
+    trust_checkpoint: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    adapter: ViTAdapter
+    source: dict[str, Any]  # JSON-able recipe to rebuild the architecture without weights
+    input: InputSpec
+    num_classes: int
+    label: str  # how to name it to a person
+
+    def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn((batch, *self.input.shape), generator=generator)
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return list(timm.list_models())
+
+
+def build_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    if name not in set(_timm_names()):
+        raise ModelNotFoundError(f"unknown timm model {name!r}", hint=did_you_mean(name, _timm_names()))
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise ModelNotFoundError(
+            f"timm model {name!r} rejected its arguments {kwargs}: {err}",
+            hint="check the model kwargs in the recipe",
+        ) from err
+
+
+def _head_keys(state_dict: StateDict) -> list[str]:
+    return [k for k in state_dict if k.split(".")[0] in ("head", "head_dist") and k.endswith("weight")]
+
+
+def _fit_timm_state_dict(model: nn.Module, state_dict: StateDict, ref: ModelRef, path: Path) -> StateDict:
+    """Handle the mismatches that have a well-defined fix, explicitly and with a log line each."""
+    from timm.layers import resample_abs_pos_embed
+    from timm.models import adapt_input_conv
+
+    own = model.state_dict()
+    state_dict = dict(state_dict)
+    heads = [k for k in _head_keys(state_dict) if k in own and own[k].shape != state_dict[k].shape]
+    if heads:
+        log.warning(
+            "classifier head re-initialized: checkpoint has %d classes, model built with %d (--num-classes)",
+            state_dict[heads[0]].shape[0],
+            own[heads[0]].shape[0],
+        )
+        for key in heads:
+            state_dict.pop(key)
+            state_dict.pop(key[: -len("weight")] + "bias", None)
+    if "pos_embed" in state_dict and state_dict["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)  # type: ignore[arg-type]
+        grid = list(model.patch_embed.grid_size)  # type: ignore[union-attr]
+        log.warning(
+            "position embedding resampled from %s to %s for --img-size",
+            tuple(state_dict["pos_embed"].shape),
+            tuple(own["pos_embed"].shape),
+        )
+        state_dict["pos_embed"] = resample_abs_pos_embed(
+            state_dict["pos_embed"], new_size=grid, num_prefix_tokens=prefix, verbose=False
+        )
+    conv = "patch_embed.proj.weight"
+    if conv in state_dict and state_dict[conv].shape[1] != own[conv].shape[1]:
+        log.warning(
+            "patch embedding adapted from %d to %d input channels (--in-chans)",
+            state_dict[conv].shape[1],
+            own[conv].shape[1],
+        )
+        state_dict[conv] = adapt_input_conv(own[conv].shape[1], state_dict[conv])
+    return state_dict
+
+
+def load_strict(model: nn.Module, state_dict: StateDict, path: Path, allow_missing: tuple[str, ...] = ()) -> None:
+    """Load weights; any missing, unexpected or mis-shaped key fails the load with the keys listed."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.startswith(allow_missing)]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state_dict
+        if k in own and state_dict[k].shape != own[k].shape
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if keys:
+            problems.append(f"{label} ({len(keys)}): " + ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else ""))
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model: " + "; ".join(problems),
+            hint="was it saved from another architecture? for a compressed model pass its artifact directory",
+        )
+    model.load_state_dict(state_dict, strict=False)
+
+
+def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
+    state_dict = load_state_dict(ref.checkpoint, trust=ref.trust_checkpoint) if ref.checkpoint else None
+    kwargs = dict(ref.kwargs)
+    for key, value in (("num_classes", ref.num_classes), ("img_size", ref.img_size), ("in_chans", ref.in_chans)):
+        if value is not None:
+            kwargs[key] = value
+    if state_dict is not None:
+        heads = _head_keys(state_dict)
+        if "num_classes" not in kwargs and heads:
+            kwargs["num_classes"] = int(state_dict[heads[0]].shape[0])
+            log.info("num_classes=%d taken from the checkpoint head", kwargs["num_classes"])
+        conv = state_dict.get("patch_embed.proj.weight")
+        if "in_chans" not in kwargs and conv is not None and conv.ndim == 4:
+            kwargs["in_chans"] = int(conv.shape[1])
+    model = build_timm(name, kwargs)
+    adapter = adapter_for(model)
+    allow_missing: tuple[str, ...] = ()
+    if state_dict is not None:
+        assert ref.checkpoint is not None
+        state_dict = _fit_timm_state_dict(model, state_dict, ref, ref.checkpoint)
+        if any(k not in state_dict for k in (f"{h}.weight" for h in adapter.head_names)):
+            allow_missing = tuple(f"{h}." for h in adapter.head_names)
+        load_strict(model, state_dict, ref.checkpoint, allow_missing)
+    model.eval()
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    height, width = (int(s) for s in model.patch_embed.img_size)  # type: ignore[union-attr]
+    channels = int(model.patch_embed.proj.in_channels)  # type: ignore[union-attr]
+    mean, std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+    if len(mean) != channels:
+        mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    return LoadedModel(
+        model=model,
+        adapter=adapter,
+        source={"kind": "timm", "name": name, "kwargs": kwargs},
+        input=InputSpec(channels, height, width, mean, std, str(cfg.get("interpolation", "bicubic"))),
+        num_classes=int(model.num_classes),  # type: ignore[arg-type]
+        label=f"timm:{name}",
+    )
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+HF_ARCHITECTURES = (
+    "ViTForImageClassification",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+)
+
+
+class HFClassifier(nn.Module):
+    """Wraps a transformers image classifier so that forward(images) returns the logits tensor."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=pixel_values).logits  # type: ignore[no-any-return]
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise MissingDependencyError(
+            "Hugging Face models need the 'transformers' package",
+            hint="pip install 'vitcompress[hf]'",
+        ) from err
+    return transformers
+
+
+def build_hf(config_dict: dict[str, Any]) -> nn.Module:
+    transformers = _transformers()
+    config_dict = dict(config_dict)
+    model_type = config_dict.get("model_type")
+    if model_type not in ("vit", "deit"):
+        raise UnsupportedModelError(
+            f"Hugging Face model_type {model_type!r} is not supported", hint="supported: vit, deit"
+        )
+    config_cls = transformers.ViTConfig if model_type == "vit" else transformers.DeiTConfig
+    config = config_cls.from_dict(config_dict)
+    architecture = (config.architectures or [None])[0] or (
+        "ViTForImageClassification" if model_type == "vit" else "DeiTForImageClassification"
+    )
+    if architecture not in HF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"Hugging Face architecture {architecture!r} is not an image classifier vitcompress supports",
+            hint="supported: " + ", ".join(HF_ARCHITECTURES),
+        )
+    return HFClassifier(getattr(transformers, architecture)(config))
+
+
+def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
+    import json
+
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"Hugging Face model folder {directory} does not exist", hint="check the path")
+    if ref.checkpoint or ref.img_size or ref.in_chans or ref.kwargs:
+        raise CheckpointError(
+            "--checkpoint, --img-size, --in-chans and kwargs do not apply to hf: models",
+            hint="the folder's config.json and model.safetensors define the model",
+        )
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{directory} has no config.json", hint="give a folder written by save_pretrained")
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        raise CheckpointError(
+            f"{directory} has no .safetensors weights" + (f" (found {', '.join(pickled)})" if pickled else ""),
+            hint="vitcompress loads Hugging Face models from safetensors only; re-save with "
+            "save_pretrained(safe_serialization=True)",
+        )
+    try:
+        config_dict = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
+    if ref.num_classes is not None and ref.num_classes != config_dict.get("num_labels", len(config_dict.get("id2label", {}))):
+        log.warning("classifier head re-initialized for %d classes (--num-classes)", ref.num_classes)
+        config_dict["id2label"] = {str(i): f"LABEL_{i}" for i in range(ref.num_classes)}
+        config_dict["label2id"] = {v: int(k) for k, v in config_dict["id2label"].items()}
+        config_dict.pop("num_labels", None)
+    wrapper = build_hf(config_dict)
+    from safetensors.torch import load_file
+
+    state_dict: StateDict = {}
+    for file in weights:
+        try:
+            state_dict.update(load_file(str(file), device="cpu"))
+        except Exception as err:
+            raise CheckpointError(f"corrupt or incomplete checkpoint {file}: {str(err).splitlines()[0]}") from err
+    net = wrapper.net
+    allow_missing: tuple[str, ...] = ()
+    if ref.num_classes is not None:
+        heads = {k for k in net.state_dict() if "classifier" in k}
+        state_dict = {k: v for k, v in state_dict.items() if k not in heads}
+        allow_missing = ("classifier", "cls_classifier", "distillation_classifier")
+    load_strict(net, state_dict, directory, allow_missing)
+    wrapper.eval()
+    config = net.config  # type: ignore[union-attr]
+    mean, std = (0.5,) * config.num_channels, (0.5,) * config.num_channels
+    processor = directory / "preprocessor_config.json"
+    if processor.is_file():
+        data = json.loads(processor.read_text())
+        mean, std = tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
+    size = int(config.image_size)
+    return LoadedModel(
+        model=wrapper,
+        adapter=adapter_for(wrapper),
+        source={"kind": "hf", "config": config.to_dict()},
+        input=InputSpec(int(config.num_channels), size, size, mean, std, "bilinear"),
+        num_classes=int(config.num_labels),
+        label=f"hf:{directory}",
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_model(ref: ModelRef) -> LoadedModel:
+    """Build and load the model a reference names; every failure is a VitcompressError with a fix."""
+    source = ref.source
+    if source.startswith("timm:"):
+        return _load_timm(source[len("timm:") :], ref)
+    if source.startswith("hf:"):
+        return _load_hf(Path(source[len("hf:") :]).expanduser(), ref)
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / ARTIFACT_MANIFEST).is_file():
+        if ref.checkpoint or ref.num_classes or ref.img_size or ref.in_chans:
+            raise CheckpointError(
+                f"{path} is a vitcompress artifact; --checkpoint/--num-classes/--img-size/--in-chans do not apply",
+                hint="drop those options",
+            )
+        from vitcompress.models.artifact import load_artifact
+
+        return load_artifact(path)
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{source!r} is not a model reference",
+            hint=f"use timm:NAME --checkpoint {source}, hf:DIR, or a vitcompress artifact directory",
+        )
+    raise ModelNotFoundError(
+        f"model {source!r} not found",
+        hint="use timm:NAME (e.g. timm:deit_tiny_patch16_224), hf:DIR, or a vitcompress artifact directory",
+    )

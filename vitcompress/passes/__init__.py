@@ -1,0 +1,60 @@
+"""The registry of passes: one explicit table, no import-time side effects.
+
+Each entry names its config class (a frozen pydantic model with `kind: Literal[...]`) and its
+function `(state, cfg) -> state`, plus what it consumes and produces so the recipe validator can
+check the order of passes before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel
+
+from vitcompress.errors import RecipeError, did_you_mean
+from vitcompress.passes.export import ExportConfig
+from vitcompress.passes.validate import ValidateConfig
+
+
+class Needs(str, Enum):
+    torch = "torch"  # works on the PyTorch model
+    onnx = "onnx"  # works on the exported ONNX file
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    kind: str
+    config: type[BaseModel]
+    summary: str
+    needs: Needs
+    changes_model: bool  # edits the PyTorch model (the ONNX file must be exported after it)
+    produces_onnx: bool
+    module: str  # where `run` lives; imported only when the pass runs (keeps CLI start-up fast)
+
+    def runner(self) -> Callable[[Any, Any], Any]:
+        import importlib
+
+        return importlib.import_module(self.module).run  # type: ignore[no-any-return]
+
+
+PASSES: dict[str, PassSpec] = {
+    spec.kind: spec
+    for spec in (
+        PassSpec("export", ExportConfig, "export to ONNX (fp32) and check parity against PyTorch",
+                 Needs.torch, changes_model=False, produces_onnx=True, module="vitcompress.passes.export"),
+        PassSpec("validate", ValidateConfig, "measure ONNX Runtime latency against the fp32 baseline",
+                 Needs.onnx, changes_model=False, produces_onnx=False, module="vitcompress.passes.validate"),
+    )
+}
+
+PASS_CONFIGS: tuple[type[BaseModel], ...] = tuple(spec.config for spec in PASSES.values())
+
+
+def get_pass(kind: str) -> PassSpec:
+    try:
+        return PASSES[kind]
+    except KeyError:
+        raise RecipeError(f"unknown pass kind {kind!r}", hint=did_you_mean(kind, PASSES)) from None

@@ -1,0 +1,74 @@
+"""Measure the exported model on the target with ONNX Runtime, against the fp32 baseline, in one run.
+
+The baseline is the fp32 export of the model as loaded. If the recipe changed the model before its
+first export, the original model is exported here (as `baseline.onnx`) so the ratio is always taken
+in the same run on the same machine. Budgets are enforced by the pipeline after the reports are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vitcompress.errors import RecipeError
+from vitcompress.runtime import Provider
+from vitcompress.state import ModelState, PassRecord
+
+log = logging.getLogger(__name__)
+
+
+class ValidateConfig(BaseModel):
+    """Bench the current ONNX model (and the fp32 baseline, interleaved) with ONNX Runtime."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["validate"] = "validate"
+    name: str | None = Field(None, description="Ledger name of this step (default: the kind).")
+    provider: Provider = Field(Provider.cpu, description="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
+    threads: int | None = Field(None, ge=1, description="Intra-op threads (default: run.threads).")
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1], min_length=1, description="Batch sizes; budgets apply to the first.")
+    warmup: int = Field(10, ge=0, description="Untimed runs per model before measuring.")
+    runs: int = Field(50, ge=5, description="Timed runs per model and batch size.")
+    compare_baseline: bool = Field(True, description="Measure the fp32 baseline in the same run.")
+
+
+def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
+    from vitcompress.bench import bench_models
+    from vitcompress.passes.export import ExportConfig, export_model
+
+    start = time.perf_counter()
+    if state.onnx_path is None:
+        raise RecipeError("validate needs an ONNX model: put an export pass before it")
+    baseline = state.baseline_onnx
+    if cfg.compare_baseline and baseline is None:
+        source = state.teacher or state.model
+        baseline = export_model(source, state.settings.out_dir / "baseline.onnx", ExportConfig(),
+                                seed=state.settings.seed).path
+    paths = [state.onnx_path]
+    if cfg.compare_baseline and baseline is not None and baseline.resolve() != state.onnx_path.resolve():
+        paths = [baseline, state.onnx_path]
+    threads = cfg.threads or state.settings.threads
+    report = bench_models(paths, cfg.provider, threads, cfg.batch_sizes, cfg.warmup, cfg.runs)
+    primary = report.find(str(state.onnx_path), cfg.batch_sizes[0])
+    log.info("p50 %.2f ms at batch %d (%.2fx the fp32 baseline)", primary.p50_ms, primary.batch_size,
+             primary.speedup_vs_first)
+    last = state.records[-1] if state.records else None
+    record = PassRecord(
+        name=cfg.name or cfg.kind,
+        kind=cfg.kind,
+        params=last.params if last else None,
+        macs=last.macs if last else None,
+        size_bytes=state.onnx_path.stat().st_size,
+        latency_p50_ms=primary.p50_ms,
+        wall_s=time.perf_counter() - start,
+        artifact=str(state.onnx_path),
+        details={
+            "speedup_vs_baseline": primary.speedup_vs_first,
+            "baseline": str(paths[0]),
+            "bench": report.to_dict(),
+        },
+    )
+    return state.with_record(record, baseline_onnx=baseline)

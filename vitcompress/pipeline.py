@@ -1,0 +1,120 @@
+"""Run a recipe: load the model, run its passes in order, keep the ledger, write reports, check budgets."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitcompress.errors import BudgetExceededError
+from vitcompress.fileio import write_text
+from vitcompress.passes import PASSES
+from vitcompress.recipe import Recipe, dump_recipe
+from vitcompress.state import ModelState, PassRecord, RunSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    state: ModelState
+    out_dir: Path
+    budget_failures: tuple[str, ...]
+
+    @property
+    def ledger(self) -> tuple[PassRecord, ...]:
+        return self.state.records
+
+
+def model_ref(recipe: Recipe) -> Any:
+    from vitcompress.models import ModelRef
+
+    section = recipe.model
+    return ModelRef(
+        source=section.source,
+        checkpoint=section.checkpoint,
+        num_classes=section.num_classes,
+        img_size=section.img_size,
+        in_chans=section.in_chans,
+        trust_checkpoint=section.trust_checkpoint,
+        kwargs=dict(section.kwargs),
+    )
+
+
+def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
+    budgets, failures = recipe.budgets, []
+    measured = next((r for r in reversed(state.records) if r.latency_p50_ms is not None), None)
+    if (budgets.max_p50_ms or budgets.min_speedup) and measured is None:
+        failures.append("latency budgets are set but no pass measured latency: add a validate pass")
+    if measured is not None and budgets.max_p50_ms is not None and measured.latency_p50_ms is not None \
+            and measured.latency_p50_ms > budgets.max_p50_ms:
+        failures.append(f"p50 {measured.latency_p50_ms:.2f} ms > max_p50_ms {budgets.max_p50_ms:g}")
+    speedup = measured.details.get("speedup_vs_baseline") if measured else None
+    if budgets.min_speedup is not None and speedup is not None and speedup < budgets.min_speedup:
+        failures.append(f"speed-up {speedup:.2f}x < min_speedup {budgets.min_speedup:g}x")
+    if budgets.max_size_mb is not None and state.onnx_path is not None:
+        size_mb = state.onnx_path.stat().st_size / 1e6
+        if size_mb > budgets.max_size_mb:
+            failures.append(f"ONNX size {size_mb:.2f} MB > max_size_mb {budgets.max_size_mb:g}")
+    return tuple(failures)
+
+
+def run_recipe(
+    recipe: Recipe,
+    out_dir: Path,
+    on_pass: Callable[[int, str], None] | None = None,
+) -> RunResult:
+    """Run every pass of `recipe`, writing artifacts and reports to `out_dir`.
+
+    on_pass(index, name) is called before each step (index 0 is loading the model). Reports are
+    written before budgets are checked, so a failed gate (BudgetExceededError) still leaves them.
+    """
+    from vitcompress.models import load_model
+    from vitcompress.models.stats import count_macs
+    from vitcompress.report import write_reports
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+
+    if on_pass:
+        on_pass(0, "load")
+    start = time.perf_counter()
+    loaded = load_model(model_ref(recipe))
+    macs, _ = count_macs(loaded)
+    load_record = PassRecord(
+        name="load",
+        kind="load",
+        params=sum(p.numel() for p in loaded.model.parameters()),
+        macs=macs,
+        wall_s=time.perf_counter() - start,
+        details={"source": loaded.label, "family": loaded.adapter.family, "input": list(loaded.input.shape)},
+    )
+    needs_teacher = any(PASSES[cfg.kind].changes_model for cfg in recipe.passes)
+    state = ModelState(
+        model=loaded,
+        settings=RunSettings(out_dir=out_dir, seed=recipe.run.seed, threads=recipe.run.threads),
+        records=(load_record,),
+        teacher=copy.deepcopy(loaded) if needs_teacher else None,
+    )
+    for index, cfg in enumerate(recipe.passes, start=1):
+        name = cfg.name or cfg.kind
+        if on_pass:
+            on_pass(index, name)
+        log.info("pass %d/%d: %s", index, len(recipe.passes), name)
+        spec = PASSES[cfg.kind]
+        state = spec.runner()(state, cfg)
+        if spec.changes_model:
+            from dataclasses import replace
+
+            state = replace(state, model_changed=True)
+    failures = check_budgets(recipe, state)
+    result = RunResult(state=state, out_dir=out_dir, budget_failures=failures)
+    write_reports(recipe, result)
+    if failures:
+        raise BudgetExceededError("budget failed: " + "; ".join(failures), hint=f"reports in {out_dir}")
+    return result

@@ -1,0 +1,83 @@
+"""report.json for machines and report.md for people, written atomically next to the artifacts."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+from vitcompress import __version__
+from vitcompress.fileio import write_json, write_text
+from vitcompress.state import PassRecord
+
+if TYPE_CHECKING:
+    from vitcompress.pipeline import RunResult
+    from vitcompress.recipe import Recipe
+
+
+def fmt_count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def fmt_bytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f} MB"
+
+
+def ledger_rows(records: tuple[PassRecord, ...] | list[PassRecord]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        parity = "-" if r.parity is None else f"{r.parity.max_abs_diff:.1e} / {r.parity.top1_agreement:.0%}"
+        speedup = r.details.get("speedup_vs_baseline")
+        latency = "-" if r.latency_p50_ms is None else f"{r.latency_p50_ms:.2f} ms" + (
+            f" ({speedup:.2f}x)" if speedup else ""
+        )
+        rows.append([r.name, fmt_count(r.params), fmt_count(r.macs), fmt_bytes(r.size_bytes), parity, latency,
+                     f"{r.wall_s:.1f} s"])
+    return rows
+
+
+LEDGER_COLUMNS = ["pass", "params", "MACs", "size", "max |Δlogit| / top-1 agree", "p50 latency", "wall"]
+
+
+def _environment(result: RunResult) -> dict[str, Any] | None:
+    for record in reversed(result.ledger):
+        bench = record.details.get("bench")
+        if bench:
+            return {"environment": bench["environment"], "settings": bench["settings"]}
+    return None
+
+
+def write_reports(recipe: Recipe, result: RunResult) -> None:
+    out = result.out_dir
+    env = _environment(result)
+    data = {
+        "vitcompress_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.resolved(),
+        "ledger": [r.to_dict() for r in result.ledger],
+        "final_onnx": str(result.state.onnx_path) if result.state.onnx_path else None,
+        "budgets": {"failures": list(result.budget_failures), "passed": not result.budget_failures},
+        "measurement": env,
+    }
+    write_json(out / "report.json", data)
+
+    lines = [f"# vitcompress report: {recipe.name or result.ledger[0].details.get('source', '')}", ""]
+    lines += ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|" + "---|" * len(LEDGER_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in ledger_rows(result.ledger)]
+    lines.append("")
+    if env:
+        e, s = env["environment"], env["settings"]
+        isa = " ".join(k for k, v in e["isa"].items() if v) or "none detected"
+        lines += [
+            f"Measured with ONNX Runtime {e['versions']['onnxruntime']} ({s['provider']}), {s['threads']} threads, "
+            f"batch {s['batch_sizes']}, {s['warmup']} warm-up + {s['runs']} runs per model, interleaved.",
+            f"CPU: {e['cpu_model']} ({e['cpu_count']} cores; ISA: {isa}).",
+            "",
+        ]
+    verdict = "all budgets met" if not result.budget_failures else "FAILED: " + "; ".join(result.budget_failures)
+    lines += [f"Budgets: {verdict}.", "", "Resolved recipe: `recipe.resolved.yaml`.", ""]
+    write_text(out / "report.md", "\n".join(lines))

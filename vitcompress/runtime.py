@@ -1,0 +1,131 @@
+"""ONNX Runtime sessions and ONNX file safety checks, shared by export, bench and the pipeline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitcompress.errors import InputShapeError, OnnxModelError, ProviderUnavailableError
+
+
+class Provider(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    tensorrt = "tensorrt"
+
+
+ORT_PROVIDERS: dict[Provider, tuple[str, ...]] = {
+    Provider.cpu: ("CPUExecutionProvider",),
+    Provider.cuda: ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    # TensorRT falls back to CUDA, then CPU, for any node it does not take.
+    Provider.tensorrt: ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+def check_external_data(path: Path) -> None:
+    """Reject external-data references that escape the model's folder (CVE-2024-27318)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise OnnxModelError(f"{path} is not a readable ONNX model: {str(err).splitlines()[0]}") from err
+    base = path.parent.resolve()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = (base / location).resolve()
+        if (
+            os.path.isabs(location)
+            or ".." in Path(location).parts
+            or (base / location).is_symlink()
+            or not target.is_relative_to(base)
+        ):
+            raise OnnxModelError(
+                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the model folder",
+                hint="external data must be a plain file name beside the .onnx file",
+            )
+        if not target.is_file():
+            raise OnnxModelError(f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing")
+
+
+def check_onnx_file(path: Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"ONNX model {path} does not exist", hint="check the path; export one with `vitcompress export`")
+    check_external_data(path)
+
+
+def require_provider(provider: Provider) -> list[str]:
+    import onnxruntime as ort
+
+    wanted = ORT_PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted[0] not in available:
+        raise ProviderUnavailableError(
+            f"execution provider {provider.value!r} ({wanted[0]}) is not available in this onnxruntime",
+            hint=f"available: {', '.join(available)}; for GPUs install onnxruntime-gpu on a machine with CUDA",
+        )
+    return [p for p in wanted if p in available]
+
+
+@dataclass
+class OnnxRunner:
+    """One ONNX Runtime session with the input checks our users need before ORT's own errors."""
+
+    path: Path
+    provider: Provider = Provider.cpu
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        check_onnx_file(self.path)
+        providers = require_provider(self.provider)
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as err:
+            raise OnnxModelError(f"ONNX Runtime cannot open {self.path}: {str(err).splitlines()[0]}") from err
+        if self.provider is not Provider.cpu and self.session.get_providers()[0] != providers[0]:
+            raise ProviderUnavailableError(
+                f"{providers[0]} failed to initialise for {self.path} (session fell back to "
+                f"{self.session.get_providers()[0]})",
+                hint="check the CUDA/TensorRT libraries on this machine",
+            )
+        meta = self.session.get_inputs()[0]
+        self.input_name: str = meta.name
+        self.input_shape: list[Any] = list(meta.shape)
+        self.input_dtype = np.float16 if "float16" in meta.type else np.float32
+
+    def expected(self) -> str:
+        dims = [str(d) for d in self.input_shape[1:]]
+        return "x".join(dims)
+
+    def check_input(self, batch: np.ndarray) -> None:
+        fixed = self.input_shape[1:]
+        if batch.ndim != len(self.input_shape) or any(
+            isinstance(d, int) and d != s for d, s in zip(fixed, batch.shape[1:], strict=False)
+        ):
+            got = "x".join(str(s) for s in batch.shape[1:])
+            height, width = fixed[-2:] if len(fixed) >= 2 else (fixed + ["?", "?"])[:2]
+            raise InputShapeError(
+                f"{self.path.name}: expected {height}x{width} input ({self.expected()} per image), got {got}",
+                hint="resize the images to the model's resolution or export the model at yours",
+            )
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.check_input(batch)
+        outputs = self.session.run(None, {self.input_name: batch.astype(self.input_dtype, copy=False)})
+        return np.asarray(outputs[0], dtype=np.float32)

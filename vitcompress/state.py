@@ -1,0 +1,72 @@
+"""The state that flows through a recipe's passes, and the ledger record each pass leaves."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vitcompress.models.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely one model reproduces another on the same batch."""
+
+    max_abs_diff: float
+    max_abs_reference: float  # largest |logit| of the reference, the scale for relative tolerances
+    top1_agreement: float
+    batch: int
+    reference: str  # what it was compared against
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One row of the ledger."""
+
+    name: str
+    kind: str
+    params: int | None = None
+    macs: int | None = None
+    size_bytes: int | None = None
+    parity: Parity | None = None
+    latency_p50_ms: float | None = None
+    wall_s: float = 0.0
+    artifact: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Settings every pass may read: where to write, how to measure."""
+
+    out_dir: Path
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """The model as it stands after the passes so far.
+
+    `model` is the current PyTorch model; `onnx_path` is set once a pass exported it (later passes such
+    as quantization work on that file). `baseline_onnx` is the fp32 export of the model as loaded,
+    the reference every latency ratio is taken against.
+    """
+
+    model: LoadedModel
+    settings: RunSettings
+    records: tuple[PassRecord, ...] = ()
+    onnx_path: Path | None = None
+    baseline_onnx: Path | None = None
+    teacher: LoadedModel | None = None
+    model_changed: bool = False  # set by passes that edit the PyTorch model (prune, lowrank, distill)
+
+    def with_record(self, record: PassRecord, **changes: Any) -> ModelState:
+        from dataclasses import replace
+
+        return replace(self, records=(*self.records, record), **changes)
