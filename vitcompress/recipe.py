@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
-from vitcompress.errors import RecipeError, did_you_mean
+from vitcompress.errors import RecipeError, closest, did_you_mean
 from vitcompress.passes import PASS_CONFIGS, PASSES, Needs
 
 RECIPE_VERSION = 1
@@ -169,8 +169,17 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
 
 def format_validation_error(err: ValidationError, text: str | None, source: str) -> list[str]:
     lines = []
+    # A misspelt required key also reports the real key as missing; the "did you mean" line says both.
+    meant = set()
+    for item in err.errors():
+        if item["type"] == "extra_forbidden":
+            section = _section_at(tuple(item["loc"]))
+            if section:
+                meant.update((tuple(item["loc"][:-1]), m) for m in closest(str(item["loc"][-1]), section.model_fields))
     for item in err.errors():
         loc = tuple(item["loc"])
+        if item["type"] == "missing" and (loc[:-1], loc[-1]) in meant:
+            continue
         where = f"{source}:{_line_of(text, loc)}" if text and _line_of(text, loc) else source
         path = _label(loc)
         if item["type"] == "extra_forbidden":

@@ -78,8 +78,8 @@ def _load_pickle(path: Path, trust: bool) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         text = str(err)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found or "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or ("Weights only load failed" in text and "Unsupported operand" not in text):
             offending = found.group(1) if found else "an object that is not plain data"
             raise CheckpointError(
                 f"refusing to load {path}: it contains {offending}, which a weights-only load does not "
@@ -87,7 +87,9 @@ def _load_pickle(path: Path, trust: bool) -> object:
                 hint="convert it to .safetensors in a trusted environment, or pass --trust-checkpoint "
                 "only if you made the file yourself",
             ) from err
-        raise _corrupt(path, text.strip().splitlines()[0] if text.strip() else type(err).__name__) from err
+        operand = re.search(r"Unsupported operand \d+", text)
+        detail = operand.group(0) if operand else (text.strip().splitlines()[0] if text.strip() else "")
+        raise _corrupt(path, detail or f"{type(err).__name__} while reading") from err
 
 
 def unwrap_state_dict(obj: object, path: Path) -> StateDict:

@@ -274,8 +274,7 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelNotFoundError(f"{directory} has no config.json", hint="give a folder written by save_pretrained")
-    weights = sorted(directory.glob("*.safetensors"))
-    if not weights:
+    if not sorted(directory.glob("*.safetensors")):
         pickled = sorted(p.name for p in directory.glob("*.bin"))
         raise CheckpointError(
             f"{directory} has no .safetensors weights" + (f" (found {', '.join(pickled)})" if pickled else ""),
@@ -286,41 +285,49 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
         config_dict = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
-    if ref.num_classes is not None and ref.num_classes != config_dict.get("num_labels", len(config_dict.get("id2label", {}))):
-        log.warning("classifier head re-initialized for %d classes (--num-classes)", ref.num_classes)
-        config_dict["id2label"] = {str(i): f"LABEL_{i}" for i in range(ref.num_classes)}
-        config_dict["label2id"] = {v: int(k) for k, v in config_dict["id2label"].items()}
-        config_dict.pop("num_labels", None)
-    wrapper = build_hf(config_dict)
-    from safetensors.torch import load_file
-
-    state_dict: StateDict = {}
-    for file in weights:
-        try:
-            state_dict.update(load_file(str(file), device="cpu"))
-        except Exception as err:
-            raise CheckpointError(f"corrupt or incomplete checkpoint {file}: {str(err).splitlines()[0]}") from err
-    net = wrapper.net
-    allow_missing: tuple[str, ...] = ()
-    if ref.num_classes is not None:
-        heads = {k for k in net.state_dict() if "classifier" in k}
-        state_dict = {k: v for k, v in state_dict.items() if k not in heads}
-        allow_missing = ("classifier", "cls_classifier", "distillation_classifier")
-    load_strict(net, state_dict, directory, allow_missing)
-    wrapper.eval()
-    config = net.config  # type: ignore[union-attr]
+    transformers = _transformers()
+    probe = build_hf(config_dict)  # validates model_type and architecture with our own errors
+    net_cls = type(probe.net)
+    config = probe.net.config  # type: ignore[union-attr]
+    reinit_head = ref.num_classes is not None and ref.num_classes != config.num_labels
+    if reinit_head:
+        log.warning("classifier head re-initialized: checkpoint has %d classes, model built with %d (--num-classes)",
+                    config.num_labels, ref.num_classes)
+        config.num_labels = ref.num_classes
+    transformers.logging.set_verbosity_error()
+    try:
+        net, info = net_cls.from_pretrained(
+            directory, config=config, local_files_only=True, use_safetensors=True, trust_remote_code=False,
+            output_loading_info=True, ignore_mismatched_sizes=reinit_head,
+        )
+    except Exception as err:
+        raise CheckpointError(f"corrupt or incomplete checkpoint {directory}: {str(err).strip().splitlines()[0]}",
+                              hint="re-save the model with save_pretrained") from err
+    problems = []
+    is_head = ("classifier.",)
+    for label, keys in (("missing", info.get("missing_keys", [])), ("unexpected", info.get("unexpected_keys", [])),
+                        ("shape mismatch", [k[0] if isinstance(k, tuple) else k
+                                            for k in info.get("mismatched_keys", [])])):
+        keys = [k for k in keys if not (reinit_head and is_head[0] in k)]
+        if keys:
+            problems.append(f"{label} ({len(keys)}): " + ", ".join(sorted(keys)[:4]) + (" ..." if len(keys) > 4 else ""))
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} does not fit its config: " + "; ".join(problems),
+                              hint="re-save the model with save_pretrained")
+    wrapper = HFClassifier(net).eval()
     mean, std = (0.5,) * config.num_channels, (0.5,) * config.num_channels
     processor = directory / "preprocessor_config.json"
     if processor.is_file():
         data = json.loads(processor.read_text())
         mean, std = tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
     size = int(config.image_size)
+    config_out = net.config.to_dict()
     return LoadedModel(
         model=wrapper,
         adapter=adapter_for(wrapper),
-        source={"kind": "hf", "config": config.to_dict()},
+        source={"kind": "hf", "config": config_out},
         input=InputSpec(int(config.num_channels), size, size, mean, std, "bilinear"),
-        num_classes=int(config.num_labels),
+        num_classes=int(net.config.num_labels),
         label=f"hf:{directory}",
     )
 

@@ -1,0 +1,138 @@
+"""Model references: timm by name, checkpoints with their mismatches, Hugging Face folders."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import tiny_ref
+from vitcompress.errors import CheckpointError, MissingDependencyError, ModelNotFoundError, UnsupportedModelError
+from vitcompress.models import ModelRef, load_model
+
+
+def _save_weights(loaded, path):
+    save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(path))
+    return path
+
+
+def test_timm_by_name_builds_eval_model_with_input_spec():
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    assert not loaded.model.training
+    assert loaded.input.shape == (3, 32, 32)
+    assert loaded.num_classes == 10
+    assert loaded.source == {"kind": "timm", "name": "vit_tiny_patch16_224",
+                             "kwargs": {"depth": 2, "patch_size": 8, "num_classes": 10, "img_size": 32}}
+    assert loaded.model(loaded.example_input(3)).shape == (3, 10)
+
+
+def test_unknown_timm_name_lists_closest():
+    with pytest.raises(ModelNotFoundError, match="unknown timm model 'deit_smal_patch16_224'") as info:
+        load_model(ModelRef("timm:deit_smal_patch16_224"))
+    assert "deit_small_patch16_224" in (info.value.hint or "")
+
+
+def test_non_vit_timm_model_is_unsupported():
+    with pytest.raises(UnsupportedModelError, match="ResNet is not a vision transformer family"):
+        load_model(ModelRef("timm:resnet18", num_classes=2))
+
+
+def test_missing_model_reference(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_model(ModelRef(str(tmp_path / "nothing")))
+    plain_file = tmp_path / "weights.safetensors"
+    plain_file.write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="--checkpoint"):
+        load_model(ModelRef(str(plain_file)))
+
+
+def test_checkpoint_roundtrip_and_num_classes_inferred(tmp_path):
+    original = load_model(tiny_ref("timm:vit_tiny_patch16_224", num_classes=7))
+    path = _save_weights(original, tmp_path / "w.safetensors")
+    reloaded = load_model(tiny_ref("timm:vit_tiny_patch16_224", num_classes=None, checkpoint=path))
+    assert reloaded.num_classes == 7
+    x = original.example_input(2)
+    assert torch.equal(original.model(x), reloaded.model(x))
+
+
+def test_head_size_mismatch_reinitializes_head_explicitly(tmp_path, caplog):
+    original = load_model(tiny_ref("timm:deit_tiny_distilled_patch16_224", num_classes=7))
+    path = _save_weights(original, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING):
+        reloaded = load_model(tiny_ref("timm:deit_tiny_distilled_patch16_224", num_classes=3, checkpoint=path))
+    assert "classifier head re-initialized: checkpoint has 7 classes, model built with 3" in caplog.text
+    assert reloaded.num_classes == 3
+    assert torch.equal(reloaded.model.blocks[1].mlp.fc1.weight, original.model.blocks[1].mlp.fc1.weight)
+
+
+def test_position_embedding_grid_mismatch_is_resampled(tmp_path, caplog):
+    original = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    path = _save_weights(original, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING):
+        bigger = load_model(tiny_ref("timm:vit_tiny_patch16_224", img_size=48, checkpoint=path))
+    assert "position embedding resampled from (1, 17, 192) to (1, 37, 192)" in caplog.text
+    assert bigger.input.shape == (3, 48, 48)
+    assert bigger.model(bigger.example_input(1)).shape == (1, 10)
+
+
+def test_rgb_checkpoint_adapted_to_grey_input(tmp_path, caplog):
+    original = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    path = _save_weights(original, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING):
+        grey = load_model(tiny_ref("timm:vit_tiny_patch16_224", in_chans=1, checkpoint=path))
+    assert "adapted from 3 to 1 input channels" in caplog.text
+    assert grey.input.shape == (1, 32, 32)
+    assert len(grey.input.mean) == 1
+
+
+def test_missing_and_unexpected_keys_are_listed_and_fatal(tmp_path):
+    original = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    weights = {k: v.contiguous() for k, v in original.model.state_dict().items()}
+    weights.pop("blocks.1.mlp.fc2.bias")
+    weights["blocks.1.extra.weight"] = torch.ones(2)
+    path = tmp_path / "w.safetensors"
+    save_file(weights, str(path))
+    with pytest.raises(CheckpointError) as info:
+        load_model(tiny_ref("timm:vit_tiny_patch16_224", checkpoint=path))
+    message = info.value.message
+    assert "missing (1): blocks.1.mlp.fc2.bias" in message
+    assert "unexpected (1): blocks.1.extra.weight" in message
+
+
+def test_checkpoint_of_another_width_is_a_shape_mismatch(tmp_path):
+    small = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    path = _save_weights(small, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match=r"shape mismatch \(\d+\): .*\(192,?.*vs model \(384"):
+        load_model(tiny_ref("timm:vit_small_patch16_224", checkpoint=path))
+
+
+def test_hf_vit_folder_loads_and_matches_transformers(hf_vit_dir):
+    import transformers
+
+    loaded = load_model(ModelRef(f"hf:{hf_vit_dir}"))
+    reference = transformers.ViTForImageClassification.from_pretrained(hf_vit_dir).eval()
+    x = loaded.example_input(2)
+    assert loaded.adapter.family == "hf-vit"
+    assert loaded.input.shape == (3, 32, 32)
+    assert torch.allclose(loaded.model(x), reference(pixel_values=x).logits, atol=1e-6)
+
+
+def test_hf_folder_without_safetensors_is_refused(tmp_path, hf_vit_dir):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(hf_vit_dir / "config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(CheckpointError, match="no .safetensors weights .found pytorch_model.bin."):
+        load_model(ModelRef(f"hf:{folder}"))
+
+
+def test_hf_without_transformers_gives_install_hint(hf_vit_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(MissingDependencyError) as info:
+        load_model(ModelRef(f"hf:{hf_vit_dir}"))
+    assert "pip install 'vitcompress[hf]'" in (info.value.hint or "")

@@ -1,0 +1,81 @@
+"""Latency bench: interleaved models, JSON fields, gates and provider errors (RELIABILITY 29)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import tiny_ref
+from vitcompress.bench import bench_models, check_gate
+from vitcompress.errors import BudgetExceededError, ProviderUnavailableError
+from vitcompress.models import load_model
+from vitcompress.passes.export import ExportConfig, export_model
+from vitcompress.runtime import Provider
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bench")
+    small = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    deeper = load_model(tiny_ref("timm:vit_tiny_patch16_224", kwargs={"depth": 6, "patch_size": 8}))
+    return (export_model(deeper, directory / "deep.onnx", ExportConfig()).path,
+            export_model(small, directory / "small.onnx", ExportConfig()).path)
+
+
+def test_interleaved_bench_reports_every_model_and_batch(onnx_pair):
+    steps = []
+    report = bench_models(onnx_pair, threads=1, batch_sizes=[1, 4], warmup=2, runs=15, on_step=steps.append)
+    assert [(r.model, r.batch_size) for r in report.results] == [
+        (str(onnx_pair[0]), 1), (str(onnx_pair[1]), 1), (str(onnx_pair[0]), 4), (str(onnx_pair[1]), 4)]
+    for r in report.results:
+        assert r.runs == 15
+        assert 0 < r.min_ms <= r.p50_ms <= r.p90_ms <= r.p99_ms
+        assert r.throughput_ips == pytest.approx(r.batch_size * 1e3 / r.p50_ms)
+    assert report.find(str(onnx_pair[0]), 1).speedup_vs_first == 1.0
+    # 6 blocks vs 2 blocks: the small model must come out faster than the deep baseline
+    assert report.find(str(onnx_pair[1]), 1).speedup_vs_first > 1.2
+    assert sum(steps) == 2 * 2 * (2 + 15)
+    assert report.settings.threads == 1
+    assert report.environment.cpu_count >= 1
+    assert set(report.environment.isa) >= {"avx512_vnni", "amx_int8", "avx2"}
+    assert report.environment.versions["onnxruntime"]
+
+
+def test_gate_raises_budget_error(onnx_pair):
+    report = bench_models(onnx_pair[1:], threads=1, warmup=1, runs=5)
+    latency = report.results[0]
+    check_gate(latency, max_p50_ms=latency.p50_ms * 10, min_speedup=None)
+    with pytest.raises(BudgetExceededError, match="latency gate failed") as info:
+        check_gate(latency, max_p50_ms=latency.p50_ms / 10, min_speedup=None)
+    assert info.value.exit_code == 3
+
+
+def test_unavailable_provider_is_a_clear_error(onnx_pair):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ProviderUnavailableError, match="'cuda' .CUDAExecutionProvider. is not available"):
+        bench_models(onnx_pair, provider=Provider.cuda, runs=5)
+
+
+def test_bench_cli_json_fields_and_gate_exit_code(cli, onnx_pair):
+    deep, small = onnx_pair
+    result = cli("bench", deep, small, "--threads", "1", "--runs", "10", "--warmup", "1", "-b", "1", "-b", "2",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"environment", "settings", "results", "gate"}
+    assert set(data["environment"]) == {"cpu_model", "cpu_count", "isa", "machine", "versions"}
+    assert data["settings"] == {"provider": "cpu", "threads": 1, "batch_sizes": [1, 2], "warmup": 1, "runs": 10}
+    assert {"p50_ms", "p90_ms", "p99_ms", "throughput_ips", "speedup_vs_first"} <= set(data["results"][0])
+    assert len(data["results"]) == 4
+
+    gated = cli("bench", small, "--threads", "1", "--runs", "5", "--max-p50-ms", "0.0001")
+    assert gated.exit_code == 3
+    assert "latency gate failed" in gated.stderr
+
+    missing = cli("bench", "nope.onnx")
+    assert missing.exit_code == 2
+    assert "nope.onnx does not exist" in missing.stderr
