@@ -1,0 +1,71 @@
+"""compress: the pipeline runs the recipe, keeps the ledger, writes reports, enforces budgets."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+RECIPE = """\
+version: 1
+name: tiny
+model:
+  source: timm:vit_tiny_patch16_224
+  img_size: 32
+  num_classes: 10
+  kwargs: {depth: 2, patch_size: 8}
+passes:
+  - kind: export
+  - kind: validate
+    batch_sizes: [1, 2]
+    warmup: 2
+    runs: 10
+"""
+
+
+def test_compress_writes_ledger_reports_and_resolved_recipe(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    result = cli("compress", "--recipe", recipe, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "recipe.resolved.yaml", "report.json",
+                                                     "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    ledger = {r["name"]: r for r in report["ledger"]}
+    assert list(ledger) == ["load", "export", "validate"]
+    assert ledger["load"]["params"] == ledger["export"]["params"] > 0
+    assert ledger["export"]["macs"] == ledger["load"]["macs"] > 0
+    assert ledger["export"]["parity"]["max_abs_diff"] < 1e-4
+    assert ledger["export"]["size_bytes"] == (out / "model.onnx").stat().st_size
+    assert ledger["validate"]["latency_p50_ms"] > 0
+    assert ledger["validate"]["details"]["speedup_vs_baseline"] == 1.0  # nothing compressed yet
+    assert all(r["wall_s"] > 0 for r in report["ledger"])
+    assert report["measurement"]["settings"]["batch_sizes"] == [1, 2]
+    assert report["budgets"] == {"failures": [], "passed": True}
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["passes"][0]["exporter"] == "torchscript" and resolved["passes"][0]["opset"] == 17
+    markdown = (out / "report.md").read_text()
+    assert "| export |" in markdown and "all budgets met" in markdown
+    assert json.loads(result.stdout)["final_onnx"] == str(out / "model.onnx")
+
+
+def test_failed_budget_exits_3_and_still_writes_reports(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE + "budgets:\n  max_p50_ms: 0.0001\n  max_size_mb: 0.001\n")
+    out = tmp_path / "out"
+    result = cli("compress", "--recipe", recipe, "--out", out)
+    assert result.exit_code == 3
+    assert "budget failed: p50" in result.stderr and "max_size_mb 0.001" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["budgets"]["passed"] is False
+    assert len(report["budgets"]["failures"]) == 2
+    assert "FAILED" in (out / "report.md").read_text()
+
+
+def test_latency_budget_without_validate_fails(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.split("  - kind: validate")[0] + "budgets:\n  max_p50_ms: 100\n")
+    result = cli("compress", "--recipe", recipe, "--out", tmp_path / "out")
+    assert result.exit_code == 3
+    assert "no pass measured latency: add a validate pass" in result.stderr
