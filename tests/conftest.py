@@ -36,8 +36,16 @@ def _save_hf(directory: Path, architecture: str) -> Path:
 
     torch.manual_seed(0)
     config_cls = transformers.ViTConfig if architecture.startswith("ViT") else transformers.DeiTConfig
-    config = config_cls(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        image_size=32, patch_size=8, num_labels=10, architectures=[architecture])
+    config = config_cls(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+        architectures=[architecture],
+    )
     getattr(transformers, architecture)(config).save_pretrained(directory, safe_serialization=True)
     return directory
 

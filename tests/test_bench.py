@@ -19,15 +19,21 @@ def onnx_pair(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bench")
     small = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
     deeper = load_model(tiny_ref("timm:vit_tiny_patch16_224", kwargs={"depth": 6, "patch_size": 8}))
-    return (export_model(deeper, directory / "deep.onnx", ExportConfig()).path,
-            export_model(small, directory / "small.onnx", ExportConfig()).path)
+    return (
+        export_model(deeper, directory / "deep.onnx", ExportConfig()).path,
+        export_model(small, directory / "small.onnx", ExportConfig()).path,
+    )
 
 
 def test_interleaved_bench_reports_every_model_and_batch(onnx_pair):
     steps = []
     report = bench_models(onnx_pair, threads=1, batch_sizes=[1, 4], warmup=2, runs=15, on_step=steps.append)
     assert [(r.model, r.batch_size) for r in report.results] == [
-        (str(onnx_pair[0]), 1), (str(onnx_pair[1]), 1), (str(onnx_pair[0]), 4), (str(onnx_pair[1]), 4)]
+        (str(onnx_pair[0]), 1),
+        (str(onnx_pair[1]), 1),
+        (str(onnx_pair[0]), 4),
+        (str(onnx_pair[1]), 4),
+    ]
     for r in report.results:
         assert r.runs == 15
         assert 0 < r.min_ms <= r.p50_ms <= r.p90_ms <= r.p99_ms
@@ -62,13 +68,33 @@ def test_unavailable_provider_is_a_clear_error(onnx_pair):
 
 def test_bench_cli_json_fields_and_gate_exit_code(cli, onnx_pair):
     deep, small = onnx_pair
-    result = cli("bench", deep, small, "--threads", "1", "--runs", "10", "--warmup", "1", "-b", "1", "-b", "2",
-                 "--json")
+    result = cli(
+        "bench",
+        deep,
+        small,
+        "--threads",
+        "1",
+        "--runs",
+        "10",
+        "--warmup",
+        "1",
+        "-b",
+        "1",
+        "-b",
+        "2",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == {"environment", "settings", "results", "gate"}
     assert set(data["environment"]) == {"cpu_model", "cpu_count", "isa", "machine", "versions"}
-    assert data["settings"] == {"provider": "cpu", "threads": 1, "batch_sizes": [1, 2], "warmup": 1, "runs": 10}
+    assert data["settings"] == {
+        "provider": "cpu",
+        "threads": 1,
+        "batch_sizes": [1, 2],
+        "warmup": 1,
+        "runs": 10,
+    }
     assert {"p50_ms", "p90_ms", "p99_ms", "throughput_ips", "speedup_vs_first"} <= set(data["results"][0])
     assert len(data["results"]) == 4
 

@@ -62,7 +62,9 @@ def test_missing_onnxscript_gives_install_hint(tmp_path, monkeypatch):
 def test_parity_gate_fails_and_leaves_no_file(tmp_path):
     loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
     impossible = ExportConfig(atol=1e-12, rtol=0.0)
-    with pytest.raises(ParityError, match=r"does not match PyTorch at batch 1: max \|Δlogit\| .* \(allowed 1e-12\)"):
+    with pytest.raises(
+        ParityError, match=r"does not match PyTorch at batch 1: max \|Δlogit\| .* \(allowed 1e-12\)"
+    ):
         export_model(loaded, tmp_path / "m.onnx", impossible)
     assert list(tmp_path.iterdir()) == []
 
@@ -80,12 +82,22 @@ def _external_model(tmp_path, location: str):
     weight = onnx.numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
     node = onnx.helper.make_node("MatMul", ["input", "w"], ["logits"])
     graph = onnx.helper.make_graph(
-        [node], "g", [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 4])],
-        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 4])], [weight])
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [weight],
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
     path = tmp_path / "ext.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="ext.onnx.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     if location != "ext.onnx.data":
         proto = onnx.load(str(path), load_external_data=False)
         for entry in proto.graph.initializer[0].external_data:

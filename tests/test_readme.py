@@ -19,7 +19,9 @@ def readme_examples() -> list[list[str]]:
 
 def test_readme_has_the_two_setup_commands():
     text = ROOT.joinpath("README.md").read_text()
-    assert 'pip install -e ".[dev]" && vitcompress compress --recipe recipes/quickstart.yaml --out out/' in text
+    assert (
+        'pip install -e ".[dev]" && vitcompress compress --recipe recipes/quickstart.yaml --out out/' in text
+    )
     assert "\npython -m pytest -q\n" in text
     assert "python -m pytest -q" in ROOT.joinpath(".ci/run").read_text()
 
@@ -32,8 +34,10 @@ def test_readme_examples_run_in_order(cli, tmp_path, monkeypatch, hf_vit_dir):
     shutil.copytree(hf_vit_dir, tmp_path / "hf_vit_folder")
     # The files the examples name, made the way a user would have them.
     user_model = load_model(ModelRef("timm:vit_tiny_patch16_224", num_classes=10))
-    save_file({k: v.contiguous() for k, v in user_model.model.state_dict().items()},
-              str(tmp_path / "vit_tiny.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in user_model.model.state_dict().items()},
+        str(tmp_path / "vit_tiny.safetensors"),
+    )
     monkeypatch.chdir(tmp_path)
     examples = readme_examples()
     assert len(examples) >= 8

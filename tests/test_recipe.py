@@ -23,36 +23,72 @@ def test_every_ready_recipe_validates(path):
 
 
 BAD = [
-    ("unknown nested key", HEAD + "passes:\n  - kind: export\n    opsett: 17\n",
-     "<r>:6: unknown key 'opsett' in passes[0] (export); did you mean 'opset'?"),
-    ("unknown model key", "version: 1\nmodel:\n  sourc: timm:x\npasses:\n  - kind: export\n",
-     "<r>:3: unknown key 'sourc' in model; did you mean 'source'?"),
-    ("unknown top key", HEAD + "passes:\n  - kind: export\nbudget:\n  max_p50_ms: 3\n",
-     "<r>:6: unknown key 'budget' in top level; did you mean 'budgets'?"),
-    ("unknown budget key", HEAD + "passes:\n  - kind: export\nbudgets:\n  max_p50: 3\n",
-     "<r>:7: unknown key 'max_p50' in budgets; did you mean 'max_p50_ms'?"),
-    ("unknown pass kind", HEAD + "passes:\n  - kind: exprt\n",
-     "<r>:5: passes[0]: unknown pass kind 'exprt'; did you mean 'export'?"),
+    (
+        "unknown nested key",
+        HEAD + "passes:\n  - kind: export\n    opsett: 17\n",
+        "<r>:6: unknown key 'opsett' in passes[0] (export); did you mean 'opset'?",
+    ),
+    (
+        "unknown model key",
+        "version: 1\nmodel:\n  sourc: timm:x\npasses:\n  - kind: export\n",
+        "<r>:3: unknown key 'sourc' in model; did you mean 'source'?",
+    ),
+    (
+        "unknown top key",
+        HEAD + "passes:\n  - kind: export\nbudget:\n  max_p50_ms: 3\n",
+        "<r>:6: unknown key 'budget' in top level; did you mean 'budgets'?",
+    ),
+    (
+        "unknown budget key",
+        HEAD + "passes:\n  - kind: export\nbudgets:\n  max_p50: 3\n",
+        "<r>:7: unknown key 'max_p50' in budgets; did you mean 'max_p50_ms'?",
+    ),
+    (
+        "unknown pass kind",
+        HEAD + "passes:\n  - kind: exprt\n",
+        "<r>:5: passes[0]: unknown pass kind 'exprt'; did you mean 'export'?",
+    ),
     ("pass without kind", HEAD + "passes:\n  - opset: 17\n", "<r>:5: passes[0]: a pass needs a 'kind'"),
-    ("opset too old", HEAD + "passes:\n  - kind: export\n    opset: 13\n",
-     "<r>:6: passes[0] (export).opset: opset 13 is too old for ViT attention"),
-    ("negative budget", HEAD + "passes:\n  - kind: export\nbudgets:\n  max_p50_ms: -1\n",
-     "<r>:7: budgets.max_p50_ms: Input should be greater than 0 (got -1)"),
-    ("bad batch size", HEAD + "passes:\n  - kind: export\n  - kind: validate\n    batch_sizes: [1, 0]\n",
-     "passes[1] (validate).batch_sizes[1]: Input should be greater than or equal to 1 (got 0)"),
-    ("validate before export", HEAD + "passes:\n  - kind: validate\n",
-     "passes[0] (validate) needs an ONNX model: put an export pass before it"),
-    ("duplicate step names", HEAD + "passes:\n  - kind: export\n  - kind: export\n",
-     "step name 'export' is used twice"),
-    ("wrong version", "version: 2\nmodel:\n  source: timm:x\npasses:\n  - kind: export\n",
-     "<r>:1: version: Input should be 1 (got 2)"),
+    (
+        "opset too old",
+        HEAD + "passes:\n  - kind: export\n    opset: 13\n",
+        "<r>:6: passes[0] (export).opset: opset 13 is too old for ViT attention",
+    ),
+    (
+        "negative budget",
+        HEAD + "passes:\n  - kind: export\nbudgets:\n  max_p50_ms: -1\n",
+        "<r>:7: budgets.max_p50_ms: Input should be greater than 0 (got -1)",
+    ),
+    (
+        "bad batch size",
+        HEAD + "passes:\n  - kind: export\n  - kind: validate\n    batch_sizes: [1, 0]\n",
+        "passes[1] (validate).batch_sizes[1]: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "validate before export",
+        HEAD + "passes:\n  - kind: validate\n",
+        "passes[0] (validate) needs an ONNX model: put an export pass before it",
+    ),
+    (
+        "duplicate step names",
+        HEAD + "passes:\n  - kind: export\n  - kind: export\n",
+        "step name 'export' is used twice",
+    ),
+    (
+        "wrong version",
+        "version: 2\nmodel:\n  source: timm:x\npasses:\n  - kind: export\n",
+        "<r>:1: version: Input should be 1 (got 2)",
+    ),
     ("missing passes", HEAD, "passes: Field required"),
     ("empty passes", HEAD + "passes: []\n", "passes: List should have at least 1 item"),
     ("empty source", "version: 1\nmodel:\n  source: 'timm:'\npasses:\n  - kind: export\n", "names no model"),
     ("malformed yaml", "version: 1\nmodel: [\n", "<r>:3:1: malformed YAML"),
     ("bad indentation", "version: 1\nmodel:\n  source: a\n bad: 2\n", "<r>:4:2: malformed YAML"),
-    ("python tag", "version: 1\nmodel: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
-     "<r>:2:8: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    (
+        "python tag",
+        "version: 1\nmodel: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
+        "<r>:2:8: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'",
+    ),
     ("not a mapping", "- 1\n- 2\n", "a recipe is a mapping with version, model and passes, got list"),
 ]
 
@@ -69,8 +105,16 @@ def test_resolved_recipe_spells_out_every_default():
     recipe = parse_recipe(HEAD + "passes:\n  - kind: export\n  - kind: validate\n")
     resolved = recipe.resolved()
     assert resolved["passes"][0] == {
-        "kind": "export", "name": None, "exporter": "torchscript", "opset": 17, "filename": "model.onnx",
-        "parity_batch": 8, "atol": 1e-4, "rtol": 1e-4, "min_top1_agreement": 1.0}
+        "kind": "export",
+        "name": None,
+        "exporter": "torchscript",
+        "opset": 17,
+        "filename": "model.onnx",
+        "parity_batch": 8,
+        "atol": 1e-4,
+        "rtol": 1e-4,
+        "min_top1_agreement": 1.0,
+    }
     assert resolved["passes"][1]["provider"] == "cpu"
     assert resolved["run"] == {"seed": 0, "threads": 2}
     assert parse_recipe(yaml.safe_dump(resolved)) == recipe  # the resolved recipe is itself a valid recipe
@@ -80,7 +124,15 @@ def test_schema_and_validate_commands(cli, tmp_path):
     result = cli("recipe", "schema")
     assert result.exit_code == 0
     schema = json.loads(result.stdout)
-    assert set(schema["properties"]) == {"version", "name", "description", "model", "run", "passes", "budgets"}
+    assert set(schema["properties"]) == {
+        "version",
+        "name",
+        "description",
+        "model",
+        "run",
+        "passes",
+        "budgets",
+    }
     assert "discriminator" in json.dumps(schema["properties"]["passes"])
 
     ok = cli("recipe", "validate", "recipes/quickstart.yaml")

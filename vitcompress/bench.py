@@ -22,8 +22,19 @@ from vitcompress.errors import BudgetExceededError, OnnxModelError
 from vitcompress.runtime import OnnxRunner, Provider
 
 ISA_FLAGS = (
-    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
-    "asimd", "asimddp", "i8mm", "sve",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "sve",
 )
 
 

@@ -50,8 +50,12 @@ def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
     measured = next((r for r in reversed(state.records) if r.latency_p50_ms is not None), None)
     if (budgets.max_p50_ms or budgets.min_speedup) and measured is None:
         failures.append("latency budgets are set but no pass measured latency: add a validate pass")
-    if measured is not None and budgets.max_p50_ms is not None and measured.latency_p50_ms is not None \
-            and measured.latency_p50_ms > budgets.max_p50_ms:
+    if (
+        measured is not None
+        and budgets.max_p50_ms is not None
+        and measured.latency_p50_ms is not None
+        and measured.latency_p50_ms > budgets.max_p50_ms
+    ):
         failures.append(f"p50 {measured.latency_p50_ms:.2f} ms > max_p50_ms {budgets.max_p50_ms:g}")
     speedup = measured.details.get("speedup_vs_baseline") if measured else None
     if budgets.min_speedup is not None and speedup is not None and speedup < budgets.min_speedup:
@@ -102,7 +106,7 @@ def run_recipe(
         teacher=copy.deepcopy(loaded) if needs_teacher else None,
     )
     for index, cfg in enumerate(recipe.passes, start=1):
-        name = cfg.name or cfg.kind
+        name = cfg.step_name
         if on_pass:
             on_pass(index, name)
         log.info("pass %d/%d: %s", index, len(recipe.passes), name)

@@ -10,17 +10,29 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vitcompress.errors import RecipeError, closest, did_you_mean
 from vitcompress.passes import PASS_CONFIGS, PASSES, Needs
+from vitcompress.passes.base import PassConfig
 
 RECIPE_VERSION = 1
 
-PassConfig = Annotated[Union[PASS_CONFIGS], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
+if TYPE_CHECKING:
+    AnyPass = PassConfig
+else:  # the discriminated union of every registered pass config
+    AnyPass = Annotated[Union[PASS_CONFIGS], Field(discriminator="kind")]  # noqa: UP007
 
 
 class _Section(BaseModel):
@@ -33,7 +45,9 @@ class ModelSection(_Section):
     source: str = Field(..., description="timm:NAME, hf:DIR, or a vitcompress artifact directory.")
     checkpoint: Path | None = Field(None, description="Weights for a timm model (.safetensors preferred).")
     num_classes: int | None = Field(None, gt=0, description="Classifier size (default: from the checkpoint).")
-    img_size: int | None = Field(None, gt=0, description="Input resolution (position embeddings are resampled).")
+    img_size: int | None = Field(
+        None, gt=0, description="Input resolution (position embeddings are resampled)."
+    )
     in_chans: int | None = Field(None, gt=0, description="Input channels (default: from the checkpoint).")
     kwargs: dict[str, JsonValue] = Field(
         default_factory=dict, description="Extra timm constructor arguments, e.g. depth: 6."
@@ -60,7 +74,9 @@ class Budgets(_Section):
 
     max_p50_ms: float | None = Field(None, gt=0, description="Median latency at the first batch size.")
     min_speedup: float | None = Field(None, gt=0, description="Speed-up over the fp32 baseline, same run.")
-    max_size_mb: float | None = Field(None, gt=0, description="Size of the final ONNX file in MB (1e6 bytes).")
+    max_size_mb: float | None = Field(
+        None, gt=0, description="Size of the final ONNX file in MB (1e6 bytes)."
+    )
 
 
 class Recipe(_Section):
@@ -70,9 +86,9 @@ class Recipe(_Section):
     name: str | None = Field(None, description="A name for reports.")
     description: str | None = None
     model: ModelSection
-    run: RunSection = Field(default_factory=RunSection)
-    passes: list[PassConfig] = Field(..., min_length=1, description="Passes, run in order.")  # type: ignore[valid-type]
-    budgets: Budgets = Field(default_factory=Budgets)
+    run: RunSection = RunSection()
+    passes: list[AnyPass] = Field(..., min_length=1, description="Passes, run in order.")
+    budgets: Budgets = Budgets()
 
     @model_validator(mode="after")
     def _pass_order(self) -> Recipe:
@@ -81,15 +97,17 @@ class Recipe(_Section):
         for index, cfg in enumerate(self.passes):
             spec = PASSES[cfg.kind]
             label = f"passes[{index}] ({cfg.kind})"
-            step_name = cfg.name or cfg.kind
+            step_name = cfg.step_name
             if step_name in names:
                 raise ValueError(f"{label}: step name {step_name!r} is used twice; give each a distinct name")
             names.add(step_name)
             if spec.needs is Needs.onnx and not has_onnx:
                 raise ValueError(f"{label} needs an ONNX model: put an export pass before it")
             if spec.needs is Needs.onnx and stale:
-                raise ValueError(f"{label} would see an ONNX file that misses earlier model changes: "
-                                 "put an export pass after the last pass that changes the model")
+                raise ValueError(
+                    f"{label} would see an ONNX file that misses earlier model changes: "
+                    "put an export pass after the last pass that changes the model"
+                )
             if spec.changes_model and has_onnx:
                 stale = True
             if spec.produces_onnx:
@@ -170,12 +188,14 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
 def format_validation_error(err: ValidationError, text: str | None, source: str) -> list[str]:
     lines = []
     # A misspelt required key also reports the real key as missing; the "did you mean" line says both.
-    meant = set()
+    meant: set[tuple[tuple[Any, ...], str]] = set()
     for item in err.errors():
         if item["type"] == "extra_forbidden":
             section = _section_at(tuple(item["loc"]))
             if section:
-                meant.update((tuple(item["loc"][:-1]), m) for m in closest(str(item["loc"][-1]), section.model_fields))
+                meant.update(
+                    (tuple(item["loc"][:-1]), m) for m in closest(str(item["loc"][-1]), section.model_fields)
+                )
     for item in err.errors():
         loc = tuple(item["loc"])
         if item["type"] == "missing" and (loc[:-1], loc[-1]) in meant:
@@ -185,7 +205,9 @@ def format_validation_error(err: ValidationError, text: str | None, source: str)
         if item["type"] == "extra_forbidden":
             section, key = _section_at(loc), str(loc[-1])
             hint = did_you_mean(key, section.model_fields) if section else ""
-            lines.append(f"{where}: unknown key {key!r} in {_label(loc[:-1])}" + (f"; {hint}" if hint else ""))
+            lines.append(
+                f"{where}: unknown key {key!r} in {_label(loc[:-1])}" + (f"; {hint}" if hint else "")
+            )
         elif item["type"] == "union_tag_invalid":
             tag = item.get("input", {}).get("kind") if isinstance(item.get("input"), dict) else None
             lines.append(f"{where}: {path}: unknown pass kind {tag!r}; {did_you_mean(str(tag), PASSES)}")
@@ -215,7 +237,9 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(f"{where}: malformed YAML: {problem}", hint="check the indentation and quoting") from None
+        raise RecipeError(
+            f"{where}: malformed YAML: {problem}", hint="check the indentation and quoting"
+        ) from None
     if not isinstance(data, dict):
         raise RecipeError(
             f"{source}: a recipe is a mapping with version, model and passes, got {type(data).__name__}",

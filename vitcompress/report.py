@@ -32,11 +32,22 @@ def ledger_rows(records: tuple[PassRecord, ...] | list[PassRecord]) -> list[list
     for r in records:
         parity = "-" if r.parity is None else f"{r.parity.max_abs_diff:.1e} / {r.parity.top1_agreement:.0%}"
         speedup = r.details.get("speedup_vs_baseline")
-        latency = "-" if r.latency_p50_ms is None else f"{r.latency_p50_ms:.2f} ms" + (
-            f" ({speedup:.2f}x)" if speedup else ""
+        latency = (
+            "-"
+            if r.latency_p50_ms is None
+            else f"{r.latency_p50_ms:.2f} ms" + (f" ({speedup:.2f}x)" if speedup else "")
         )
-        rows.append([r.name, fmt_count(r.params), fmt_count(r.macs), fmt_bytes(r.size_bytes), parity, latency,
-                     f"{r.wall_s:.1f} s"])
+        rows.append(
+            [
+                r.name,
+                fmt_count(r.params),
+                fmt_count(r.macs),
+                fmt_bytes(r.size_bytes),
+                parity,
+                latency,
+                f"{r.wall_s:.1f} s",
+            ]
+        )
     return rows
 
 
@@ -78,6 +89,8 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
             f"CPU: {e['cpu_model']} ({e['cpu_count']} cores; ISA: {isa}).",
             "",
         ]
-    verdict = "all budgets met" if not result.budget_failures else "FAILED: " + "; ".join(result.budget_failures)
+    verdict = (
+        "all budgets met" if not result.budget_failures else "FAILED: " + "; ".join(result.budget_failures)
+    )
     lines += [f"Budgets: {verdict}.", "", "Resolved recipe: `recipe.resolved.yaml`.", ""]
     write_text(out / "report.md", "\n".join(lines))

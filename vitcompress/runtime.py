@@ -53,13 +53,17 @@ def check_external_data(path: Path) -> None:
                 hint="external data must be a plain file name beside the .onnx file",
             )
         if not target.is_file():
-            raise OnnxModelError(f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing")
+            raise OnnxModelError(
+                f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing"
+            )
 
 
 def check_onnx_file(path: Path) -> None:
     path = Path(path)
     if not path.is_file():
-        raise OnnxModelError(f"ONNX model {path} does not exist", hint="check the path; export one with `vitcompress export`")
+        raise OnnxModelError(
+            f"ONNX model {path} does not exist", hint="check the path; export one with `vitcompress export`"
+        )
     check_external_data(path)
 
 
@@ -119,7 +123,7 @@ class OnnxRunner:
             isinstance(d, int) and d != s for d, s in zip(fixed, batch.shape[1:], strict=False)
         ):
             got = "x".join(str(s) for s in batch.shape[1:])
-            height, width = fixed[-2:] if len(fixed) >= 2 else (fixed + ["?", "?"])[:2]
+            height, width = fixed[-2:] if len(fixed) >= 2 else [*fixed, "?", "?"][:2]
             raise InputShapeError(
                 f"{self.path.name}: expected {height}x{width} input ({self.expected()} per image), got {got}",
                 hint="resize the images to the model's resolution or export the model at yours",

@@ -15,8 +15,10 @@ TINY = ["timm:vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10"]
 
 
 def test_help_does_not_import_heavy_libraries():
-    code = "import sys, vitcompress.cli; print(sorted(m for m in ('torch', 'timm', 'onnxruntime', 'onnx') " \
-           "if m in sys.modules))"
+    code = (
+        "import sys, vitcompress.cli; print(sorted(m for m in ('torch', 'timm', 'onnxruntime', 'onnx') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -26,8 +26,11 @@ torch.save(loaded.model(x).detach(), sys.argv[3])
 
 def _fresh_process_logits(directory, x, tmp_path):
     torch.save(x, tmp_path / "x.pt")
-    subprocess.run([sys.executable, "-c", RELOAD, str(directory), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(directory), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        capture_output=True,
+    )
     return torch.load(tmp_path / "y.pt")
 
 
@@ -70,7 +73,9 @@ def shrink_block(loaded, index: int, keep_heads: int, keep_hidden: int) -> None:
     adapter.set_attention_shape(index, keep_heads, head_dim)
 
 
-@pytest.mark.parametrize("source", ["timm:vit_tiny_patch16_224", "timm:deit_tiny_distilled_patch16_224", "hf"])
+@pytest.mark.parametrize(
+    "source", ["timm:vit_tiny_patch16_224", "timm:deit_tiny_distilled_patch16_224", "hf"]
+)
 def test_pruned_model_round_trips_in_a_fresh_process(source, tmp_path, hf_vit_dir):
     loaded = load_model(ModelRef(f"hf:{hf_vit_dir}") if source == "hf" else tiny_ref(source))
     heads = loaded.adapter.blocks()[1].attn.num_heads
@@ -107,7 +112,9 @@ def test_newer_format_and_unknown_edit_are_refused(tmp_path):
     loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
     directory = save_artifact(loaded, tmp_path / "a")
     manifest = json.loads((directory / "model.json").read_text())
-    (directory / "model.json").write_text(json.dumps({**manifest, "edits": [{"kind": "warp", "module": "head"}]}))
+    (directory / "model.json").write_text(
+        json.dumps({**manifest, "edits": [{"kind": "warp", "module": "head"}]})
+    )
     with pytest.raises(CheckpointError, match="unknown structural edit 'warp'"):
         load_model(ModelRef(str(directory)))
     (directory / "model.json").write_text(json.dumps({**manifest, "format_version": 99}))

@@ -44,8 +44,12 @@ def test_safetensors_loads(tmp_path):
     "wrap",
     [
         lambda sd: sd,
-        lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
-                    "args": argparse.Namespace(model="vit", lr=0.1), "epoch": 3},
+        lambda sd: {
+            "model": sd,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+            "args": argparse.Namespace(model="vit", lr=0.1),
+            "epoch": 3,
+        },
         lambda sd: {"state_dict": sd, "version": 2},
         lambda sd: {"state_dict_ema": sd, "state_dict": {k: v * 0 for k, v in sd.items()}},
         lambda sd: {f"module.{k}": v for k, v in sd.items()},
@@ -80,7 +84,6 @@ def test_non_data_global_needs_trust_flag(tmp_path):
 
 
 def _safetensors_bytes() -> bytes:
-    import io
     from safetensors.torch import save
 
     return save({"a": torch.ones(4)})
@@ -134,8 +137,14 @@ def test_wrong_extension_and_missing_file(tmp_path):
 
 def test_nan_and_inf_weights_are_named(tmp_path):
     path = tmp_path / "nan.safetensors"
-    save_file({"ok": torch.ones(2), "blocks.1.attn.qkv.weight": torch.tensor([1.0, float("nan")]),
-               "head.weight": torch.tensor([float("inf")])}, str(path))
+    save_file(
+        {
+            "ok": torch.ones(2),
+            "blocks.1.attn.qkv.weight": torch.tensor([1.0, float("nan")]),
+            "head.weight": torch.tensor([float("inf")]),
+        },
+        str(path),
+    )
     with pytest.raises(CheckpointError, match="NaN or Inf values in 2 tensor") as info:
         load_state_dict(path)
     assert "blocks.1.attn.qkv.weight" in info.value.message and "head.weight" in info.value.message

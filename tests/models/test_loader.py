@@ -10,7 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import tiny_ref
-from vitcompress.errors import CheckpointError, MissingDependencyError, ModelNotFoundError, UnsupportedModelError
+from vitcompress.errors import (
+    CheckpointError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
 from vitcompress.models import ModelRef, load_model
 
 
@@ -24,8 +29,11 @@ def test_timm_by_name_builds_eval_model_with_input_spec():
     assert not loaded.model.training
     assert loaded.input.shape == (3, 32, 32)
     assert loaded.num_classes == 10
-    assert loaded.source == {"kind": "timm", "name": "vit_tiny_patch16_224",
-                             "kwargs": {"depth": 2, "patch_size": 8, "num_classes": 10, "img_size": 32}}
+    assert loaded.source == {
+        "kind": "timm",
+        "name": "vit_tiny_patch16_224",
+        "kwargs": {"depth": 2, "patch_size": 8, "num_classes": 10, "img_size": 32},
+    }
     assert loaded.model(loaded.example_input(3)).shape == (3, 10)
 
 
@@ -62,7 +70,9 @@ def test_head_size_mismatch_reinitializes_head_explicitly(tmp_path, caplog):
     original = load_model(tiny_ref("timm:deit_tiny_distilled_patch16_224", num_classes=7))
     path = _save_weights(original, tmp_path / "w.safetensors")
     with caplog.at_level(logging.WARNING):
-        reloaded = load_model(tiny_ref("timm:deit_tiny_distilled_patch16_224", num_classes=3, checkpoint=path))
+        reloaded = load_model(
+            tiny_ref("timm:deit_tiny_distilled_patch16_224", num_classes=3, checkpoint=path)
+        )
     assert "classifier head re-initialized: checkpoint has 7 classes, model built with 3" in caplog.text
     assert reloaded.num_classes == 3
     assert torch.equal(reloaded.model.blocks[1].mlp.fc1.weight, original.model.blocks[1].mlp.fc1.weight)

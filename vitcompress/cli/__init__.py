@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -24,10 +23,10 @@ from vitcompress.errors import VitcompressError
 class _ErrorFunnel(TyperGroup):
     """Turns every error into one line on stderr and a meaningful exit code; --debug adds the traceback."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # Typer's own usage errors and exits
             raise
         except VitcompressError as err:
             _show(ctx, err, f"error: {err.message}", err.hint)
@@ -36,11 +35,16 @@ class _ErrorFunnel(TyperGroup):
             err_console.print("interrupted")
             raise typer.Exit(130) from None
         except Exception as err:
-            _show(ctx, err, f"internal error: {type(err).__name__}: {err}", "rerun with --debug for the traceback")
+            _show(
+                ctx,
+                err,
+                f"internal error: {type(err).__name__}: {err}",
+                "rerun with --debug for the traceback",
+            )
             raise typer.Exit(1) from None
 
 
-def _show(ctx: click.Context, err: BaseException, message: str, hint: str | None) -> None:
+def _show(ctx: typer.Context, err: BaseException, message: str, hint: str | None) -> None:
     debug = bool((ctx.obj or {}).get("debug")) or os.environ.get("VITCOMPRESS_DEBUG") == "1"
     if debug:
         err_console.print_exception(show_locals=False)

@@ -12,18 +12,31 @@ from vitcompress.runtime import Provider
 
 
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="ONNX files; the first is the baseline for the ratios.",
-                                                 show_default=False)],
+    models: Annotated[
+        list[Path],
+        typer.Argument(help="ONNX files; the first is the baseline for the ratios.", show_default=False),
+    ],
     provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.cpu,
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: all cores).")] = None,
-    batch_size: Annotated[list[int] | None, typer.Option("--batch-size", "-b", min=1,
-                          help="Batch size; repeat for several. Gates apply to the first.")] = None,
+    batch_size: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--batch-size", "-b", min=1, help="Batch size; repeat for several. Gates apply to the first."
+        ),
+    ] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs per model first.")] = 10,
     runs: Annotated[int, typer.Option(min=5, help="Timed runs per model and batch size.")] = 100,
-    max_p50_ms: Annotated[float | None, typer.Option(min=0, help="Gate: fail (exit 3) if the last model's "
-                                                     "median latency is above this.")] = None,
-    min_speedup: Annotated[float | None, typer.Option(min=0, help="Gate: fail (exit 3) if the last model is "
-                                                      "less than this many times faster than the first.")] = None,
+    max_p50_ms: Annotated[
+        float | None,
+        typer.Option(min=0, help="Gate: fail (exit 3) if the last model's median latency is above this."),
+    ] = None,
+    min_speedup: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Gate: fail (exit 3) if the last model is less than this many times faster than the first.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure ONNX Runtime latency on this machine, several models interleaved in one run.
@@ -42,23 +55,43 @@ def bench(
     batch_sizes = batch_size or [1]
     threads = threads or os.cpu_count() or 1
     total = len(batch_sizes) * len(models) * (warmup + runs)
-    with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True) as progress:
+    with Progress(
+        TextColumn("bench"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("bench", total=total)
-        report = bench_models(models, provider, threads, batch_sizes, warmup, runs,
-                              on_step=lambda n: progress.advance(task, n))
+        report = bench_models(
+            models, provider, threads, batch_sizes, warmup, runs, on_step=lambda n: progress.advance(task, n)
+        )
     gated = report.find(str(models[-1]), batch_sizes[0])
     if json_out:
-        print_json({**report.to_dict(), "gate": {"model": gated.model, "max_p50_ms": max_p50_ms,
-                                                 "min_speedup": min_speedup}})
+        print_json(
+            {
+                **report.to_dict(),
+                "gate": {"model": gated.model, "max_p50_ms": max_p50_ms, "min_speedup": min_speedup},
+            }
+        )
     else:
         env = report.environment
-        table = Table(title=f"ONNX Runtime {env.versions['onnxruntime']} {provider.value}, {threads} threads, "
-                      f"{runs} runs; {env.cpu_model}; ISA: {env.isa_summary()}")
+        table = Table(
+            title=f"ONNX Runtime {env.versions['onnxruntime']} {provider.value}, {threads} threads, "
+            f"{runs} runs; {env.cpu_model}; ISA: {env.isa_summary()}"
+        )
         for column in ("model", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "vs first"):
             table.add_column(column, justify="left" if column == "model" else "right")
         for r in report.results:
-            table.add_row(Path(r.model).name, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
-                          f"{r.p99_ms:.2f}", f"{r.throughput_ips:.1f}", f"{r.speedup_vs_first:.2f}x")
+            table.add_row(
+                Path(r.model).name,
+                str(r.batch_size),
+                f"{r.p50_ms:.2f}",
+                f"{r.p90_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                f"{r.throughput_ips:.1f}",
+                f"{r.speedup_vs_first:.2f}x",
+            )
         out_console.print(table)
     check_gate(gated, max_p50_ms, min_speedup)

@@ -27,20 +27,47 @@ ModelArg = Annotated[
 ]
 CheckpointOpt = Annotated[
     Path | None,
-    typer.Option("--checkpoint", "-c", exists=True, dir_okay=False, help="Weights for a timm model "
-                 "(.safetensors preferred; .pth/.pt/.bin are loaded weights-only)."),
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        exists=True,
+        dir_okay=False,
+        help="Weights for a timm model (.safetensors preferred; .pth/.pt/.bin are loaded weights-only).",
+    ),
 ]
-NumClassesOpt = Annotated[int | None, typer.Option(min=1, help="Classifier size; a checkpoint head of another "
-                                                   "size is re-initialized (logged). Default: from the checkpoint.")]
-ImgSizeOpt = Annotated[int | None, typer.Option(min=8, help="Input resolution; position embeddings are resampled.")]
+NumClassesOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Classifier size; a checkpoint head of another "
+        "size is re-initialized (logged). Default: from the checkpoint.",
+    ),
+]
+ImgSizeOpt = Annotated[
+    int | None, typer.Option(min=8, help="Input resolution; position embeddings are resampled.")
+]
 InChansOpt = Annotated[int | None, typer.Option(min=1, help="Input channels (1 for grey images).")]
-TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow unsafe pickle loading (runs code "
-                                        "in the file). Only for files you made; the file's hash is logged.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow unsafe pickle loading (runs code "
+        "in the file). Only for files you made; the file's hash is logged.",
+    ),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")
+]
 
 
-def model_ref(source: str, checkpoint: Path | None, num_classes: int | None, img_size: int | None,
-              in_chans: int | None, trust: bool) -> Any:
+def model_ref(
+    source: str,
+    checkpoint: Path | None,
+    num_classes: int | None,
+    img_size: int | None,
+    in_chans: int | None,
+    trust: bool,
+) -> Any:
     from vitcompress.models import ModelRef
 
     return ModelRef(source, checkpoint, num_classes, img_size, in_chans, trust)
@@ -56,8 +83,9 @@ def build_config(cls: type[C], **flags: Any) -> C:
     except ValidationError as err:
         first = err.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-        raise VitcompressError(f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})") \
-            from None
+        raise VitcompressError(
+            f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
+        ) from None
 
 
 def _default(value: Any) -> Any:

@@ -29,9 +29,14 @@ def compress(
     from vitcompress.report import LEDGER_COLUMNS, ledger_rows
 
     parsed = load_recipe(recipe)
-    steps = ["load"] + [cfg.name or cfg.kind for cfg in parsed.passes]
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
+    steps = ["load"] + [cfg.step_name for cfg in parsed.passes]
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("", total=len(steps))
 
         def on_pass(index: int, name: str) -> None:
@@ -39,8 +44,13 @@ def compress(
 
         result = run_recipe(parsed, out, on_pass=on_pass)
     if json_out:
-        print_json({"out_dir": str(out), "ledger": [r.to_dict() for r in result.ledger],
-                    "final_onnx": result.state.onnx_path})
+        print_json(
+            {
+                "out_dir": str(out),
+                "ledger": [r.to_dict() for r in result.ledger],
+                "final_onnx": result.state.onnx_path,
+            }
+        )
         return
     table = Table(title=f"{parsed.name or parsed.model.source} -> {out}")
     for column in LEDGER_COLUMNS:
@@ -48,4 +58,6 @@ def compress(
     for row in ledger_rows(result.ledger):
         table.add_row(*row)
     out_console.print(table)
-    out_console.print(f"reports: {out / 'report.md'}, {out / 'report.json'}; recipe: {out / 'recipe.resolved.yaml'}")
+    out_console.print(
+        f"reports: {out / 'report.md'}, {out / 'report.json'}; recipe: {out / 'recipe.resolved.yaml'}"
+    )

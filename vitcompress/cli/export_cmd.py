@@ -19,7 +19,7 @@ from vitcompress.cli.common import (
     out_console,
     print_json,
 )
-from vitcompress.passes.export import Exporter, ExportConfig
+from vitcompress.passes.export import ExportConfig, Exporter
 
 
 def export(
@@ -30,11 +30,17 @@ def export(
     img_size: ImgSizeOpt = None,
     in_chans: InChansOpt = None,
     trust_checkpoint: TrustOpt = False,
-    exporter: Annotated[Exporter, typer.Option(help="torchscript: graphs ONNX Runtime quantizes and fuses "
-                                               "(default); dynamo: torch.export based.")] = Exporter.torchscript,
+    exporter: Annotated[
+        Exporter,
+        typer.Option(
+            help="torchscript: graphs ONNX Runtime quantizes and fuses (default); dynamo: torch.export based."
+        ),
+    ] = Exporter.torchscript,
     opset: Annotated[int, typer.Option(help="ONNX opset (14-21).")] = 17,
     parity_batch: Annotated[int, typer.Option(help="Images in the parity batch.")] = 8,
-    atol: Annotated[float, typer.Option(help="Parity gate: max |Δlogit| <= atol + rtol * max|logit|.")] = 1e-4,
+    atol: Annotated[
+        float, typer.Option(help="Parity gate: max |Δlogit| <= atol + rtol * max|logit|.")
+    ] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative part of the parity gate.")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of the parity batch.")] = 0,
     json_out: JsonOpt = False,
@@ -51,8 +57,15 @@ def export(
     from vitcompress.models import load_model
     from vitcompress.passes.export import export_model
 
-    cfg = build_config(ExportConfig, exporter=exporter, opset=opset, parity_batch=parity_batch, atol=atol,
-                       rtol=rtol, filename=out.name)
+    cfg = build_config(
+        ExportConfig,
+        exporter=exporter,
+        opset=opset,
+        parity_batch=parity_batch,
+        atol=atol,
+        rtol=rtol,
+        filename=out.name,
+    )
     loaded = load_model(model_ref(model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint))
     with err_console.status(f"exporting {loaded.label} with {cfg.exporter.value}, opset {cfg.opset}"):
         result = export_model(loaded, out, cfg, seed=seed)

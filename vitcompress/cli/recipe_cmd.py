@@ -14,8 +14,9 @@ app = typer.Typer(help="Validate recipes and show their schema.", no_args_is_hel
 @app.command("validate")
 def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
-    resolved: Annotated[bool, typer.Option("--resolved", help="Print the recipe with every default filled in.")]
-    = False,
+    resolved: Annotated[
+        bool, typer.Option("--resolved", help="Print the recipe with every default filled in.")
+    ] = False,
 ) -> None:
     """Check a recipe without running it: YAML syntax (line and column), every key and value, pass order."""
     from vitcompress.recipe import dump_recipe, load_recipe
@@ -24,14 +25,18 @@ def validate(
     if resolved:
         out_console.print(dump_recipe(parsed), markup=False, end="")
         return
-    steps = " -> ".join(cfg.name or cfg.kind for cfg in parsed.passes)
-    out_console.print(f"{recipe}: valid recipe (version {parsed.version}, model {parsed.model.source}): {steps}",
-                      markup=False)
+    steps = " -> ".join(cfg.step_name for cfg in parsed.passes)
+    out_console.print(
+        f"{recipe}: valid recipe (version {parsed.version}, model {parsed.model.source}): {steps}",
+        markup=False,
+    )
 
 
 @app.command("schema")
 def schema(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")
+    ] = None,
 ) -> None:
     """Print the recipe JSON schema (for editors and CI validation)."""
     from vitcompress.fileio import write_text

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -55,6 +56,8 @@ class ViTAdapter(ABC):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # nn.Module attributes are dynamic; the adapter is where we know what each family holds.
+        self.m: Any = model
 
     @abstractmethod
     def blocks(self) -> list[BlockInfo]: ...
@@ -112,7 +115,7 @@ class TimmViTAdapter(ViTAdapter):
 
     def blocks(self) -> list[BlockInfo]:
         infos = []
-        for i, block in enumerate(self.model.blocks):  # type: ignore[arg-type]
+        for i, block in enumerate(self.m.blocks):
             attn = block.attn
             infos.append(
                 BlockInfo(
@@ -126,7 +129,7 @@ class TimmViTAdapter(ViTAdapter):
         return infos
 
     def set_attention_shape(self, block_index: int, num_heads: int, head_dim: int) -> None:
-        attn = self.model.blocks[block_index].attn  # type: ignore[index]
+        attn = self.m.blocks[block_index].attn
         attn.num_heads = num_heads
         attn.head_dim = head_dim
         attn.attn_dim = num_heads * head_dim
@@ -134,7 +137,7 @@ class TimmViTAdapter(ViTAdapter):
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.embed_dim)  # type: ignore[arg-type]
+        return int(self.m.embed_dim)
 
     @property
     def head_names(self) -> tuple[str, ...]:
@@ -146,7 +149,7 @@ class TimmViTAdapter(ViTAdapter):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.model.num_prefix_tokens)  # type: ignore[arg-type]
+        return int(self.m.num_prefix_tokens)
 
 
 class HFViTAdapter(ViTAdapter):
@@ -160,20 +163,23 @@ class HFViTAdapter(ViTAdapter):
     @staticmethod
     def matches(model: nn.Module) -> bool:
         net = getattr(model, "net", None)
-        return net is not None and getattr(getattr(net, "config", None), "model_type", None) in ("vit", "deit")
+        return net is not None and getattr(getattr(net, "config", None), "model_type", None) in (
+            "vit",
+            "deit",
+        )
 
     @property
-    def _backbone(self) -> nn.Module:
-        net = self.model.net  # type: ignore[union-attr]
-        return net.deit if hasattr(net, "deit") else net.vit  # type: ignore[no-any-return]
+    def _backbone(self) -> Any:
+        net = self.m.net
+        return net.deit if hasattr(net, "deit") else net.vit
 
     @property
     def _prefix(self) -> str:
-        return "net.deit" if hasattr(self.model.net, "deit") else "net.vit"  # type: ignore[union-attr]
+        return "net.deit" if hasattr(self.m.net, "deit") else "net.vit"
 
     def blocks(self) -> list[BlockInfo]:
         infos = []
-        for i, layer in enumerate(self._backbone.layers):  # type: ignore[union-attr,arg-type]
+        for i, layer in enumerate(self._backbone.layers):
             attn = layer.attention
             infos.append(
                 BlockInfo(
@@ -193,18 +199,18 @@ class HFViTAdapter(ViTAdapter):
         return infos
 
     def set_attention_shape(self, block_index: int, num_heads: int, head_dim: int) -> None:
-        attn = self._backbone.layers[block_index].attention  # type: ignore[index,union-attr]
+        attn = self._backbone.layers[block_index].attention
         attn.num_attention_heads = num_heads
         attn.head_dim = head_dim
         attn.scaling = head_dim**-0.5
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.net.config.hidden_size)  # type: ignore[union-attr]
+        return int(self.m.net.config.hidden_size)
 
     @property
     def head_names(self) -> tuple[str, ...]:
-        net = self.model.net  # type: ignore[union-attr]
+        net = self.m.net
         if hasattr(net, "distillation_classifier"):
             return ("net.cls_classifier", "net.distillation_classifier")
         return ("net.classifier",)

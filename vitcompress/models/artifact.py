@@ -39,8 +39,12 @@ FORMAT_VERSION = 1
 EDIT_APPLIERS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {}
 
 
-def save_artifact(loaded: LoadedModel, directory: Path, edits: list[dict[str, Any]] | None = None,
-                  history: list[dict[str, Any]] | None = None) -> Path:
+def save_artifact(
+    loaded: LoadedModel,
+    directory: Path,
+    edits: list[dict[str, Any]] | None = None,
+    history: list[dict[str, Any]] | None = None,
+) -> Path:
     """Write the model as an artifact directory atomically; returns the directory."""
     from safetensors.torch import save_file
 
@@ -84,16 +88,22 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         prefix = f"{name}." if name else ""
         weight = state_dict.get(f"{prefix}weight")
         if isinstance(module, nn.Linear) and weight is not None and weight.shape != module.weight.shape:
-            _set_module(model, name, nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None))
+            _set_module(
+                model, name, nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+            )
         elif isinstance(module, nn.LayerNorm) and weight is not None and weight.shape != module.weight.shape:
             _set_module(model, name, nn.LayerNorm(weight.shape[0], eps=module.eps))
         elif isinstance(module, nn.Conv2d) and weight is not None and weight.shape != module.weight.shape:
-            _set_module(
-                model,
-                name,
-                nn.Conv2d(weight.shape[1], weight.shape[0], module.kernel_size, module.stride,  # type: ignore[arg-type]
-                          module.padding, bias=module.bias is not None),  # type: ignore[arg-type]
+            conv: Any = module
+            new_conv = nn.Conv2d(
+                weight.shape[1],
+                weight.shape[0],
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                bias=conv.bias is not None,
             )
+            _set_module(model, name, new_conv)
         else:
             for pname, param in list(module.named_parameters(recurse=False)):
                 saved = state_dict.get(prefix + pname)
@@ -111,7 +121,9 @@ def load_artifact(directory: Path) -> LoadedModel:
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"corrupt or incomplete artifact manifest {manifest_path}: {err}") from err
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path} is not a vitcompress artifact (format={manifest.get('format')!r})")
+        raise CheckpointError(
+            f"{manifest_path} is not a vitcompress artifact (format={manifest.get('format')!r})"
+        )
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(
             f"{manifest_path} has format_version {manifest['format_version']}, newer than this vitcompress reads",
@@ -121,7 +133,9 @@ def load_artifact(directory: Path) -> LoadedModel:
     try:
         state_dict = load_file(str(weights), device="cpu")
     except Exception as err:
-        raise CheckpointError(f"corrupt or incomplete checkpoint {weights}: {str(err).splitlines()[0]}") from err
+        raise CheckpointError(
+            f"corrupt or incomplete checkpoint {weights}: {str(err).splitlines()[0]}"
+        ) from err
     check_finite(state_dict, weights)
 
     model = _build_base(manifest["source"], manifest_path)

@@ -126,8 +126,9 @@ def _fit_timm_state_dict(model: nn.Module, state_dict: StateDict, ref: ModelRef,
             state_dict.pop(key)
             state_dict.pop(key[: -len("weight")] + "bias", None)
     if "pos_embed" in state_dict and state_dict["pos_embed"].shape != own["pos_embed"].shape:
-        prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)  # type: ignore[arg-type]
-        grid = list(model.patch_embed.grid_size)  # type: ignore[union-attr]
+        vit: Any = model
+        prefix = 0 if getattr(vit, "no_embed_class", False) else int(vit.num_prefix_tokens)
+        grid = list(vit.patch_embed.grid_size)
         log.warning(
             "position embedding resampled from %s to %s for --img-size",
             tuple(state_dict["pos_embed"].shape),
@@ -147,7 +148,9 @@ def _fit_timm_state_dict(model: nn.Module, state_dict: StateDict, ref: ModelRef,
     return state_dict
 
 
-def load_strict(model: nn.Module, state_dict: StateDict, path: Path, allow_missing: tuple[str, ...] = ()) -> None:
+def load_strict(
+    model: nn.Module, state_dict: StateDict, path: Path, allow_missing: tuple[str, ...] = ()
+) -> None:
     """Load weights; any missing, unexpected or mis-shaped key fails the load with the keys listed."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict and not k.startswith(allow_missing)]
@@ -160,7 +163,9 @@ def load_strict(model: nn.Module, state_dict: StateDict, path: Path, allow_missi
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if keys:
-            problems.append(f"{label} ({len(keys)}): " + ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else ""))
+            problems.append(
+                f"{label} ({len(keys)}): " + ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+            )
     if problems:
         raise CheckpointError(
             f"checkpoint {path} does not fit the model: " + "; ".join(problems),
@@ -172,7 +177,11 @@ def load_strict(model: nn.Module, state_dict: StateDict, path: Path, allow_missi
 def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
     state_dict = load_state_dict(ref.checkpoint, trust=ref.trust_checkpoint) if ref.checkpoint else None
     kwargs = dict(ref.kwargs)
-    for key, value in (("num_classes", ref.num_classes), ("img_size", ref.img_size), ("in_chans", ref.in_chans)):
+    for key, value in (
+        ("num_classes", ref.num_classes),
+        ("img_size", ref.img_size),
+        ("in_chans", ref.in_chans),
+    ):
         if value is not None:
             kwargs[key] = value
     if state_dict is not None:
@@ -194,8 +203,9 @@ def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
         load_strict(model, state_dict, ref.checkpoint, allow_missing)
     model.eval()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    height, width = (int(s) for s in model.patch_embed.img_size)  # type: ignore[union-attr]
-    channels = int(model.patch_embed.proj.in_channels)  # type: ignore[union-attr]
+    vit: Any = model
+    height, width = (int(s) for s in vit.patch_embed.img_size)
+    channels = int(vit.patch_embed.proj.in_channels)
     mean, std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
     if len(mean) != channels:
         mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
@@ -204,7 +214,7 @@ def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
         adapter=adapter,
         source={"kind": "timm", "name": name, "kwargs": kwargs},
         input=InputSpec(channels, height, width, mean, std, str(cfg.get("interpolation", "bicubic"))),
-        num_classes=int(model.num_classes),  # type: ignore[arg-type]
+        num_classes=int(vit.num_classes),
         label=f"timm:{name}",
     )
 
@@ -265,7 +275,9 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
     import json
 
     if not directory.is_dir():
-        raise ModelNotFoundError(f"Hugging Face model folder {directory} does not exist", hint="check the path")
+        raise ModelNotFoundError(
+            f"Hugging Face model folder {directory} does not exist", hint="check the path"
+        )
     if ref.checkpoint or ref.img_size or ref.in_chans or ref.kwargs:
         raise CheckpointError(
             "--checkpoint, --img-size, --in-chans and kwargs do not apply to hf: models",
@@ -273,11 +285,14 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
         )
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise ModelNotFoundError(f"{directory} has no config.json", hint="give a folder written by save_pretrained")
+        raise ModelNotFoundError(
+            f"{directory} has no config.json", hint="give a folder written by save_pretrained"
+        )
     if not sorted(directory.glob("*.safetensors")):
         pickled = sorted(p.name for p in directory.glob("*.bin"))
         raise CheckpointError(
-            f"{directory} has no .safetensors weights" + (f" (found {', '.join(pickled)})" if pickled else ""),
+            f"{directory} has no .safetensors weights"
+            + (f" (found {', '.join(pickled)})" if pickled else ""),
             hint="vitcompress loads Hugging Face models from safetensors only; re-save with "
             "save_pretrained(safe_serialization=True)",
         )
@@ -287,33 +302,49 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
         raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
     transformers = _transformers()
     probe = build_hf(config_dict)  # validates model_type and architecture with our own errors
-    net_cls = type(probe.net)
-    config = probe.net.config  # type: ignore[union-attr]
+    hf_net: Any = probe.net
+    net_cls, config = type(hf_net), hf_net.config
     reinit_head = ref.num_classes is not None and ref.num_classes != config.num_labels
     if reinit_head:
-        log.warning("classifier head re-initialized: checkpoint has %d classes, model built with %d (--num-classes)",
-                    config.num_labels, ref.num_classes)
+        log.warning(
+            "classifier head re-initialized: checkpoint has %d classes, model built with %d (--num-classes)",
+            config.num_labels,
+            ref.num_classes,
+        )
         config.num_labels = ref.num_classes
     transformers.logging.set_verbosity_error()
     try:
         net, info = net_cls.from_pretrained(
-            directory, config=config, local_files_only=True, use_safetensors=True, trust_remote_code=False,
-            output_loading_info=True, ignore_mismatched_sizes=reinit_head,
+            directory,
+            config=config,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+            ignore_mismatched_sizes=reinit_head,
         )
     except Exception as err:
-        raise CheckpointError(f"corrupt or incomplete checkpoint {directory}: {str(err).strip().splitlines()[0]}",
-                              hint="re-save the model with save_pretrained") from err
+        raise CheckpointError(
+            f"corrupt or incomplete checkpoint {directory}: {str(err).strip().splitlines()[0]}",
+            hint="re-save the model with save_pretrained",
+        ) from err
     problems = []
     is_head = ("classifier.",)
-    for label, keys in (("missing", info.get("missing_keys", [])), ("unexpected", info.get("unexpected_keys", [])),
-                        ("shape mismatch", [k[0] if isinstance(k, tuple) else k
-                                            for k in info.get("mismatched_keys", [])])):
+    for label, keys in (
+        ("missing", info.get("missing_keys", [])),
+        ("unexpected", info.get("unexpected_keys", [])),
+        ("shape mismatch", [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]),
+    ):
         keys = [k for k in keys if not (reinit_head and is_head[0] in k)]
         if keys:
-            problems.append(f"{label} ({len(keys)}): " + ", ".join(sorted(keys)[:4]) + (" ..." if len(keys) > 4 else ""))
+            problems.append(
+                f"{label} ({len(keys)}): " + ", ".join(sorted(keys)[:4]) + (" ..." if len(keys) > 4 else "")
+            )
     if problems:
-        raise CheckpointError(f"checkpoint {directory} does not fit its config: " + "; ".join(problems),
-                              hint="re-save the model with save_pretrained")
+        raise CheckpointError(
+            f"checkpoint {directory} does not fit its config: " + "; ".join(problems),
+            hint="re-save the model with save_pretrained",
+        )
     wrapper = HFClassifier(net).eval()
     mean, std = (0.5,) * config.num_channels, (0.5,) * config.num_channels
     processor = directory / "preprocessor_config.json"

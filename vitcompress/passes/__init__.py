@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel
-
 from vitcompress.errors import RecipeError, did_you_mean
+from vitcompress.passes.base import PassConfig
 from vitcompress.passes.export import ExportConfig
 from vitcompress.passes.validate import ValidateConfig
 
@@ -27,7 +26,7 @@ class Needs(str, Enum):
 @dataclass(frozen=True)
 class PassSpec:
     kind: str
-    config: type[BaseModel]
+    config: type[PassConfig]
     summary: str
     needs: Needs
     changes_model: bool  # edits the PyTorch model (the ONNX file must be exported after it)
@@ -43,14 +42,28 @@ class PassSpec:
 PASSES: dict[str, PassSpec] = {
     spec.kind: spec
     for spec in (
-        PassSpec("export", ExportConfig, "export to ONNX (fp32) and check parity against PyTorch",
-                 Needs.torch, changes_model=False, produces_onnx=True, module="vitcompress.passes.export"),
-        PassSpec("validate", ValidateConfig, "measure ONNX Runtime latency against the fp32 baseline",
-                 Needs.onnx, changes_model=False, produces_onnx=False, module="vitcompress.passes.validate"),
+        PassSpec(
+            "export",
+            ExportConfig,
+            "export to ONNX (fp32) and check parity against PyTorch",
+            Needs.torch,
+            changes_model=False,
+            produces_onnx=True,
+            module="vitcompress.passes.export",
+        ),
+        PassSpec(
+            "validate",
+            ValidateConfig,
+            "measure ONNX Runtime latency against the fp32 baseline",
+            Needs.onnx,
+            changes_model=False,
+            produces_onnx=False,
+            module="vitcompress.passes.validate",
+        ),
     )
 }
 
-PASS_CONFIGS: tuple[type[BaseModel], ...] = tuple(spec.config for spec in PASSES.values())
+PASS_CONFIGS: tuple[type[PassConfig], ...] = tuple(spec.config for spec in PASSES.values())
 
 
 def get_pass(kind: str) -> PassSpec:

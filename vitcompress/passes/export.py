@@ -19,9 +19,10 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from vitcompress.errors import ExportError, ParityError
+from vitcompress.passes.base import PassConfig
 from vitcompress.state import ModelState, Parity, PassRecord
 
 if TYPE_CHECKING:
@@ -38,13 +39,10 @@ class Exporter(str, Enum):
     dynamo = "dynamo"
 
 
-class ExportConfig(BaseModel):
+class ExportConfig(PassConfig):
     """Export the current model to ONNX (fp32) and verify it against PyTorch."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
-
     kind: Literal["export"] = "export"
-    name: str | None = Field(None, description="Ledger name of this step (default: the kind).")
     exporter: Exporter = Field(
         Exporter.torchscript,
         description="torchscript: graphs ONNX Runtime quantizes and fuses (default); dynamo: torch.export based.",
@@ -65,7 +63,9 @@ class ExportConfig(BaseModel):
                 f"opset {MIN_OPSET}); use {MIN_OPSET}-{MAX_OPSET}, 17 recommended"
             )
         if value > MAX_OPSET:
-            raise ValueError(f"opset {value} is newer than this toolchain supports; use {MIN_OPSET}-{MAX_OPSET}")
+            raise ValueError(
+                f"opset {value} is newer than this toolchain supports; use {MIN_OPSET}-{MAX_OPSET}"
+            )
         return value
 
 
@@ -85,13 +85,20 @@ def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
     import torch
 
     example = loaded.example_input(2, seed=0)
-    names = {"input_names": ["input"], "output_names": ["logits"]}
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice; our choice is explicit
+        warnings.simplefilter(
+            "ignore"
+        )  # the TorchScript exporter's deprecation notice; our choice is explicit
         if cfg.exporter is Exporter.torchscript:
             torch.onnx.export(
-                loaded.model, (example,), str(path), dynamo=False, opset_version=cfg.opset,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names,
+                loaded.model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=cfg.opset,
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                input_names=["input"],
+                output_names=["logits"],
             )
         else:
             try:
@@ -103,8 +110,14 @@ def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
                 ) from err
             batch = torch.export.Dim("batch", min=1, max=4096)
             program = torch.onnx.export(
-                loaded.model, (example,), dynamo=True, opset_version=cfg.opset,
-                dynamic_shapes=({0: batch},), verbose=False, **names,
+                loaded.model,
+                (example,),
+                dynamo=True,
+                opset_version=cfg.opset,
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+                input_names=["input"],
+                output_names=["logits"],
             )
             assert program is not None
             program.save(str(path))
@@ -171,9 +184,7 @@ def export_model(loaded: LoadedModel, path: Path, cfg: ExportConfig, seed: int =
                     f"{parity.top1_agreement:.3f} (required {cfg.min_top1_agreement:.3f})",
                     hint="try the other --exporter or another --opset; the file was not written",
                 )
-    size = path.stat().st_size + sum(
-        p.stat().st_size for p in path.parent.glob(f"{path.name}.data")
-    )
+    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data"))
     return ExportResult(
         path=path,
         exporter=cfg.exporter.value,
@@ -192,11 +203,13 @@ def run(state: ModelState, cfg: ExportConfig) -> ModelState:
     result = export_model(state.model, state.settings.out_dir / cfg.filename, cfg, seed=state.settings.seed)
     log.info(
         "exported %s: max |Δlogit| %.2e, top-1 agreement %.3f",
-        result.path.name, result.parity.max_abs_diff, result.parity.top1_agreement,
+        result.path.name,
+        result.parity.max_abs_diff,
+        result.parity.top1_agreement,
     )
     macs, _ = count_macs(state.model)
     record = PassRecord(
-        name=cfg.name or cfg.kind,
+        name=cfg.step_name,
         kind=cfg.kind,
         params=sum(p.numel() for p in state.model.model.parameters()),
         macs=macs,

@@ -11,25 +11,27 @@ import logging
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from vitcompress.errors import RecipeError
+from vitcompress.passes.base import PassConfig
 from vitcompress.runtime import Provider
 from vitcompress.state import ModelState, PassRecord
 
 log = logging.getLogger(__name__)
 
 
-class ValidateConfig(BaseModel):
+class ValidateConfig(PassConfig):
     """Bench the current ONNX model (and the fp32 baseline, interleaved) with ONNX Runtime."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     kind: Literal["validate"] = "validate"
-    name: str | None = Field(None, description="Ledger name of this step (default: the kind).")
-    provider: Provider = Field(Provider.cpu, description="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
+    provider: Provider = Field(
+        Provider.cpu, description="ONNX Runtime execution provider: cpu, cuda, tensorrt."
+    )
     threads: int | None = Field(None, ge=1, description="Intra-op threads (default: run.threads).")
-    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1], min_length=1, description="Batch sizes; budgets apply to the first.")
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        [1], min_length=1, description="Batch sizes; budgets apply to the first."
+    )
     warmup: int = Field(10, ge=0, description="Untimed runs per model before measuring.")
     runs: int = Field(50, ge=5, description="Timed runs per model and batch size.")
     compare_baseline: bool = Field(True, description="Measure the fp32 baseline in the same run.")
@@ -45,19 +47,24 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
     baseline = state.baseline_onnx
     if cfg.compare_baseline and baseline is None:
         source = state.teacher or state.model
-        baseline = export_model(source, state.settings.out_dir / "baseline.onnx", ExportConfig(),
-                                seed=state.settings.seed).path
+        baseline = export_model(
+            source, state.settings.out_dir / "baseline.onnx", ExportConfig(), seed=state.settings.seed
+        ).path
     paths = [state.onnx_path]
     if cfg.compare_baseline and baseline is not None and baseline.resolve() != state.onnx_path.resolve():
         paths = [baseline, state.onnx_path]
     threads = cfg.threads or state.settings.threads
     report = bench_models(paths, cfg.provider, threads, cfg.batch_sizes, cfg.warmup, cfg.runs)
     primary = report.find(str(state.onnx_path), cfg.batch_sizes[0])
-    log.info("p50 %.2f ms at batch %d (%.2fx the fp32 baseline)", primary.p50_ms, primary.batch_size,
-             primary.speedup_vs_first)
+    log.info(
+        "p50 %.2f ms at batch %d (%.2fx the fp32 baseline)",
+        primary.p50_ms,
+        primary.batch_size,
+        primary.speedup_vs_first,
+    )
     last = state.records[-1] if state.records else None
     record = PassRecord(
-        name=cfg.name or cfg.kind,
+        name=cfg.step_name,
         kind=cfg.kind,
         params=last.params if last else None,
         macs=last.macs if last else None,
