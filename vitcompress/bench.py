@@ -134,6 +134,29 @@ def _input_for(runner: OnnxRunner, batch_size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(runner.input_dtype)
 
 
+def time_interleaved(
+    calls: Sequence[Callable[[], object]],
+    warmup: int,
+    runs: int,
+    on_step: Callable[[int], None] | None = None,
+) -> list[list[float]]:
+    """Milliseconds per call: warm-up excluded, then round-robin with a rotating first position."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+        if on_step:
+            on_step(warmup)
+    times: list[list[float]] = [[] for _ in calls]
+    for i in range(runs):
+        for j in [(i + k) % len(calls) for k in range(len(calls))]:
+            start = time.perf_counter()
+            calls[j]()
+            times[j].append((time.perf_counter() - start) * 1e3)
+        if on_step:
+            on_step(len(calls))
+    return times
+
+
 def bench_models(
     paths: Sequence[Path],
     provider: Provider = Provider.cpu,
@@ -152,21 +175,11 @@ def bench_models(
     results: list[Latency] = []
     for batch_size in batch_sizes:
         inputs = [_input_for(r, batch_size, seed) for r in runners]
-        for runner, batch in zip(runners, inputs, strict=True):
-            for _ in range(warmup):
-                runner.session.run(None, {runner.input_name: batch})
-            if on_step:
-                on_step(warmup)
-        times: list[list[float]] = [[] for _ in runners]
-        order = list(range(len(runners)))
-        for i in range(runs):
-            for j in order[i % len(order) :] + order[: i % len(order)]:
-                runner, feed = runners[j], {runners[j].input_name: inputs[j]}
-                start = time.perf_counter()
-                runner.session.run(None, feed)
-                times[j].append((time.perf_counter() - start) * 1e3)
-            if on_step:
-                on_step(len(runners))
+        calls = [
+            (lambda r=runner, feed={runner.input_name: batch}: r.session.run(None, feed))
+            for runner, batch in zip(runners, inputs, strict=True)
+        ]
+        times = time_interleaved(calls, warmup, runs, on_step)
         first_p50 = float(np.percentile(times[0], 50))
         for label, samples in zip(labels, times, strict=True):
             ms = np.asarray(samples)

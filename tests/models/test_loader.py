@@ -146,3 +146,19 @@ def test_hf_without_transformers_gives_install_hint(hf_vit_dir, monkeypatch):
     with pytest.raises(MissingDependencyError) as info:
         load_model(ModelRef(f"hf:{hf_vit_dir}"))
     assert "pip install 'vitcompress[hf]'" in (info.value.hint or "")
+
+
+def test_hf_num_classes_override_reinitializes_only_the_head(hf_vit_dir, caplog):
+    original = load_model(ModelRef(f"hf:{hf_vit_dir}"))
+    with caplog.at_level(logging.WARNING):
+        resized = load_model(ModelRef(f"hf:{hf_vit_dir}", num_classes=4))
+    assert "classifier head re-initialized: checkpoint has 10 classes, model built with 4" in caplog.text
+    assert resized.num_classes == 4
+    assert resized.model(resized.example_input(2)).shape == (2, 4)
+    block_a, block_b = original.adapter.blocks()[0], resized.adapter.blocks()[0]
+    assert torch.equal(block_a.mlp.fc1.weight, block_b.mlp.fc1.weight)
+
+
+def test_hf_rejects_timm_only_options(hf_vit_dir):
+    with pytest.raises(CheckpointError, match="do not apply to hf: models"):
+        load_model(ModelRef(f"hf:{hf_vit_dir}", img_size=64))
