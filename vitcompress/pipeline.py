@@ -6,15 +6,18 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vitcompress.errors import BudgetExceededError
 from vitcompress.fileio import write_text
 from vitcompress.passes import PASSES
 from vitcompress.recipe import Recipe, dump_recipe
 from vitcompress.state import ModelState, PassRecord, RunSettings
+
+if TYPE_CHECKING:
+    from vitcompress.models import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ class RunResult:
         return self.state.records
 
 
-def model_ref(recipe: Recipe) -> Any:
+def model_ref(recipe: Recipe) -> ModelRef:
     from vitcompress.models import ModelRef
 
     section = recipe.model
@@ -113,8 +116,6 @@ def run_recipe(
         spec = PASSES[cfg.kind]
         state = spec.runner()(state, cfg)
         if spec.changes_model:
-            from dataclasses import replace
-
             state = replace(state, model_changed=True)
     failures = check_budgets(recipe, state)
     result = RunResult(state=state, out_dir=out_dir, budget_failures=failures)

@@ -6,13 +6,16 @@ import json
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from vitcompress.errors import VitcompressError
+
+if TYPE_CHECKING:
+    from vitcompress.models import ModelRef
 
 out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -67,7 +70,7 @@ def model_ref(
     img_size: int | None,
     in_chans: int | None,
     trust: bool,
-) -> Any:
+) -> ModelRef:
     from vitcompress.models import ModelRef
 
     return ModelRef(source, checkpoint, num_classes, img_size, in_chans, trust)

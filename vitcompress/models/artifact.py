@@ -139,10 +139,6 @@ def load_artifact(directory: Path) -> LoadedModel:
     check_finite(state_dict, weights)
 
     model = _build_base(manifest["source"], manifest_path)
-    if manifest["source"]["kind"] == "hf":
-        from vitcompress.models.loader import HFClassifier
-
-        assert isinstance(model, HFClassifier)
     for edit in manifest.get("edits", []):
         applier = EDIT_APPLIERS.get(edit.get("kind"))
         if applier is None:

@@ -108,7 +108,7 @@ def _head_keys(state_dict: StateDict) -> list[str]:
     return [k for k in state_dict if k.split(".")[0] in ("head", "head_dist") and k.endswith("weight")]
 
 
-def _fit_timm_state_dict(model: nn.Module, state_dict: StateDict, ref: ModelRef, path: Path) -> StateDict:
+def _fit_timm_state_dict(model: nn.Module, state_dict: StateDict) -> StateDict:
     """Handle the mismatches that have a well-defined fix, explicitly and with a log line each."""
     from timm.layers import resample_abs_pos_embed
     from timm.models import adapt_input_conv
@@ -197,7 +197,7 @@ def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
     allow_missing: tuple[str, ...] = ()
     if state_dict is not None:
         assert ref.checkpoint is not None
-        state_dict = _fit_timm_state_dict(model, state_dict, ref, ref.checkpoint)
+        state_dict = _fit_timm_state_dict(model, state_dict)
         if any(k not in state_dict for k in (f"{h}.weight" for h in adapter.head_names)):
             allow_missing = tuple(f"{h}." for h in adapter.head_names)
         load_strict(model, state_dict, ref.checkpoint, allow_missing)
