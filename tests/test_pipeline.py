@@ -73,3 +73,30 @@ def test_latency_budget_without_validate_fails(cli, tmp_path):
     result = cli("compress", "--recipe", recipe, "--out", tmp_path / "out")
     assert result.exit_code == 3
     assert "no pass measured latency: add a validate pass" in result.stderr
+
+
+def test_validate_exports_the_original_as_baseline_when_the_model_changed(tmp_path):
+    """After a model-changing pass the first export is not the baseline: validate exports the teacher."""
+    import copy
+    from dataclasses import replace
+
+    import torch
+
+    from tests.conftest import tiny_ref
+    from vitcompress.models import load_model
+    from vitcompress.passes import export, validate
+    from vitcompress.state import ModelState, RunSettings
+
+    teacher = load_model(tiny_ref("timm:vit_tiny_patch16_224", kwargs={"depth": 6, "patch_size": 8}))
+    student = copy.deepcopy(teacher)
+    student.model.blocks = torch.nn.Sequential(*list(student.model.blocks)[:1])  # a drastic "compression"
+    state = ModelState(model=student, settings=RunSettings(out_dir=tmp_path, threads=1), teacher=teacher)
+    state = replace(state, model_changed=True)
+    state = export.run(state, export.ExportConfig())
+    assert state.baseline_onnx is None
+    state = validate.run(state, validate.ValidateConfig(warmup=2, runs=15))
+    assert state.baseline_onnx == tmp_path / "baseline.onnx"
+    record = state.records[-1]
+    assert record.details["baseline"] == str(tmp_path / "baseline.onnx")
+    assert record.details["speedup_vs_baseline"] > 1.5  # 1 block against 6
+    assert len(record.details["bench"]["results"]) == 2
