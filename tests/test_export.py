@@ -11,7 +11,7 @@ from tests.conftest import tiny_ref
 from vitcompress.errors import ExportError, InputShapeError, OnnxModelError, ParityError
 from vitcompress.models import ModelRef, load_model
 from vitcompress.passes.export import ExportConfig, Exporter, export_model
-from vitcompress.runtime import OnnxRunner
+from vitcompress.runtime import OnnxRunner, onnx_size
 
 
 @pytest.fixture(params=["timm:vit_tiny_patch16_224", "timm:deit_tiny_distilled_patch16_224", "hf_vit"])
@@ -111,6 +111,9 @@ def test_external_data_beside_the_model_runs(tmp_path):
     path = _external_model(tmp_path, "ext.onnx.data")
     out = OnnxRunner(path).run(np.ones((3, 4), dtype=np.float32))
     assert out.shape == (3, 4) and float(out[0, 0]) == 4.0
+    data = tmp_path / "ext.onnx.data"
+    assert data.stat().st_size >= 4 * 4 * 4  # the 4x4 float32 weight lives outside the .onnx file
+    assert onnx_size(path) == path.stat().st_size + data.stat().st_size
 
 
 @pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../x.bin"])

@@ -64,7 +64,9 @@ def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
     if budgets.min_speedup is not None and speedup is not None and speedup < budgets.min_speedup:
         failures.append(f"speed-up {speedup:.2f}x < min_speedup {budgets.min_speedup:g}x")
     if budgets.max_size_mb is not None and state.onnx_path is not None:
-        size_mb = state.onnx_path.stat().st_size / 1e6
+        from vitcompress.runtime import onnx_size
+
+        size_mb = onnx_size(state.onnx_path) / 1e6
         if size_mb > budgets.max_size_mb:
             failures.append(f"ONNX size {size_mb:.2f} MB > max_size_mb {budgets.max_size_mb:g}")
     return tuple(failures)

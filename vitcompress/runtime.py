@@ -27,8 +27,11 @@ ORT_PROVIDERS: dict[Provider, tuple[str, ...]] = {
 }
 
 
-def check_external_data(path: Path) -> None:
-    """Reject external-data references that escape the model's folder (CVE-2024-27318)."""
+def check_external_data(path: Path) -> set[Path]:
+    """Reject external-data references that escape the model's folder (CVE-2024-27318).
+
+    Returns the external data files the model uses, each checked to be a plain file beside it.
+    """
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
@@ -37,6 +40,7 @@ def check_external_data(path: Path) -> None:
     except Exception as err:
         raise OnnxModelError(f"{path} is not a readable ONNX model: {str(err).splitlines()[0]}") from err
     base = path.parent.resolve()
+    files: set[Path] = set()
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):
             continue
@@ -56,6 +60,14 @@ def check_external_data(path: Path) -> None:
             raise OnnxModelError(
                 f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing"
             )
+        files.add(target)
+    return files
+
+
+def onnx_size(path: Path) -> int:
+    """Bytes of an ONNX model on disk: the .onnx file plus every external data file it references."""
+    path = Path(path)
+    return path.stat().st_size + sum(f.stat().st_size for f in check_external_data(path))
 
 
 def check_onnx_file(path: Path) -> None:

@@ -27,6 +27,7 @@ from vitcompress.state import ModelState, Parity, PassRecord
 
 if TYPE_CHECKING:
     from vitcompress.models.loader import LoadedModel
+    from vitcompress.runtime import OnnxRunner
 
 log = logging.getLogger(__name__)
 
@@ -123,19 +124,16 @@ def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
             program.save(str(path))
 
 
-def measure_parity(loaded: LoadedModel, onnx_path: Path, batch: int, seed: int, reference: str) -> Parity:
+def measure_parity(loaded: LoadedModel, runner: OnnxRunner, batch: int, seed: int, reference: str) -> Parity:
     import numpy as np
     import torch
 
-    from vitcompress.runtime import OnnxRunner
-
-    runner = OnnxRunner(onnx_path)
     images = loaded.example_input(batch, seed=seed)
     with torch.no_grad():
         expected = loaded.model(images).float().numpy()
     got = runner.run(images.numpy())
     if got.shape != expected.shape:
-        raise ParityError(f"{onnx_path.name}: output shape {got.shape}, PyTorch gives {expected.shape}")
+        raise ParityError(f"{runner.path.name}: output shape {got.shape}, PyTorch gives {expected.shape}")
     return Parity(
         max_abs_diff=float(np.abs(got - expected).max()),
         max_abs_reference=float(np.abs(expected).max()),
@@ -150,6 +148,7 @@ def export_model(loaded: LoadedModel, path: Path, cfg: ExportConfig, seed: int =
     import onnx
 
     from vitcompress.fileio import atomic_dir
+    from vitcompress.runtime import OnnxRunner, onnx_size
 
     start = time.perf_counter()
     path = Path(path)
@@ -174,8 +173,9 @@ def export_model(loaded: LoadedModel, path: Path, cfg: ExportConfig, seed: int =
         graph = onnx.load(str(staged), load_external_data=False).graph
         op_counts = dict(Counter(node.op_type for node in graph.node).most_common())
         # Dynamic batch: the file must match at batch 1 as well as at the parity batch.
+        runner = OnnxRunner(staged)
         for batch in (1, cfg.parity_batch):
-            parity = measure_parity(loaded, staged, batch, seed + batch, reference=f"PyTorch {loaded.label}")
+            parity = measure_parity(loaded, runner, batch, seed + batch, reference=f"PyTorch {loaded.label}")
             tolerance = cfg.atol + cfg.rtol * parity.max_abs_reference
             if parity.max_abs_diff > tolerance or parity.top1_agreement < cfg.min_top1_agreement:
                 raise ParityError(
@@ -184,7 +184,7 @@ def export_model(loaded: LoadedModel, path: Path, cfg: ExportConfig, seed: int =
                     f"{parity.top1_agreement:.3f} (required {cfg.min_top1_agreement:.3f})",
                     hint="try the other --exporter or another --opset; the file was not written",
                 )
-    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.data"))
+    size = onnx_size(path)
     return ExportResult(
         path=path,
         exporter=cfg.exporter.value,

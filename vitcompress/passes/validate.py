@@ -40,6 +40,7 @@ class ValidateConfig(PassConfig):
 def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
     from vitcompress.bench import bench_models
     from vitcompress.passes.export import ExportConfig, export_model
+    from vitcompress.runtime import onnx_size
 
     start = time.perf_counter()
     if state.onnx_path is None:
@@ -68,7 +69,7 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
         kind=cfg.kind,
         params=last.params if last else None,
         macs=last.macs if last else None,
-        size_bytes=state.onnx_path.stat().st_size,
+        size_bytes=onnx_size(state.onnx_path),
         latency_p50_ms=primary.p50_ms,
         wall_s=time.perf_counter() - start,
         artifact=str(state.onnx_path),
