@@ -61,6 +61,14 @@ class ProviderUnavailableError(VitcompressError):
     """An ONNX Runtime execution provider that this installation or machine does not have."""
 
 
+class DataError(VitcompressError):
+    """A data set that is missing, empty, corrupt, or does not fit the model."""
+
+
+class PruneError(VitcompressError):
+    """A pruning request that cannot be met on this model (zero heads left, unreachable target)."""
+
+
 class MissingDependencyError(VitcompressError):
     """An optional package that a feature needs is not installed."""
 

@@ -106,7 +106,9 @@ def run_recipe(
     needs_teacher = any(PASSES[cfg.kind].changes_model for cfg in recipe.passes)
     state = ModelState(
         model=loaded,
-        settings=RunSettings(out_dir=out_dir, seed=recipe.run.seed, threads=recipe.run.threads),
+        settings=RunSettings(
+            out_dir=out_dir, seed=recipe.run.seed, threads=recipe.run.threads, data=recipe.data
+        ),
         records=(load_record,),
         teacher=copy.deepcopy(loaded) if needs_teacher else None,
     )

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from vitcompress.data import DataSection
 from vitcompress.errors import RecipeError, closest, did_you_mean
 from vitcompress.passes import PASS_CONFIGS, PASSES, Needs
 from vitcompress.passes.base import PassConfig
@@ -87,6 +88,7 @@ class Recipe(_Section):
     description: str | None = None
     model: ModelSection
     run: RunSection = RunSection()
+    data: DataSection = DataSection()
     passes: list[AnyPass] = Field(..., min_length=1, description="Passes, run in order.")
     budgets: Budgets = Budgets()
 
@@ -101,6 +103,10 @@ class Recipe(_Section):
             if step_name in names:
                 raise ValueError(f"{label}: step name {step_name!r} is used twice; give each a distinct name")
             names.add(step_name)
+            if cfg.needs_data() and self.data.for_calibration() is None:
+                raise ValueError(
+                    f"{label} needs data (importance/calibration): add data.calibration or data.train"
+                )
             if spec.needs is Needs.onnx and not has_onnx:
                 raise ValueError(f"{label} needs an ONNX model: put an export pass before it")
             if spec.needs is Needs.onnx and stale:

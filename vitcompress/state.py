@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vitcompress.data import DataSection
     from vitcompress.models.loader import LoadedModel
 
 
@@ -47,6 +48,7 @@ class RunSettings:
     out_dir: Path
     seed: int = 0
     threads: int = 2
+    data: DataSection | None = None  # the recipe's data splits, for passes that need data
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,23 @@ class ViTAdapter(ABC):
     def num_prefix_tokens(self) -> int:
         """Class (and distillation) tokens in front of the patch tokens."""
 
+    @property
+    @abstractmethod
+    def num_tokens(self) -> int:
+        """Tokens every block sees: the patches plus the prefix tokens."""
+
+    @abstractmethod
+    def set_embed_dim(self, embed_dim: int) -> None:
+        """Record a new residual (embedding) width after the embedding channels were pruned."""
+
+    @property
+    def patch_conv(self) -> nn.Conv2d:
+        """The patch-embedding convolution: the first producer of the residual stream."""
+        for module in self.model.get_submodule(self.patch_embed_name).modules():
+            if isinstance(module, nn.Conv2d):
+                return module
+        raise UnsupportedModelError(f"{self.family}: no Conv2d under {self.patch_embed_name}")
+
     def structure(self) -> list[dict[str, int]]:
         return [
             {
@@ -150,6 +167,15 @@ class TimmViTAdapter(ViTAdapter):
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.m.num_prefix_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.m.patch_embed.num_patches) + self.num_prefix_tokens
+
+    def set_embed_dim(self, embed_dim: int) -> None:
+        for attr in ("embed_dim", "num_features", "head_hidden_size"):
+            if hasattr(self.m, attr):
+                setattr(self.m, attr, embed_dim)
 
 
 class HFViTAdapter(ViTAdapter):
@@ -222,6 +248,13 @@ class HFViTAdapter(ViTAdapter):
     @property
     def num_prefix_tokens(self) -> int:
         return 2 if hasattr(self._backbone.embeddings, "distillation_token") else 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._backbone.embeddings.patch_embeddings.num_patches) + self.num_prefix_tokens
+
+    def set_embed_dim(self, embed_dim: int) -> None:
+        self.m.net.config.hidden_size = embed_dim
 
 
 @dataclass(frozen=True)

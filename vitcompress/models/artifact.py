@@ -56,6 +56,7 @@ def save_artifact(
         "source": loaded.source,
         "input": loaded.input.to_dict(),
         "num_classes": loaded.num_classes,
+        "embed_dim": loaded.adapter.embed_dim,
         "blocks": loaded.adapter.structure(),
         "edits": edits or [],
         "history": history or [],
@@ -154,6 +155,8 @@ def load_artifact(directory: Path) -> LoadedModel:
         raise CheckpointError(
             f"{manifest_path} describes {len(blocks)} blocks but the model has {len(adapter.blocks())}"
         )
+    if "embed_dim" in manifest:
+        adapter.set_embed_dim(int(manifest["embed_dim"]))
     for index, block in enumerate(blocks):
         adapter.set_attention_shape(index, int(block["num_heads"]), int(block["head_dim"]))
     load_strict(model, state_dict, weights)

@@ -15,6 +15,7 @@ from typing import Any
 from vitcompress.errors import RecipeError, did_you_mean
 from vitcompress.passes.base import PassConfig
 from vitcompress.passes.export import ExportConfig
+from vitcompress.passes.prune import PruneConfig
 from vitcompress.passes.validate import ValidateConfig
 
 
@@ -42,6 +43,15 @@ class PassSpec:
 PASSES: dict[str, PassSpec] = {
     spec.kind: spec
     for spec in (
+        PassSpec(
+            "prune",
+            PruneConfig,
+            "structured pruning (torch-pruning): heads, head dims, MLP and embedding width",
+            Needs.torch,
+            changes_model=True,
+            produces_onnx=False,
+            module="vitcompress.passes.prune",
+        ),
         PassSpec(
             "export",
             ExportConfig,

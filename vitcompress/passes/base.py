@@ -16,3 +16,7 @@ class PassConfig(BaseModel):
     @property
     def step_name(self) -> str:
         return self.name or self.kind
+
+    def needs_data(self) -> bool:
+        """Whether this pass, as configured, reads the recipe's data (calibration or training split)."""
+        return False
