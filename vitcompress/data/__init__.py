@@ -244,7 +244,7 @@ def _synthetic(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> RawDa
 
     classes = spec.num_classes or num_classes
     rng = np.random.default_rng(spec.seed)
-    shape = (spec.num_samples, input_spec.height, input_spec.width)
+    shape: tuple[int, ...] = (spec.num_samples, input_spec.height, input_spec.width)
     if input_spec.channels != 1:
         shape = (*shape, input_spec.channels)
     images = rng.integers(0, 256, size=shape, dtype=np.uint8)

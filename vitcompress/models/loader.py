@@ -366,6 +366,27 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
 # --------------------------------------------------------------------------- entry point
 
 
+def _final_artifact(run_dir: Path) -> Path:
+    """A run directory (from `compress`, `prune`, ...) stands for the last model artifact it holds."""
+    import json
+
+    try:
+        ledger = json.loads((run_dir / "report.json").read_text())["ledger"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{run_dir / 'report.json'} is not a readable vitcompress report: {err}"
+        ) from err
+    artifacts = [r["artifact"] for r in ledger if r.get("artifact") and Path(r["artifact"]).name != ""]
+    for artifact in reversed(artifacts):
+        candidate = run_dir / Path(artifact).name
+        if (candidate / ARTIFACT_MANIFEST).is_file():
+            log.info("%s is a run directory; loading its final model %s", run_dir, candidate)
+            return candidate
+    raise ModelNotFoundError(
+        f"run directory {run_dir} holds no model artifact", hint="its passes left only ONNX files; use those"
+    )
+
+
 def load_model(ref: ModelRef) -> LoadedModel:
     """Build and load the model a reference names; every failure is a VitcompressError with a fix."""
     source = ref.source
@@ -374,6 +395,8 @@ def load_model(ref: ModelRef) -> LoadedModel:
     if source.startswith("hf:"):
         return _load_hf(Path(source[len("hf:") :]).expanduser(), ref)
     path = Path(source).expanduser()
+    if path.is_dir() and not (path / ARTIFACT_MANIFEST).is_file() and (path / "report.json").is_file():
+        path = _final_artifact(path)
     if path.is_dir() and (path / ARTIFACT_MANIFEST).is_file():
         if ref.checkpoint or ref.num_classes or ref.img_size or ref.in_chans:
             raise CheckpointError(

@@ -33,7 +33,6 @@ from vitcompress.passes.base import PassConfig
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
     from vitcompress.data import Dataset
     from vitcompress.models.loader import LoadedModel
@@ -63,9 +62,6 @@ class Structure(str, Enum):
 class Scope(str, Enum):
     uniform = "uniform"  # the same fraction in every block
     global_ = "global"  # ranked across blocks: blocks that matter less give more
-
-
-Ratio = Field(0.0, ge=0.0, lt=1.0)
 
 
 class PruneConfig(PassConfig):
@@ -289,14 +285,8 @@ def _elementwise(importance: Importance, param: torch.Tensor) -> torch.Tensor:
     if importance is Importance.l2:
         return w.pow(2)
     if param.grad is None:
-        return torch_zeros_like(w)
+        return w.new_zeros(w.shape)
     return w * param.grad.detach()
-
-
-def torch_zeros_like(t: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return torch.zeros_like(t)
 
 
 def _embed_dependencies(loaded: LoadedModel, graph: Any) -> list[tuple[torch.Tensor, int]]:
@@ -334,7 +324,9 @@ def _block_stats(
             if qkv.bias is not None:
                 row = row + e(qkv.bias).view(3, a).sum(0)
         else:
-            row = sum((_reduce_to(e(lin.weight), 0) for lin in b.attn.qkv), start=torch_zeros_vec(a))
+            row = sum(
+                (_reduce_to(e(lin.weight), 0) for lin in b.attn.qkv), start=b.attn.proj.weight.new_zeros(a)
+            )
             for lin in b.attn.qkv:
                 if lin.bias is not None:
                     row = row + e(lin.bias)
@@ -346,12 +338,6 @@ def _block_stats(
             mrow = mrow + e(fc1.bias)
         mlp_rows.append(mrow)
     return attn_rows, mlp_rows
-
-
-def torch_zeros_vec(n: int) -> torch.Tensor:
-    import torch
-
-    return torch.zeros(n)
 
 
 def _graph(loaded: LoadedModel) -> Any:
@@ -464,7 +450,7 @@ class Planner:
             hd = b.head_dim
             sal = [stats.unit_score(s, torch.arange(h * hd, (h + 1) * hd)) for h in range(b.heads)]
             self.head_sal.append(sal)
-            self.head_order.append(sorted(range(b.heads), key=lambda h, sal=sal: (sal[h], h)))
+            self.head_order.append(sorted(range(b.heads), key=lambda h: (sal[h], h)))
             per_channel = stats.channel_scores(s).view(b.heads, hd)
             self.dim_order.append([torch.argsort(per_channel[h], stable=True) for h in range(b.heads)])
             self.mlp_order.append(torch.argsort(stats.channel_scores(stats.mlp[i]), stable=True))
@@ -506,7 +492,6 @@ class Planner:
 
     def plan(self, removed: dict[tuple[Structure, int], set[int] | int]) -> Plan:
         """Concrete indices for: heads removed per block (a set), chunks removed per block/embed (a count)."""
-        import torch
 
         plan = Plan()
         for i, b in enumerate(self.shape.blocks):
@@ -529,7 +514,6 @@ class Planner:
         embed_chunks = int(removed.get((Structure.embed, -1), 0))  # type: ignore[arg-type]
         if embed_chunks:
             plan.embed_remove = sorted(self.embed_order[: embed_chunks * self.r].tolist())
-        del torch
         return plan
 
 
@@ -545,7 +529,7 @@ def planned_shape(shape: Shape, removed: dict[tuple[Structure, int], Any], r: in
 
 def _keep_chunks(width0: int, width: int, fraction: float, r: int) -> int:
     """Chunks of r to remove now so the width reaches round(width0 * (1 - fraction)) in multiples of r."""
-    goal = max(r, int(round(width0 * (1 - fraction) / r)) * r)
+    goal = max(r, round(width0 * (1 - fraction) / r) * r)
     return max(0, (width - goal) // r)
 
 
@@ -671,7 +655,7 @@ def _removal_uniform(
     removed: dict[tuple[Structure, int], Any] = {}
     for i, (b0, b) in enumerate(zip(shape0.blocks, shape.blocks, strict=True)):
         if cfg.heads and allowed(Structure.heads, i):
-            keep = b0.heads - int(round(cfg.heads * fraction * b0.heads))
+            keep = b0.heads - round(cfg.heads * fraction * b0.heads)
             if keep < cfg.min_heads:
                 raise PruneError(
                     f"heads={cfg.heads:g} would leave {keep} of {b0.heads} heads in block {i} (min_heads {cfg.min_heads})",
@@ -746,7 +730,7 @@ def _removal_global(
             total0, now = sum(b.mlp for b in shape0.blocks) // r, sum(b.mlp for b in shape.blocks) // r
         else:
             total0, now = shape0.embed // r, shape.embed // r
-        goal = total0 - int(round(ratio * total0))
+        goal = total0 - round(ratio * total0)
         todo = now - goal
         for unit in sorted(planner.units(structure), key=lambda u: (u.saliency, u.block, u.index)):
             if todo <= 0:
