@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from vitcompress.data import Dataset
+    from vitcompress.models.adapters import AttentionInfo
     from vitcompress.models.loader import LoadedModel
     from vitcompress.state import ModelState
 
@@ -542,15 +543,36 @@ def apply_plan(loaded: LoadedModel, graph: Any, plan: Plan) -> None:
     adapter = loaded.adapter
     blocks = adapter.blocks()
     for i, channels in plan.attn_remove.items():
+        old_head_dim = blocks[i].attn.head_dim
         # The downstream proj is the root: torch-pruning maps its input channels onto q, k and v rows.
         graph.get_pruning_group(blocks[i].attn.proj, tp.prune_linear_in_channels, idxs=channels).prune()
         adapter.set_attention_shape(i, *plan.heads[i])
+        if plan.heads[i][1] != old_head_dim:
+            _keep_attention_temperature(adapter.blocks()[i].attn, old_head_dim)
     for i, channels in plan.mlp_remove.items():
         graph.get_pruning_group(blocks[i].mlp.fc1, tp.prune_linear_out_channels, idxs=channels).prune()
     if plan.embed_remove:
         conv = adapter.patch_conv
         graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=plan.embed_remove).prune()
         adapter.set_embed_dim(conv.out_channels)
+
+
+def _keep_attention_temperature(attn: AttentionInfo, old_head_dim: int) -> None:
+    """Fold sqrt(new/old head size) into the query rows.
+
+    Attention divides q.k by sqrt(head_dim); with fewer dims the kernels (SDPA, HF's scaling) divide
+    by the new, smaller root, which sharpens every softmax. Scaling the queries keeps the logits
+    q.k / sqrt(old head_dim), so removing dims that carry nothing changes nothing.
+    """
+    import torch
+
+    factor = math.sqrt(attn.head_dim / old_head_dim)
+    q = attn.qkv[0]
+    rows = slice(0, attn.attn_dim)  # fused qkv: the first A rows are q; a separate q_proj: all rows
+    with torch.no_grad():
+        q.weight[rows] *= factor
+        if q.bias is not None:
+            q.bias[rows] *= factor
 
 
 def check_model(loaded: LoadedModel) -> None:
@@ -747,41 +769,45 @@ def _removal_target(
     costs: CostModel,
     shape: Shape,
     goal: float,
+    floor: float,
     allowed: Callable[[Structure, int], bool],
 ) -> dict[tuple[Structure, int], Any]:
-    """Greedy by saliency per unit of cost (MACs or parameters), until the predicted total meets `goal`."""
+    """Greedy by saliency per unit of cost (MACs or parameters) until the predicted total meets `goal`,
+    skipping units that would land below `floor` (the goal minus the tolerance)."""
     metric = costs.macs if cfg.target_macs is not None else costs.params
     base = metric(shape)
     units = []
     for structure in cfg.enabled():
-        for unit in planner.units(structure):
-            if not allowed(structure, unit.block):
+        for one in planner.units(structure):
+            if not allowed(structure, one.block):
                 continue
             single: dict[tuple[Structure, int], Any] = {}
-            if unit.structure is Structure.heads:
-                single[(unit.structure, unit.block)] = {unit.index}
-            else:
-                single[(unit.structure, unit.block)] = 1
+            _add(single, one)
             cost = base - metric(planned_shape(shape, single, cfg.round_to))
             if cost > 0:
-                units.append((unit.saliency / cost, unit))
+                units.append((one.saliency / cost, one))
     removed: dict[tuple[Structure, int], Any] = {}
     if base <= goal:
         return removed
     # Chunks of one block must go in order; their saliency is a running max, so sorting keeps that
     # order except on ties, which the (block, index) tiebreak settles.
-    pending = sorted(units, key=lambda item: (item[0], item[1].block, item[1].index))
-    progress = True
-    while progress:
+    ordered = [u for _, u in sorted(units, key=lambda item: (item[0], item[1].block, item[1].index))]
+    pending: list[Unit | None] = list(ordered)
+    current = base
+    for _ in range(3):  # a later pass picks up chunks whose predecessor came later in the order
         progress = False
-        for n, (_, unit) in enumerate(pending):
+        for n, unit in enumerate(pending):
             if unit is None or not _fits(cfg, shape, unit, removed):
                 continue
-            _add(removed, unit)
-            pending[n] = (0.0, None)  # type: ignore[assignment]
-            progress = True
-            if metric(planned_shape(shape, removed, cfg.round_to)) <= goal:
+            trial = {k: (set(v) if isinstance(v, set) else v) for k, v in removed.items()}
+            _add(trial, unit)
+            predicted = metric(planned_shape(shape, trial, cfg.round_to))
+            if predicted < floor:  # too big a step past the goal: look for smaller units
+                continue
+            removed, current, pending[n], progress = trial, predicted, None, True
+            if current <= goal:
                 return removed
+        if not progress:
             break
     return removed
 
@@ -838,6 +864,15 @@ def prune_model(
     def allowed(structure: Structure, block: int) -> bool:
         return allowed_map.get((structure, block), False)
 
+    if Structure.head_dim in enabled:
+        for b in loaded.adapter.blocks():
+            q_norm = getattr(b.attn.module, "q_norm", None)
+            if q_norm is not None and not isinstance(q_norm, torch.nn.Identity):
+                raise PruneError(
+                    f"head_dim: {b.name} normalizes q and k per head (qk_norm); pruning head dims would change it",
+                    hint="prune heads and MLP width instead",
+                )
+
     shape0 = current_shape(loaded)
     costs = fit_cost_model(loaded)
     macs0, _ = count_macs(loaded)
@@ -868,7 +903,8 @@ def prune_model(
         if goal_total is not None:
             total0 = macs0 if cfg.target_macs is not None else params0
             step_goal = total0 - (total0 - goal_total) * fraction
-            removed = _removal_target(cfg, planner, costs, shape, step_goal, allowed)
+            floor = step_goal - cfg.tolerance * total0
+            removed = _removal_target(cfg, planner, costs, shape, step_goal, floor, allowed)
         elif cfg.scope is Scope.global_:
             removed = _removal_global(cfg, planner, shape0, shape, fraction, allowed)
         else:
