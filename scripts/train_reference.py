@@ -74,12 +74,16 @@ def train(out: Path, epochs: int, batch_size: int, lr: float, limit: int | None,
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 2)
     loaded = load_model(model_ref(None))
-    train_data = load_dataset(DataSpec(source="fashion-mnist", split="train", limit=limit, seed=seed), loaded.input, NUM_CLASSES)
+    train_data = load_dataset(
+        DataSpec(source="fashion-mnist", split="train", limit=limit, seed=seed), loaded.input, NUM_CLASSES
+    )
     test_data = load_dataset(DataSpec(source="fashion-mnist", split="test"), loaded.input, NUM_CLASSES)
     model = loaded.model
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
     steps_per_epoch = math.ceil(len(train_data) / batch_size)
     total, warmup = epochs * steps_per_epoch, steps_per_epoch // 2
 
@@ -153,7 +157,9 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out or default_dir()
     if (out / "reference.json").is_file() and not args.force:
-        print(f"cached: {out} ({json.loads((out / 'reference.json').read_text())['top1']:.2%} top-1); --force retrains")
+        print(
+            f"cached: {out} ({json.loads((out / 'reference.json').read_text())['top1']:.2%} top-1); --force retrains"
+        )
         return 0
     info = train(out, args.epochs, args.batch_size, args.lr, args.limit, args.seed)
     print(json.dumps(info, indent=2))

@@ -90,6 +90,31 @@ BAD = [
         "<r>:2:8: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'",
     ),
     ("not a mapping", "- 1\n- 2\n", "a recipe is a mapping with version, model and passes, got list"),
+    (
+        "prune ratio of one",
+        HEAD + "passes:\n  - kind: prune\n    heads: 1.0\n",
+        "<r>:6: passes[0] (prune).heads: Input should be less than 1 (got 1.0)",
+    ),
+    (
+        "taylor without data",
+        HEAD + "passes:\n  - kind: prune\n    mlp: 0.5\n    importance: taylor\n",
+        "passes[0] (prune) needs data (importance/calibration): add data.calibration or data.train",
+    ),
+    (
+        "prune target and ratios",
+        HEAD + "passes:\n  - kind: prune\n    mlp: 0.5\n    target_macs: 0.5\n",
+        "a target and fractions (mlp) both given",
+    ),
+    (
+        "unknown data source",
+        HEAD + "data:\n  calibration: {source: fashion}\npasses:\n  - kind: prune\n    mlp: 0.5\n",
+        "data.calibration.source: Input should be 'fashion-mnist', 'digits', 'folder' or 'synthetic'",
+    ),
+    (
+        "folder without path",
+        HEAD + "data:\n  train: {source: folder}\npasses:\n  - kind: prune\n    mlp: 0.5\n",
+        "source 'folder' needs path",
+    ),
 ]
 
 
@@ -130,6 +155,7 @@ def test_schema_and_validate_commands(cli, tmp_path):
         "description",
         "model",
         "run",
+        "data",
         "passes",
         "budgets",
     }
