@@ -29,7 +29,7 @@ def test_fashion_mnist_test_split_is_real_and_stratified():
     assert np.bincount(full.labels).tolist() == [1000] * 10
     subset = load_dataset(DataSpec(source="fashion-mnist", split="test", limit=200, seed=1), GREY28, 10)
     assert len(subset) == 200 and np.bincount(subset.raw.labels).tolist() == [20] * 10
-    x, y = next(subset.batches(64))
+    x, _ = next(subset.batches(64))
     assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32
     # normalized with the model's mean/std: uint8 0 -> (0 - 0.5) / 0.5
     assert float(x.min()) == -1.0 and float(x.max()) <= 1.0
@@ -43,9 +43,10 @@ def test_digits_splits_are_disjoint_and_resized_for_the_model(caplog):
     train = load_raw(DataSpec(source="digits"), RGB32, 10)
     test = load_raw(DataSpec(source="digits", split="test"), RGB32, 10)
     assert len(train) + len(test) == 1797 and len(test) == 359
-    as_rows = lambda raw: {
-        r.tobytes() + bytes([int(label)]) for r, label in zip(raw.images, raw.labels, strict=True)
-    }
+
+    def as_rows(raw):
+        return {r.tobytes() + bytes([int(label)]) for r, label in zip(raw.images, raw.labels, strict=True)}
+
     assert len(as_rows(train) & as_rows(test)) <= 5  # the data set itself holds a few duplicate images
     with caplog.at_level(logging.INFO, logger="vitcompress.data"):
         data = load_dataset(DataSpec(source="digits", split="test"), RGB32, 10)

@@ -38,3 +38,40 @@ def test_bench_export_script_smoke(tmp_path):
     assert [r["runtime"].split(",")[0] for r in results] == ["PyTorch eager fp32", "ORT fp32", "ORT fp32"]
     assert all(r["p50_ms"] > 0 for r in results)
     assert all(r["max_abs_diff"] < 1e-4 for r in results[1:])
+
+
+def test_bench_prune_script_smoke(tmp_path):
+    out = tmp_path / "p.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/bench_prune.py"),
+            "--smoke",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--kwargs",
+            '{"depth": 2, "img_size": 32, "patch_size": 8}',
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--eval-limit",
+            "50",
+            "--calibration",
+            "64",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "### Latency vs MACs" in run.stdout and "| hessian |" in run.stdout
+    results = json.loads(out.read_text())
+    ratios = [r["macs_ratio"] for r in results["speed"]]
+    assert ratios[0] == 1.0 and abs(ratios[1] - 0.5) <= 0.02 and abs(ratios[2] - 0.25) <= 0.02
+    assert all(r["p50_ms"] > 0 for r in results["speed"])
+    assert [r["importance"] for r in results["accuracy"]] == ["none (original)", "l2", "taylor", "hessian"]
+    assert all(0.0 <= r["top1"] <= 1.0 for r in results["accuracy"])

@@ -21,6 +21,7 @@ from vitcompress.errors import CheckpointError
 from vitcompress.fileio import atomic_dir
 from vitcompress.models.adapters import adapter_for
 from vitcompress.models.checkpoint import check_finite
+from vitcompress.models.layers import EDITS, model_edits
 from vitcompress.models.loader import (
     ARTIFACT_MANIFEST,
     ARTIFACT_WEIGHTS,
@@ -34,9 +35,8 @@ from vitcompress.models.loader import (
 FORMAT = "vitcompress.artifact"
 FORMAT_VERSION = 1
 
-# Structural edits a pass can record in the manifest: kind -> function(model, module_path, edit).
-# Passes that replace modules (e.g. low-rank factorization) register their kind here.
-EDIT_APPLIERS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {}
+# Structural edits recorded in the manifest: kind -> function(model, module_path, edit).
+EDIT_APPLIERS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = dict(EDITS)
 
 
 def save_artifact(
@@ -58,7 +58,7 @@ def save_artifact(
         "num_classes": loaded.num_classes,
         "embed_dim": loaded.adapter.embed_dim,
         "blocks": loaded.adapter.structure(),
-        "edits": edits or [],
+        "edits": model_edits(loaded.model) + (edits or []),
         "history": history or [],
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}

@@ -15,6 +15,7 @@ from typing import Any
 from vitcompress.errors import RecipeError, did_you_mean
 from vitcompress.passes.base import PassConfig
 from vitcompress.passes.export import ExportConfig
+from vitcompress.passes.lowrank import LowRankConfig
 from vitcompress.passes.prune import PruneConfig
 from vitcompress.passes.validate import ValidateConfig
 
@@ -51,6 +52,15 @@ PASSES: dict[str, PassSpec] = {
             changes_model=True,
             produces_onnx=False,
             module="vitcompress.passes.prune",
+        ),
+        PassSpec(
+            "lowrank",
+            LowRankConfig,
+            "low-rank factorization of linear layers (truncated or activation-whitened SVD)",
+            Needs.torch,
+            changes_model=True,
+            produces_onnx=False,
+            module="vitcompress.passes.lowrank",
         ),
         PassSpec(
             "export",

@@ -838,8 +838,15 @@ def prune_model(
     """Prune `loaded.model` in place as `cfg` asks; returns what was kept and the per-step sizes."""
     import torch
 
+    from vitcompress.models.layers import LowRankLinear
     from vitcompress.models.stats import count_macs
 
+    factorized = [n for n, m in loaded.model.named_modules() if isinstance(m, LowRankLinear)]
+    if factorized:
+        raise PruneError(
+            f"the model has factorized layers ({factorized[0]}, ...): prune before lowrank, not after",
+            hint="put the prune pass before the lowrank pass in the recipe",
+        )
     torch.manual_seed(seed)
     batches = _batches(data, cfg, seed)
     protected = _protected_owners(loaded, cfg)
