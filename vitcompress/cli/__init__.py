@@ -97,11 +97,20 @@ def root(
 
 
 def _register() -> None:
-    from vitcompress.cli import bench_cmd, compress_cmd, export_cmd, inspect_cmd, prune_cmd, recipe_cmd
+    from vitcompress.cli import (
+        bench_cmd,
+        compress_cmd,
+        export_cmd,
+        factorize_cmd,
+        inspect_cmd,
+        prune_cmd,
+        recipe_cmd,
+    )
 
     app.command("compress")(compress_cmd.compress)
     app.command("inspect")(inspect_cmd.inspect)
     app.command("prune")(prune_cmd.prune)
+    app.command("factorize")(factorize_cmd.factorize)
     app.command("export")(export_cmd.export)
     app.command("bench")(bench_cmd.bench)
     app.add_typer(recipe_cmd.app, name="recipe")

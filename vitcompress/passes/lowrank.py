@@ -174,10 +174,11 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torc
     """||(W - W') X||_F^2 / ||W X||_F^2 from the input second moment C = X^T X (no activations kept)."""
     import torch
 
-    delta = (weight - approx).double()
+    delta = (weight - approx).detach().double()
     c = second_moment.double()
-    num = torch.einsum("oi,ij,oj->", delta, c, delta)
-    den = torch.einsum("oi,ij,oj->", weight.double(), c, weight.double())
+    w = weight.detach().double()
+    num = ((delta @ c) * delta).sum()
+    den = ((w @ c) * w).sum()
     return float(num / den.clamp_min(1e-30))
 
 

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitcompress.cli.common import (
+    CheckpointOpt,
+    ImgSizeOpt,
+    InChansOpt,
+    JsonOpt,
+    ModelArg,
+    NumClassesOpt,
+    TrustOpt,
+    build_config,
+    err_console,
+    out_console,
+    print_json,
+)
+from vitcompress.cli.prune_cmd import DataOpt
+from vitcompress.errors import VitcompressError
+from vitcompress.passes.lowrank import LowRankConfig, Method
+
+
+def factorize(
+    model: ModelArg,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run directory: the factorized artifact and reports.")
+    ],
+    rank: Annotated[int | None, typer.Option(help="The same rank for every layer.")] = None,
+    rank_fraction: Annotated[float | None, typer.Option(help="Rank as a fraction of min(out, in).")] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="Keep this fraction of each layer's spectral energy.")
+    ] = None,
+    target_params: Annotated[
+        float | None,
+        typer.Option(help="Model parameters to keep (fraction <1 or count); ranks set globally."),
+    ] = None,
+    target_macs: Annotated[
+        float | None, typer.Option(help="Model MACs to keep (fraction <1 or count).")
+    ] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer", help="Module-name glob of linears to factorize (repeat). Default: MLP fc1/fc2."
+        ),
+    ] = None,
+    method: Annotated[
+        Method, typer.Option(help="svd (weights), whitened (output on --data), auto (both, keep the better).")
+    ] = Method.svd,
+    round_to: Annotated[int, typer.Option(min=1, help="Ranks are multiples of this.")] = 8,
+    tolerance: Annotated[
+        float, typer.Option(help="How close to a target (fraction of the original).")
+    ] = 0.02,
+    data: DataOpt = None,
+    data_limit: Annotated[int | None, typer.Option(min=1, help="Use this many samples (stratified).")] = 512,
+    calibration_batches: Annotated[int, typer.Option(min=1, help="Batches for whitened/auto.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the calibration batches.")] = 32,
+    bench: Annotated[
+        bool, typer.Option("--bench", help="Also export to ONNX and measure latency against the original.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and example inputs.")] = 0,
+    checkpoint: CheckpointOpt = None,
+    num_classes: NumClassesOpt = None,
+    img_size: ImgSizeOpt = None,
+    in_chans: InChansOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Replace linear layers by two thin ones from a truncated SVD (W ~= B @ A, rank r).
+
+    Choose the rank with exactly one of --rank, --rank-fraction, --energy, --target-params or
+    --target-macs (the targets spread ranks across layers by their spectra). --method whitened
+    preserves the layer's output on real activations (--data) rather than the weight itself. A layer
+    whose rank would not save anything stays dense. Runs the same code as a one-pass recipe with
+    `kind: lowrank`; OUT gets the artifact (OUT/lowrank) and the reports.
+
+    Examples:
+      vitcompress factorize timm:deit_small_patch16_224 --out fact/ --target-params 0.7
+      vitcompress factorize timm:vit_tiny_patch16_224 --out f/ --energy 0.9 --method auto --data digits
+    """
+    from rich.table import Table
+
+    from vitcompress.data import DataSection, DataSpec
+    from vitcompress.pipeline import run_recipe
+    from vitcompress.recipe import ModelSection, Recipe, RunSection
+    from vitcompress.report import LEDGER_COLUMNS, ledger_rows
+
+    cfg = build_config(
+        LowRankConfig,
+        rank=rank,
+        rank_fraction=rank_fraction,
+        energy=energy,
+        target_params=target_params,
+        target_macs=target_macs,
+        layers=layer,
+        method=method,
+        round_to=round_to,
+        tolerance=tolerance,
+        calibration_batches=calibration_batches,
+        batch_size=batch_size,
+    )
+    data_section = DataSection()
+    if data is not None:
+        data_section = DataSection(calibration=DataSpec.parse(data, limit=data_limit, seed=seed))
+    elif cfg.needs_data():
+        raise VitcompressError(
+            f"--method {cfg.method.value} needs --data",
+            hint="e.g. --data fashion-mnist or an image folder; or --method svd",
+        )
+    passes: list[object] = [cfg]
+    if bench:
+        from vitcompress.passes.export import ExportConfig
+        from vitcompress.passes.validate import ValidateConfig
+
+        passes += [ExportConfig(), ValidateConfig(batch_sizes=[1])]
+    recipe = Recipe(
+        version=1,
+        name=f"factorize {model}",
+        model=ModelSection(
+            source=model,
+            checkpoint=checkpoint,
+            num_classes=num_classes,
+            img_size=img_size,
+            in_chans=in_chans,
+            trust_checkpoint=trust_checkpoint,
+        ),
+        run=RunSection(seed=seed),
+        data=data_section,
+        passes=passes,  # type: ignore[arg-type]
+    )
+    with err_console.status(f"factorizing {model}"):
+        result = run_recipe(recipe, out)
+    record = next(r for r in result.ledger if r.kind == "lowrank")
+    if json_out:
+        print_json(
+            {"out_dir": str(out), "artifact": record.artifact, "ledger": [r.to_dict() for r in result.ledger]}
+        )
+        return
+    table = Table(title=f"{model} factorized")
+    for column in ("layer", "shape", "rank", "method", "energy kept", "output error"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for item in record.details["layers"]:
+        table.add_row(
+            item["name"],
+            "x".join(str(d) for d in item["shape"]),
+            str(item["rank"]) if item["rank"] is not None else "dense",
+            item["method"] or "-",
+            f"{item['energy_kept']:.3f}" if item["energy_kept"] is not None else "-",
+            f"{item['output_error']:.2e}" if item["output_error"] is not None else "-",
+        )
+    out_console.print(table)
+    ledger = Table()
+    for column in LEDGER_COLUMNS:
+        ledger.add_column(column, justify="left" if column == "pass" else "right")
+    for row in ledger_rows(result.ledger):
+        ledger.add_row(*row)
+    out_console.print(ledger)
+    out_console.print(
+        f"params {record.details['params_ratio']:.1%} and MACs {record.details['macs_ratio']:.1%} of the original; "
+        f"artifact {record.artifact}"
+    )
