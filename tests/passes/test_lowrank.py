@@ -193,3 +193,41 @@ def test_factorize_command(cli, tmp_path):
     assert bad.exit_code == 2 and "--method whitened needs --data" in bad.stderr
     bad = cli(*args, "--rank", "-1", "--out", tmp_path / "g")
     assert bad.exit_code == 2 and "--rank: Input should be greater than 0" in bad.stderr
+
+
+@pytest.mark.parametrize("source", ["timm", "hf"])
+def test_comcat_is_exact_at_full_rank_and_degrades_gracefully(source, hf_vit_dir):
+    errors = []
+    for fraction in (1.0, 0.5, 0.25):
+        loaded = _tiny() if source == "timm" else load_model(ModelRef(f"hf:{hf_vit_dir}"))
+        with torch.no_grad():  # non-zero biases exercise the bias folding (query column, key drop, value to output)
+            generator = torch.Generator().manual_seed(0)
+            for name, p in loaded.model.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+        x = loaded.example_input(4, seed=2)
+        expected = loaded.model(x).detach()
+        head_dim = loaded.adapter.blocks()[0].attn.head_dim
+        result = factorize_model(loaded, LowRankConfig(attention="comcat", attention_rank=fraction, round_to=4))
+        assert [a["head_dim_after"] for a in result.attention] == [round(head_dim * fraction)] * 2
+        for b in loaded.adapter.blocks():
+            assert b.attn.head_dim * b.attn.num_heads == b.attn.proj.in_features
+        errors.append(float((loaded.model(x) - expected).abs().max()))
+    assert errors[0] < 1e-5
+    assert errors[0] < errors[1] < errors[2]
+
+
+def test_comcat_beats_head_dim_pruning_at_the_same_head_size(tmp_path):
+    """Both leave heads of half the size; COMCAT's optimal per-head factors lose less than dropping dims."""
+    x = _tiny().example_input(16, seed=3)
+    reference = _tiny().model(x).detach()
+    comcat = _tiny()
+    factorize_model(comcat, LowRankConfig(attention="comcat", attention_rank=0.5))
+    pruned = _tiny()
+    prune_model(pruned, PruneConfig(head_dim=0.5))
+    assert comcat.adapter.structure() == pruned.adapter.structure()
+    comcat_error = float((comcat.model(x) - reference).pow(2).mean())
+    pruned_error = float((pruned.model(x) - reference).pow(2).mean())
+    assert comcat_error < 0.5 * pruned_error
+    reloaded = load_model(ModelRef(str(save_artifact(comcat, tmp_path / "c"))))
+    assert torch.equal(reloaded.model(x), comcat.model(x))

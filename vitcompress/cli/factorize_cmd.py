@@ -49,6 +49,13 @@ def factorize(
     method: Annotated[
         Method, typer.Option(help="svd (weights), whitened (output on --data), auto (both, keep the better).")
     ] = Method.svd,
+    attention: Annotated[
+        str,
+        typer.Option(help="comcat: also factorize attention per head (W_q^T W_k, W_o W_v); none: leave it."),
+    ] = "none",
+    attention_rank: Annotated[
+        float, typer.Option(help="COMCAT head size: a fraction of the head size (<=1) or a size (>1).")
+    ] = 0.5,
     round_to: Annotated[int, typer.Option(min=1, help="Ranks are multiples of this.")] = 8,
     tolerance: Annotated[
         float, typer.Option(help="How close to a target (fraction of the original).")
@@ -71,7 +78,9 @@ def factorize(
     """Replace linear layers by two thin ones from a truncated SVD (W ~= B @ A, rank r).
 
     Choose the rank with exactly one of --rank, --rank-fraction, --energy, --target-params or
-    --target-macs (the targets spread ranks across layers by their spectra). --method whitened
+    --target-macs (the targets spread ranks across layers by their spectra). --attention comcat
+    shrinks every head to --attention-rank through the best per-head factors of its query-key and
+    value-output products (COMCAT); it can run alone or with a rank rule. --method whitened
     preserves the layer's output on real activations (--data) rather than the weight itself. A layer
     whose rank would not save anything stays dense. Runs the same code as a one-pass recipe with
     `kind: lowrank`; OUT gets the artifact (OUT/lowrank) and the reports.
@@ -79,6 +88,7 @@ def factorize(
     Examples:
       vitcompress factorize timm:deit_small_patch16_224 --out fact/ --target-params 0.7
       vitcompress factorize timm:vit_tiny_patch16_224 --out f/ --energy 0.9 --method auto --data digits
+      vitcompress factorize timm:deit_small_patch16_224 --out c/ --attention comcat --attention-rank 0.5
     """
     from rich.table import Table
 
@@ -96,6 +106,8 @@ def factorize(
         target_macs=target_macs,
         layers=layer,
         method=method,
+        attention=attention,
+        attention_rank=attention_rank,
         round_to=round_to,
         tolerance=tolerance,
         calibration_batches=calibration_batches,

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
@@ -81,6 +81,12 @@ class LowRankConfig(PassConfig):
     )
     round_to: int = Field(8, ge=1, description="Ranks are multiples of this (fast kernels).")
     damping: float = Field(1e-2, gt=0, description="Whitening: add damping * mean(diag C) to C's diagonal.")
+    attention: Literal["none", "comcat"] = Field(
+        "none", description="comcat: per-head low rank of the query-key and value-output products (COMCAT)."
+    )
+    attention_rank: float = Field(
+        0.5, gt=0, description="COMCAT head size: a fraction of the head size (<=1) or an absolute size (>1)."
+    )
     calibration_batches: int = Field(8, ge=1, description="Batches of data for whitened/auto.")
     batch_size: int = Field(32, ge=1, description="Batch size of the calibration batches.")
 
@@ -91,15 +97,22 @@ class LowRankConfig(PassConfig):
             for n in ("rank", "rank_fraction", "energy", "target_params", "target_macs")
             if getattr(self, n) is not None
         ]
-        if len(rules) != 1:
+        if len(rules) > 1 or (not rules and self.attention == "none"):
             raise ValueError(
-                "set exactly one of rank, rank_fraction, energy, target_params, target_macs"
-                + (f" (got {', '.join(rules)})" if rules else "")
+                "set exactly one of rank, rank_fraction, energy, target_params, target_macs "
+                "(or only attention: comcat)" + (f" (got {', '.join(rules)})" if rules else "")
             )
         return self
 
     def needs_data(self) -> bool:
-        return self.method is not Method.svd
+        return self.method is not Method.svd and self.has_linear_rule
+
+    @property
+    def has_linear_rule(self) -> bool:
+        return any(
+            getattr(self, n) is not None
+            for n in ("rank", "rank_fraction", "energy", "target_params", "target_macs")
+        )
 
 
 def breakeven_rank(out_features: int, in_features: int) -> float:
@@ -172,7 +185,6 @@ def factorize_linear(linear: nn.Linear, factors: Factors, rank: int) -> LowRankL
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
     """||(W - W') X||_F^2 / ||W X||_F^2 from the input second moment C = X^T X (no activations kept)."""
-    import torch
 
     delta = (weight - approx).detach().double()
     c = second_moment.double()
@@ -314,6 +326,113 @@ def choose_ranks(
     return choices
 
 
+# --------------------------------------------------------------------------- COMCAT attention
+
+
+def _low_rank_product(
+    left: torch.Tensor, right: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors of left^T @ right (both h x n), as (a, b) with a^T @ b ~= left^T @ right.
+
+    The product has rank <= h, so it is decomposed through thin QRs and an h x h SVD, never formed.
+    """
+    import torch
+
+    q1, r1 = torch.linalg.qr(left.double().T)
+    q2, r2 = torch.linalg.qr(right.double().T)
+    u, s, vt = torch.linalg.svd(r1 @ r2.T)
+    root = s[:rank].sqrt()
+    a = (q1 @ u[:, :rank] * root).T
+    b = (q2 @ vt[:rank].T * root).T
+    return a.float(), b.float()
+
+
+def comcat_attention(loaded: LoadedModel, block_index: int, rank: int) -> None:
+    """Replace a block's attention weights by per-head rank-r factors of W_q^T W_k and W_o W_v (COMCAT).
+
+    COMCAT (Xiao et al., ICML 2023) observes that attention only uses each head's products
+    W_q^T W_k (scores) and W_o W_v (output), each of rank <= head size; their best rank-r factors
+    give a head of size r. Biases: the query bias rides along as an extra input column; the key bias
+    only shifts every score of a query by the same amount, which softmax ignores, so it is dropped;
+    the value bias reaches the output as W_o b_v (attention rows sum to one) and moves into the
+    output bias. The old 1/sqrt(head size) temperature is folded into the queries. At r = head size
+    the block computes exactly what it did.
+    """
+    import torch
+    from torch import nn
+
+    from vitcompress.models.layers import set_module
+
+    adapter = loaded.adapter
+    info = adapter.blocks()[block_index].attn
+    heads, hd = info.num_heads, info.head_dim
+    a = heads * hd
+    if len(info.qkv) == 1:
+        w = info.qkv[0].weight.detach()
+        wq, wk, wv = w[:a], w[a : 2 * a], w[2 * a :]
+        b = info.qkv[0].bias.detach() if info.qkv[0].bias is not None else torch.zeros(3 * a)
+        bq, bv = b[:a], b[2 * a :]
+        has_bias = info.qkv[0].bias is not None
+    else:
+        wq, wk, wv = (lin.weight.detach() for lin in info.qkv)
+        zeros = torch.zeros(a)
+        bq = info.qkv[0].bias.detach() if info.qkv[0].bias is not None else zeros
+        bv = info.qkv[2].bias.detach() if info.qkv[2].bias is not None else zeros
+        has_bias = info.qkv[0].bias is not None
+    wo = info.proj.weight.detach()
+    bo = info.proj.bias.detach().clone() if info.proj.bias is not None else torch.zeros(wo.shape[0])
+    d_in = wq.shape[1]
+    temperature = math.sqrt(rank / hd)
+    q_w, q_b, k_w, v_w, o_w = [], [], [], [], []
+    for h in range(heads):
+        rows = slice(h * hd, (h + 1) * hd)
+        query = torch.cat([wq[rows], bq[rows, None]], dim=1)  # the bias as an extra input column
+        key = torch.cat([wk[rows], torch.zeros(hd, 1)], dim=1)
+        qa, ka = _low_rank_product(query, key, rank)
+        q_w.append(qa[:, :d_in] * temperature)
+        q_b.append(qa[:, d_in] * temperature)
+        k_w.append(ka[:, :d_in])
+        # W_o,h W_v,h = (W_o,h^T)^T W_v,h
+        oa, va = _low_rank_product(wo[:, rows].T, wv[rows], rank)
+        v_w.append(va)
+        o_w.append(oa.T)
+        bo += wo[:, rows] @ bv[rows]
+    new_a = heads * rank
+    q_weight, k_weight, v_weight = torch.cat(q_w), torch.cat(k_w), torch.cat(v_w)
+    q_bias = torch.cat(q_b)
+    if not has_bias and q_bias.abs().max() > 0:
+        raise LowRankError(
+            f"{adapter.blocks()[block_index].name}: COMCAT produced a query bias for a layer without one"
+        )
+    proj = nn.Linear(new_a, wo.shape[0], bias=True)
+    with torch.no_grad():
+        proj.weight.copy_(torch.cat(o_w, dim=1))
+        proj.bias.copy_(bo)
+    if len(info.qkv) == 1:
+        qkv = nn.Linear(d_in, 3 * new_a, bias=has_bias)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([q_weight, k_weight, v_weight]))
+            if has_bias:
+                qkv.bias.copy_(torch.cat([q_bias, torch.zeros(2 * new_a)]))
+        set_module(loaded.model, adapter.module_name(info.qkv[0]), qkv)
+    else:
+        for old, weight, bias in zip(
+            info.qkv, (q_weight, k_weight, v_weight), (q_bias, None, None), strict=True
+        ):
+            new = nn.Linear(d_in, new_a, bias=old.bias is not None)
+            with torch.no_grad():
+                new.weight.copy_(weight)
+                if new.bias is not None:
+                    new.bias.copy_(bias if bias is not None else torch.zeros(new_a))
+            set_module(loaded.model, adapter.module_name(old), new)
+    if info.proj.bias is None:
+        raise LowRankError(
+            f"{adapter.blocks()[block_index].name}: COMCAT needs an output bias to carry the value bias"
+        )
+    set_module(loaded.model, adapter.module_name(info.proj), proj)
+    adapter.set_attention_shape(block_index, heads, rank)
+
+
 # --------------------------------------------------------------------------- the pass
 
 
@@ -357,6 +476,7 @@ class LowRankResult:
     params_after: int
     macs_before: int
     macs_after: int
+    attention: list[dict[str, int]] = field(default_factory=list)
 
 
 def factorize_model(
@@ -366,10 +486,24 @@ def factorize_model(
     from vitcompress.models.layers import set_module
     from vitcompress.models.stats import count_macs
 
-    layers = select_layers(loaded, cfg.layers)
     model = loaded.model
     params0 = sum(p.numel() for p in model.parameters())
     macs0, _ = count_macs(loaded)
+    attention_report: list[dict[str, int]] = []
+    if cfg.attention == "comcat":
+        for b in loaded.adapter.blocks():
+            hd = b.attn.head_dim
+            rank = round(cfg.attention_rank * hd) if cfg.attention_rank <= 1 else int(cfg.attention_rank)
+            rank = min(hd, max(1, rank))
+            if rank > cfg.round_to:
+                rank = rank // cfg.round_to * cfg.round_to
+            comcat_attention(loaded, b.index, rank)
+            attention_report.append({"block": b.index, "head_dim_before": hd, "head_dim_after": rank})
+    if not cfg.has_linear_rule:
+        params = sum(p.numel() for p in model.parameters())
+        macs, _ = count_macs(loaded)
+        return LowRankResult([], params0, params, macs0, macs, attention_report)
+    layers = select_layers(loaded, cfg.layers)
     moments: dict[str, torch.Tensor] = {}
     if cfg.needs_data():
         if data is None:
@@ -428,7 +562,7 @@ def factorize_model(
         )
     params = sum(p.numel() for p in model.parameters())
     macs, _ = count_macs(loaded)
-    result = LowRankResult(reports, params0, params, macs0, macs)
+    result = LowRankResult(reports, params0, params, macs0, macs, attention_report)
     if budget is not None:
         name, value = (
             ("target_params", cfg.target_params)
@@ -490,6 +624,8 @@ def run(state: ModelState, cfg: LowRankConfig) -> ModelState:
             "params_ratio": result.params_after / result.params_before,
             "macs_ratio": result.macs_after / result.macs_before,
             "layers": [r.__dict__ for r in result.layers],
+            "attention": result.attention,
+            "blocks": loaded.adapter.structure(),
         },
     )
     return state.with_record(record, model_changed=True)
