@@ -75,3 +75,44 @@ def test_bench_prune_script_smoke(tmp_path):
     assert all(r["p50_ms"] > 0 for r in results["speed"])
     assert [r["importance"] for r in results["accuracy"]] == ["none (original)", "l2", "taylor", "hessian"]
     assert all(0.0 <= r["top1"] <= 1.0 for r in results["accuracy"])
+
+
+def test_bench_lowrank_script_smoke(tmp_path):
+    out = tmp_path / "l.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/bench_lowrank.py"),
+            "--smoke",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--kwargs",
+            '{"depth": 2, "img_size": 32, "patch_size": 8}',
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--eval-limit",
+            "50",
+            "--calibration",
+            "64",
+            "--targets",
+            "0.8",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "### Factorized" in run.stdout and "| whitened | 0.80 |" in run.stdout
+    results = json.loads(out.read_text())
+    assert [r["model"].split()[-1] for r in results["speed"]] == [
+        "original",
+        "mlp-half-params",
+        "comcat-half-head",
+    ]
+    assert results["speed"][1]["params_ratio"] < 1 and results["speed"][2]["macs_ratio"] < 1
+    assert [abs(r["params_ratio"] - 0.8) <= 0.02 for r in results["accuracy"][1:]] == [True, True]

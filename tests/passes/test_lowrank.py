@@ -51,13 +51,20 @@ def test_full_rank_reproduces_the_layer_and_error_falls_with_rank():
     for factors in (svd_factors(linear.weight), whitened_factors(linear.weight, moment, damping=1e-6)):
         full = factorize_linear(linear, factors, 32)
         torch.testing.assert_close(full(x), linear(x), atol=1e-5, rtol=1e-5)
-        errors = [output_error(linear.weight, factorize_linear(linear, factors, r).weight, moment) for r in (4, 8, 16, 24, 32)]
+        errors = [
+            output_error(linear.weight, factorize_linear(linear, factors, r).weight, moment)
+            for r in (4, 8, 16, 24, 32)
+        ]
         assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-9
     # at equal rank, whitening gives the lower output error on the activations it was fitted to
     for rank in (4, 8, 16):
-        plain = output_error(linear.weight, factorize_linear(linear, svd_factors(linear.weight), rank).weight, moment)
+        plain = output_error(
+            linear.weight, factorize_linear(linear, svd_factors(linear.weight), rank).weight, moment
+        )
         white = output_error(
-            linear.weight, factorize_linear(linear, whitened_factors(linear.weight, moment, 1e-6), rank).weight, moment
+            linear.weight,
+            factorize_linear(linear, whitened_factors(linear.weight, moment, 1e-6), rank).weight,
+            moment,
         )
         assert white < plain
 
@@ -66,7 +73,9 @@ def test_params_and_macs_fall_exactly_as_the_ranks_predict():
     loaded = _tiny()
     params0, (macs0, _) = _params(loaded.model), count_macs(loaded)
     result = factorize_model(loaded, LowRankConfig(rank=32))
-    saved = sum(lin_in * lin_out - 32 * (lin_in + lin_out) for lin_in, lin_out in [(192, 768), (768, 192)] * 2)
+    saved = sum(
+        lin_in * lin_out - 32 * (lin_in + lin_out) for lin_in, lin_out in [(192, 768), (768, 192)] * 2
+    )
     assert result.params_before - result.params_after == saved == params0 - _params(loaded.model)
     tokens = loaded.adapter.num_tokens
     assert result.macs_before - result.macs_after == tokens * saved
@@ -85,7 +94,9 @@ def test_a_rank_that_saves_nothing_leaves_the_layer_dense():
 def test_energy_rule_keeps_the_smallest_rank_reaching_the_energy():
     loaded = _tiny()
     spectra = {
-        n: svd_factors(m.weight).energy() for n, m in loaded.model.named_modules() if n.endswith(("fc1", "fc2"))
+        n: svd_factors(m.weight).energy()
+        for n, m in loaded.model.named_modules()
+        if n.endswith(("fc1", "fc2"))
     }
     result = factorize_model(loaded, LowRankConfig(energy=0.5))
     for layer in result.layers:
@@ -119,7 +130,9 @@ def test_whitened_svd_beats_plain_svd_on_real_digits():
     moment = collect_second_moments(loaded.model, {"fc1": fc1}, list(data.batches(32)))["fc1"]
     for rank in (8, 16, 32):
         plain = output_error(fc1.weight, factorize_linear(fc1, svd_factors(fc1.weight), rank).weight, moment)
-        white = output_error(fc1.weight, factorize_linear(fc1, whitened_factors(fc1.weight, moment, 1e-2), rank).weight, moment)
+        white = output_error(
+            fc1.weight, factorize_linear(fc1, whitened_factors(fc1.weight, moment, 1e-2), rank).weight, moment
+        )
         assert white < 0.8 * plain, (rank, white, plain)
     result = factorize_model(loaded, LowRankConfig(rank=16, method="auto"), data)
     assert {layer.method for layer in result.layers} == {"whitened"}
@@ -175,7 +188,9 @@ def test_bad_input_names_the_field():
     loaded = _tiny()
     with pytest.raises(LowRankError, match=r"layers: 'blocks.\*.mlp.fc3' matches no linear layer"):
         factorize_model(loaded, LowRankConfig(rank=8, layers=["blocks.*.mlp.fc3"]))
-    with pytest.raises(LowRankError, match=r"target_params=0.1: reached .* the selected layers cannot give that much"):
+    with pytest.raises(
+        LowRankError, match=r"target_params=0.1: reached .* the selected layers cannot give that much"
+    ):
         factorize_model(loaded, LowRankConfig(target_params=0.1))
     with pytest.raises(LowRankError, match="method 'whitened' needs data"):
         factorize_model(_tiny(), LowRankConfig(rank=8, method="whitened"))
@@ -200,7 +215,9 @@ def test_comcat_is_exact_at_full_rank_and_degrades_gracefully(source, hf_vit_dir
     errors = []
     for fraction in (1.0, 0.5, 0.25):
         loaded = _tiny() if source == "timm" else load_model(ModelRef(f"hf:{hf_vit_dir}"))
-        with torch.no_grad():  # non-zero biases exercise the bias folding (query column, key drop, value to output)
+        with (
+            torch.no_grad()
+        ):  # non-zero biases exercise the bias folding (query column, key drop, value to output)
             generator = torch.Generator().manual_seed(0)
             for name, p in loaded.model.named_parameters():
                 if name.endswith("bias"):
@@ -208,7 +225,9 @@ def test_comcat_is_exact_at_full_rank_and_degrades_gracefully(source, hf_vit_dir
         x = loaded.example_input(4, seed=2)
         expected = loaded.model(x).detach()
         head_dim = loaded.adapter.blocks()[0].attn.head_dim
-        result = factorize_model(loaded, LowRankConfig(attention="comcat", attention_rank=fraction, round_to=4))
+        result = factorize_model(
+            loaded, LowRankConfig(attention="comcat", attention_rank=fraction, round_to=4)
+        )
         assert [a["head_dim_after"] for a in result.attention] == [round(head_dim * fraction)] * 2
         for b in loaded.adapter.blocks():
             assert b.attn.head_dim * b.attn.num_heads == b.attn.proj.in_features

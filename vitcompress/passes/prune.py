@@ -772,10 +772,16 @@ def _removal_target(
     floor: float,
     allowed: Callable[[Structure, int], bool],
 ) -> dict[tuple[Structure, int], Any]:
-    """Greedy by saliency per unit of cost (MACs or parameters) until the predicted total meets `goal`,
-    skipping units that would land below `floor` (the goal minus the tolerance)."""
+    """Greedy by saliency per unit of cost until the predicted total meets `goal`, skipping units that
+    would land below `floor` (the goal minus the tolerance).
+
+    Taylor and Hessian saliencies are loss changes, so they are ranked per MAC (or parameter) of the
+    target, as NViT does. Magnitude is not a loss change: per MAC it would be biased against attention
+    heads (their q@k and attn@v MACs carry no weights), so magnitude ranks per parameter removed.
+    """
     metric = costs.macs if cfg.target_macs is not None else costs.params
-    base = metric(shape)
+    rank_by = metric if cfg.importance.needs_data else costs.params
+    base, rank_base = metric(shape), rank_by(shape)
     units = []
     for structure in cfg.enabled():
         for one in planner.units(structure):
@@ -783,7 +789,7 @@ def _removal_target(
                 continue
             single: dict[tuple[Structure, int], Any] = {}
             _add(single, one)
-            cost = base - metric(planned_shape(shape, single, cfg.round_to))
+            cost = rank_base - rank_by(planned_shape(shape, single, cfg.round_to))
             if cost > 0:
                 units.append((one.saliency / cost, one))
     removed: dict[tuple[Structure, int], Any] = {}
