@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_prune import _reference, top1  # noqa: E402
+from bench_prune import _reference, top1
 
-from vitcompress.bench import Environment, bench_models  # noqa: E402
-from vitcompress.data import DataSpec, load_dataset  # noqa: E402
-from vitcompress.models import ModelRef, load_model  # noqa: E402
-from vitcompress.models.stats import count_macs  # noqa: E402
-from vitcompress.passes.export import ExportConfig, export_model  # noqa: E402
-from vitcompress.passes.lowrank import LowRankConfig, factorize_model  # noqa: E402
+from vitcompress.bench import Environment, bench_models
+from vitcompress.data import DataSpec, load_dataset
+from vitcompress.models import ModelRef, load_model
+from vitcompress.models.stats import count_macs
+from vitcompress.passes.export import ExportConfig, export_model
+from vitcompress.passes.lowrank import LowRankConfig, factorize_model
 
 
 def _half_params_rank(loaded, round_to: int = 8) -> int:  # type: ignore[no-untyped-def]
