@@ -256,3 +256,18 @@ def test_protected_block_keeps_its_widths():
     after = loaded.adapter.structure()
     assert after[0] == before[0]
     assert after[1]["num_heads"] == 2 and after[1]["mlp_hidden"] == 384
+
+
+def test_a_broken_block_is_named():
+    from torch import nn
+
+    from vitcompress.passes.prune import check_model
+
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    loaded.adapter.set_attention_shape(1, 2, 64)
+    with pytest.raises(PruneError, match=r"blocks.1: 2 heads x 64 != attention width 192"):
+        check_model(loaded)
+    loaded.adapter.set_attention_shape(1, 3, 64)
+    loaded.model.blocks[1].mlp.fc2 = nn.Linear(700, 192)
+    with pytest.raises(PruneError, match=r"pruned model fails in blocks.1: "):
+        check_model(loaded)
