@@ -63,6 +63,16 @@ def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
     speedup = measured.details.get("speedup_vs_baseline") if measured else None
     if budgets.min_speedup is not None and speedup is not None and speedup < budgets.min_speedup:
         failures.append(f"speed-up {speedup:.2f}x < min_speedup {budgets.min_speedup:g}x")
+    if budgets.max_top1_drop is not None:
+        accuracy = next((r for r in reversed(state.records) if "top1_drop_points" in r.details), None)
+        if accuracy is None:
+            failures.append(
+                "max_top1_drop is set but no pass measured accuracy: add data.eval and a validate pass"
+            )
+        elif accuracy.details["top1_drop_points"] > budgets.max_top1_drop:
+            failures.append(
+                f"top-1 drop {accuracy.details['top1_drop_points']:.2f} points > max_top1_drop {budgets.max_top1_drop:g}"
+            )
     if budgets.max_size_mb is not None and state.onnx_path is not None:
         from vitcompress.runtime import onnx_size
 

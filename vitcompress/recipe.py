@@ -78,6 +78,11 @@ class Budgets(_Section):
     max_size_mb: float | None = Field(
         None, gt=0, description="Size of the final ONNX file in MB (1e6 bytes)."
     )
+    max_top1_drop: float | None = Field(
+        None,
+        ge=0,
+        description="Top-1 drop against the fp32 baseline on data.eval, in points (needs validate).",
+    )
 
 
 class Recipe(_Section):

@@ -45,13 +45,30 @@ def ledger_rows(records: tuple[PassRecord, ...] | list[PassRecord]) -> list[list
                 fmt_bytes(r.size_bytes),
                 parity,
                 latency,
+                _top1(r),
                 f"{r.wall_s:.1f} s",
             ]
         )
     return rows
 
 
-LEDGER_COLUMNS = ["pass", "params", "MACs", "size", "max |Δlogit| / top-1 agree", "p50 latency", "wall"]
+LEDGER_COLUMNS = [
+    "pass",
+    "params",
+    "MACs",
+    "size",
+    "max |Δlogit| / top-1 agree",
+    "p50 latency",
+    "top-1",
+    "wall",
+]
+
+
+def _top1(r: PassRecord) -> str:
+    if r.top1 is None:
+        return "-"
+    drop = r.details.get("top1_drop_points")
+    return f"{r.top1:.2%}" + (f" ({-drop:+.2f})" if isinstance(drop, float) else "")
 
 
 def _environment(result: RunResult) -> dict[str, Any] | None:

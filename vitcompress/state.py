@@ -33,6 +33,7 @@ class PassRecord:
     size_bytes: int | None = None
     parity: Parity | None = None
     latency_p50_ms: float | None = None
+    top1: float | None = None  # accuracy on the recipe's eval split, when measured
     wall_s: float = 0.0
     artifact: str | None = None
     details: dict[str, Any] = field(default_factory=dict)

@@ -100,6 +100,7 @@ def _register() -> None:
     from vitcompress.cli import (
         bench_cmd,
         compress_cmd,
+        eval_cmd,
         export_cmd,
         factorize_cmd,
         inspect_cmd,
@@ -112,6 +113,7 @@ def _register() -> None:
     app.command("prune")(prune_cmd.prune)
     app.command("factorize")(factorize_cmd.factorize)
     app.command("export")(export_cmd.export)
+    app.command("eval")(eval_cmd.evaluate)
     app.command("bench")(bench_cmd.bench)
     app.add_typer(recipe_cmd.app, name="recipe")
 

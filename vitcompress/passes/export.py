@@ -124,6 +124,26 @@ def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
             program.save(str(path))
 
 
+METADATA_KEY = "vitcompress.input"
+
+
+def _write_metadata(path: Path, loaded: LoadedModel) -> None:
+    """Record the preprocessing and class count in the file, so `eval` and calibration can feed it real data."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    entry = (
+        next((p for p in model.metadata_props if p.key == METADATA_KEY), None) or model.metadata_props.add()
+    )
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(
+        {"input": loaded.input.to_dict(), "num_classes": loaded.num_classes, "source": loaded.label}
+    )
+    onnx.save(model, str(path))
+
+
 def measure_parity(loaded: LoadedModel, runner: OnnxRunner, batch: int, seed: int, reference: str) -> Parity:
     import numpy as np
     import torch
@@ -166,6 +186,7 @@ def export_model(loaded: LoadedModel, path: Path, cfg: ExportConfig, seed: int =
                 f"{cfg.exporter.value} export of {loaded.label} failed: {str(err).strip().splitlines()[0]}",
                 hint="try the other --exporter, or rerun with --debug for the traceback",
             ) from err
+        _write_metadata(staged, loaded)
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except Exception as err:

@@ -35,6 +35,11 @@ class ValidateConfig(PassConfig):
     warmup: int = Field(10, ge=0, description="Untimed runs per model before measuring.")
     runs: int = Field(50, ge=5, description="Timed runs per model and batch size.")
     compare_baseline: bool = Field(True, description="Measure the fp32 baseline in the same run.")
+    accuracy: bool = Field(
+        True,
+        description="With data.eval in the recipe: top-1 of the model and of the baseline (ONNX Runtime).",
+    )
+    eval_batch_size: int = Field(256, ge=1, description="Batch size of the accuracy evaluation.")
 
 
 def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
@@ -63,6 +68,22 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
         primary.batch_size,
         primary.speedup_vs_first,
     )
+    details: dict[str, object] = {}
+    top1 = None
+    eval_spec = state.settings.data.eval if state.settings.data else None
+    if cfg.accuracy and eval_spec is not None:
+        from vitcompress.data import load_dataset
+        from vitcompress.evaluate import evaluate_onnx
+
+        data = load_dataset(eval_spec, state.model.input, state.model.num_classes)
+        result = evaluate_onnx(state.onnx_path, data, cfg.provider, threads, cfg.eval_batch_size)
+        top1 = result.top1
+        details["accuracy"] = result.to_dict()
+        if len(paths) == 2:
+            base = evaluate_onnx(paths[0], data, cfg.provider, threads, cfg.eval_batch_size)
+            details["baseline_top1"] = base.top1
+            details["top1_drop_points"] = 100 * (base.top1 - result.top1)
+        log.info("top-1 %.2f%% on %s", 100 * result.top1, result.data)
     last = state.records[-1] if state.records else None
     record = PassRecord(
         name=cfg.step_name,
@@ -71,12 +92,14 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
         macs=last.macs if last else None,
         size_bytes=onnx_size(state.onnx_path),
         latency_p50_ms=primary.p50_ms,
+        top1=top1,
         wall_s=time.perf_counter() - start,
         artifact=str(state.onnx_path),
         details={
             "speedup_vs_baseline": primary.speedup_vs_first,
             "baseline": str(paths[0]),
             "bench": report.to_dict(),
+            **details,
         },
     )
     return state.with_record(record, baseline_onnx=baseline)
