@@ -37,7 +37,7 @@ def test_torch_and_onnx_agree_on_real_digits(tmp_path):
     assert a.samples == b.samples == 359
     assert a.top1 == b.top1 and a.top5 == b.top5
     assert a.loss == pytest.approx(b.loss, abs=1e-5)
-    assert 0 < a.top5 and a.top1 <= a.top5 <= 1
+    assert a.top5 > 0 and a.top1 <= a.top5 <= 1
 
 
 def test_eval_command_and_its_errors(cli, tmp_path):
