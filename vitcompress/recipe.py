@@ -108,6 +108,8 @@ class Recipe(_Section):
             if step_name in names:
                 raise ValueError(f"{label}: step name {step_name!r} is used twice; give each a distinct name")
             names.add(step_name)
+            if cfg.kind == "distill" and self.data.train is None:
+                raise ValueError(f"{label} trains on data: add data.train to the recipe")
             if cfg.needs_data() and self.data.for_calibration() is None:
                 raise ValueError(
                     f"{label} needs data (importance/calibration): add data.calibration or data.train"

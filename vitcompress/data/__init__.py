@@ -367,6 +367,14 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.raw.classes)
 
+    def take(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `indices`, preprocessed, with their labels."""
+        import numpy as np
+        import torch
+
+        images = torch.from_numpy(np.ascontiguousarray(self.raw.images[indices]))
+        return self.preprocess(images), torch.from_numpy(self.raw.labels[indices])
+
     def batches(
         self,
         batch_size: int,

@@ -14,6 +14,7 @@ from typing import Any
 
 from vitcompress.errors import RecipeError, did_you_mean
 from vitcompress.passes.base import PassConfig
+from vitcompress.passes.distill import DistillConfig
 from vitcompress.passes.export import ExportConfig
 from vitcompress.passes.lowrank import LowRankConfig
 from vitcompress.passes.prune import PruneConfig
@@ -61,6 +62,15 @@ PASSES: dict[str, PassSpec] = {
             changes_model=True,
             produces_onnx=False,
             module="vitcompress.passes.lowrank",
+        ),
+        PassSpec(
+            "distill",
+            DistillConfig,
+            "knowledge distillation from the uncompressed teacher (logit, DeiT, feature KD)",
+            Needs.torch,
+            changes_model=True,
+            produces_onnx=False,
+            module="vitcompress.passes.distill",
         ),
         PassSpec(
             "export",
