@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from vitcompress.errors import BudgetExceededError
 from vitcompress.fileio import write_text
-from vitcompress.passes import PASSES
+from vitcompress.passes import PASSES, Needs
 from vitcompress.recipe import Recipe, dump_recipe
 from vitcompress.state import ModelState, PassRecord, RunSettings
 
@@ -86,6 +88,7 @@ def run_recipe(
     recipe: Recipe,
     out_dir: Path,
     on_pass: Callable[[int, str], None] | None = None,
+    progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
 ) -> RunResult:
     """Run every pass of `recipe`, writing artifacts and reports to `out_dir`.
 
@@ -97,6 +100,12 @@ def run_recipe(
     from vitcompress.report import write_reports
 
     out_dir = Path(out_dir)
+    # Under torchrun every rank runs the PyTorch passes (training is data-parallel; pruning is
+    # deterministic), but only rank 0 writes: the others work in a private scratch directory and
+    # skip export, ONNX passes and reports.
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        out_dir = Path(tempfile.mkdtemp(prefix=f"vitcompress-rank{rank}-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "recipe.resolved.yaml", dump_recipe(recipe))
 
@@ -117,7 +126,11 @@ def run_recipe(
     state = ModelState(
         model=loaded,
         settings=RunSettings(
-            out_dir=out_dir, seed=recipe.run.seed, threads=recipe.run.threads, data=recipe.data
+            out_dir=out_dir,
+            seed=recipe.run.seed,
+            threads=recipe.run.threads,
+            data=recipe.data,
+            progress=progress,
         ),
         records=(load_record,),
         teacher=copy.deepcopy(loaded) if needs_teacher else None,
@@ -128,9 +141,13 @@ def run_recipe(
             on_pass(index, name)
         log.info("pass %d/%d: %s", index, len(recipe.passes), name)
         spec = PASSES[cfg.kind]
+        if rank > 0 and (spec.produces_onnx or spec.needs is Needs.onnx):
+            continue
         state = spec.runner()(state, cfg)
         if spec.changes_model:
             state = replace(state, model_changed=True)
+    if rank > 0:
+        return RunResult(state=state, out_dir=out_dir, budget_failures=())
     failures = check_budgets(recipe, state)
     result = RunResult(state=state, out_dir=out_dir, budget_failures=failures)
     write_reports(recipe, result)

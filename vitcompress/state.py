@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,8 @@ class RunSettings:
     seed: int = 0
     threads: int = 2
     data: DataSection | None = None  # the recipe's data splits, for passes that need data
+    # progress(step name, done, total, metrics) for long passes (training); the CLI draws it
+    progress: Callable[[str, int, int, dict[str, float]], None] | None = None
 
 
 @dataclass(frozen=True)

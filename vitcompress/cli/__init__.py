@@ -100,6 +100,7 @@ def _register() -> None:
     from vitcompress.cli import (
         bench_cmd,
         compress_cmd,
+        distill_cmd,
         eval_cmd,
         export_cmd,
         factorize_cmd,
@@ -114,6 +115,7 @@ def _register() -> None:
     app.command("factorize")(factorize_cmd.factorize)
     app.command("export")(export_cmd.export)
     app.command("eval")(eval_cmd.evaluate)
+    app.command("distill")(distill_cmd.distill)
     app.command("bench")(bench_cmd.bench)
     app.add_typer(recipe_cmd.app, name="recipe")
 

@@ -557,8 +557,15 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
         spec = data.eval.model_copy(update={"limit": cfg.eval_limit or data.eval.limit})
         eval_data = load_dataset(spec, student.input, student.num_classes)
     workdir = state.settings.out_dir / cfg.step_name
+    progress = state.settings.progress
+
+    def on_step(done: int, total: int, loss: float) -> None:
+        if progress is not None:
+            progress(cfg.step_name, done, total, {"loss": loss})
+
+    init_distributed()
     result = distill_model(
-        student, teacher, cfg, train, eval_data, workdir / "train", seed=state.settings.seed
+        student, teacher, cfg, train, eval_data, workdir / "train", seed=state.settings.seed, on_step=on_step
     )
     if world()[0] == 0:
         save_artifact(

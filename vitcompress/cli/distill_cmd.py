@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitcompress.cli.common import (
+    CheckpointOpt,
+    ImgSizeOpt,
+    InChansOpt,
+    JsonOpt,
+    ModelArg,
+    NumClassesOpt,
+    TrustOpt,
+    build_config,
+    err_console,
+    out_console,
+    print_json,
+)
+from vitcompress.errors import VitcompressError
+from vitcompress.passes.distill import DistillConfig
+
+
+def distill(
+    model: ModelArg,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run directory: the trained artifact, checkpoints, reports.")
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="Training data: fashion-mnist[:train|test], digits[:train|test], synthetic, or an image folder.",
+        ),
+    ],
+    eval_data: Annotated[
+        str | None, typer.Option(help="Held-out data for evaluation and the best checkpoint (same forms).")
+    ] = None,
+    data_limit: Annotated[
+        int | None, typer.Option(min=1, help="Train on this many samples (stratified).")
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Teacher model (timm:NAME, hf:DIR, artifact). Default: the student as loaded."),
+    ] = None,
+    teacher_checkpoint: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Weights for a timm teacher.")
+    ] = None,
+    teacher_kwargs: Annotated[
+        str, typer.Option(help="timm constructor kwargs of the teacher, as JSON.")
+    ] = "{}",
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = 1.0,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per step (per process under torchrun).")
+    ] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up + cosine).")] = 5e-4,
+    hard_label: Annotated[float, typer.Option(help="Weight of cross-entropy on the labels.")] = 0.5,
+    soft_kd: Annotated[float, typer.Option(help="Weight of soft logit KD.")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="KD temperature.")] = 2.0,
+    deit_hard: Annotated[float, typer.Option(help="Weight of DeiT hard distillation.")] = 0.0,
+    feature: Annotated[float, typer.Option(help="Weight of feature KD on block outputs.")] = 0.0,
+    augment: Annotated[str, typer.Option(help="none, shift or shift-flip.")] = "none",
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate every N steps (default: each epoch).")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 100,
+    cache_teacher: Annotated[
+        bool, typer.Option("--cache-teacher", help="Compute teacher logits once.")
+    ] = False,
+    no_resume: Annotated[
+        bool, typer.Option("--no-resume", help="Start over even if OUT has a checkpoint.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialization.")] = 0,
+    checkpoint: CheckpointOpt = None,
+    num_classes: NumClassesOpt = None,
+    img_size: ImgSizeOpt = None,
+    in_chans: InChansOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a compressed model (the student) against its teacher: labels, soft KD, DeiT, feature KD.
+
+    Rerunning the same command after an interruption resumes from the last checkpoint in OUT exactly.
+    Runs the same code as a one-pass recipe with `kind: distill`. Scale out with PyTorch's own engine:
+    `torchrun --nproc-per-node 2 -m vitcompress distill ...` (gloo on CPU, nccl on GPU; rank 0 writes).
+
+    Examples:
+      vitcompress distill pruned/ --teacher timm:vit_tiny_patch16_224 --teacher-checkpoint ref.safetensors --data fashion-mnist --eval-data fashion-mnist:test --epochs 2 --out kd/
+      torchrun --nproc-per-node 2 -m vitcompress distill pruned/ --data digits --steps 200 --out kd2/
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from vitcompress.data import DataSection, DataSpec
+    from vitcompress.passes.distill import TeacherSpec
+    from vitcompress.pipeline import run_recipe
+    from vitcompress.recipe import ModelSection, Recipe, RunSection
+
+    try:
+        kwargs = json.loads(teacher_kwargs)
+    except json.JSONDecodeError as err:
+        raise VitcompressError(f"--teacher-kwargs is not JSON: {err}") from None
+    teacher_spec = (
+        TeacherSpec(
+            source=teacher,
+            checkpoint=teacher_checkpoint,
+            num_classes=num_classes,
+            img_size=img_size,
+            in_chans=in_chans,
+            kwargs=kwargs,
+        )
+        if teacher
+        else None
+    )
+    cfg = build_config(
+        DistillConfig,
+        teacher=teacher_spec,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        hard_label=hard_label,
+        soft_kd=soft_kd,
+        temperature=temperature,
+        deit_hard=deit_hard,
+        feature=feature,
+        augment=augment,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        cache_teacher=cache_teacher,
+        resume=not no_resume,
+    )
+    section = DataSection(
+        train=DataSpec.parse(data, limit=data_limit, seed=seed),
+        eval=DataSpec.parse(eval_data) if eval_data else None,
+    )
+    recipe = Recipe(
+        version=1,
+        name=f"distill {model}",
+        model=ModelSection(
+            source=model,
+            checkpoint=checkpoint,
+            num_classes=num_classes,
+            img_size=img_size,
+            in_chans=in_chans,
+            trust_checkpoint=trust_checkpoint,
+        ),
+        run=RunSection(seed=seed),
+        data=section,
+        passes=[cfg],
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=json_out,
+    ) as bar:
+        task = bar.add_task("distill", total=None, loss="-")
+
+        def progress(name: str, done: int, total: int, metrics: dict[str, float]) -> None:
+            bar.update(task, completed=done, total=total, description=name, loss=f"{metrics['loss']:.4f}")
+
+        result = run_recipe(recipe, out, progress=progress)
+    if int(os.environ.get("RANK", "0")) > 0:
+        return  # under torchrun only rank 0 reports
+    record = next(r for r in result.ledger if r.kind == "distill")
+    if json_out:
+        print_json(
+            {"out_dir": str(out), "artifact": record.artifact, "ledger": [r.to_dict() for r in result.ledger]}
+        )
+        return
+    details = record.details
+    evals = details["evals"]
+    best = f", best eval top-1 {record.top1:.2%}" if record.top1 is not None else ""
+    out_console.print(
+        f"{details['steps']} steps (resumed from {details['resumed_from']}): loss {details['first_loss']:.4f} -> "
+        f"{details['last_loss']:.4f}{best}; {details['images_per_s']:.0f} images/s; "
+        f"{len(evals)} evaluations; artifact {record.artifact}"
+    )
