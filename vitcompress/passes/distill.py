@@ -99,6 +99,11 @@ class DistillConfig(PassConfig):
     )
     amp: bool = Field(True, description="Mixed precision on GPU (ignored on CPU).")
     resume: bool = Field(True, description="Continue from this step's checkpoint if one exists.")
+    become_teacher: bool = Field(
+        False,
+        description="After training, this model becomes the teacher (and fp32 baseline) of later passes: "
+        "fine-tune or pretrain first, then compress and distill from the result.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
@@ -589,4 +594,8 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
             "train_wall_s": result.wall_s,
         },
     )
+    if cfg.become_teacher:
+        import copy
+
+        return state.with_record(record, model_changed=True, teacher=copy.deepcopy(student))
     return state.with_record(record, model_changed=True)
