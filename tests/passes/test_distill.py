@@ -14,7 +14,7 @@ import torch
 from tests.conftest import tiny_ref
 from vitcompress.data import DataSpec, load_dataset
 from vitcompress.evaluate import evaluate_torch
-from vitcompress.models import ModelRef, load_model
+from vitcompress.models import load_model
 from vitcompress.passes.distill import DistillConfig, DistillError, block_pairs, distill_model
 from vitcompress.passes.prune import PruneConfig, prune_model
 

@@ -44,7 +44,10 @@ def distill(
     ] = None,
     teacher: Annotated[
         str | None,
-        typer.Option(help="Teacher model (timm:NAME, hf:DIR, artifact). Default: the student as loaded."),
+        typer.Option(
+            help="Teacher model (timm:NAME, hf:DIR, artifact). Default: the student as loaded. A timm "
+            "teacher gets the student's class count, input size and channels unless its kwargs say otherwise."
+        ),
     ] = None,
     teacher_checkpoint: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="Weights for a timm teacher.")
@@ -104,16 +107,7 @@ def distill(
     except json.JSONDecodeError as err:
         raise VitcompressError(f"--teacher-kwargs is not JSON: {err}") from None
     teacher_spec = (
-        TeacherSpec(
-            source=teacher,
-            checkpoint=teacher_checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            kwargs=kwargs,
-        )
-        if teacher
-        else None
+        TeacherSpec(source=teacher, checkpoint=teacher_checkpoint, kwargs=kwargs) if teacher else None
     )
     cfg = build_config(
         DistillConfig,

@@ -549,9 +549,21 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
     teacher = state.teacher
     if cfg.teacher is not None:
         t = cfg.teacher
-        teacher = load_model(
-            ModelRef(t.source, t.checkpoint, t.num_classes, t.img_size, t.in_chans, False, dict(t.kwargs))
-        )
+        if t.source.startswith("timm:"):  # unless told otherwise, the teacher sees what the student sees
+            ref = ModelRef(
+                t.source,
+                t.checkpoint,
+                t.num_classes or student.num_classes,
+                t.img_size or student.input.height,
+                t.in_chans or student.input.channels,
+                False,
+                dict(t.kwargs),
+            )
+        else:
+            ref = ModelRef(
+                t.source, t.checkpoint, t.num_classes, t.img_size, t.in_chans, False, dict(t.kwargs)
+            )
+        teacher = load_model(ref)
     if teacher is None and cfg.uses_teacher:  # nothing changed the model before: it teaches a copy of itself
         import copy
 
