@@ -42,9 +42,15 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> tuple[list[dict],
 
     ref, source = _reference(args)
     teacher = load_model(ref)
-    train = load_dataset(DataSpec(source=source, split="train", limit=args.train_limit), teacher.input, teacher.num_classes)
-    test = load_dataset(DataSpec(source=source, split="test", limit=args.eval_limit), teacher.input, teacher.num_classes)
-    calibration = load_dataset(DataSpec(source=source, split="train", limit=512), teacher.input, teacher.num_classes)
+    train = load_dataset(
+        DataSpec(source=source, split="train", limit=args.train_limit), teacher.input, teacher.num_classes
+    )
+    test = load_dataset(
+        DataSpec(source=source, split="test", limit=args.eval_limit), teacher.input, teacher.num_classes
+    )
+    calibration = load_dataset(
+        DataSpec(source=source, split="train", limit=512), teacher.input, teacher.num_classes
+    )
     macs0, _ = count_macs(teacher)
     pruned = copy.deepcopy(teacher)
     prune_model(pruned, PruneConfig(target_macs=0.5, structures=["heads", "head_dim", "mlp"], importance="hessian",
@@ -59,7 +65,9 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> tuple[list[dict],
         student = copy.deepcopy(pruned)
         cfg = DistillConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hard_label=weights[0],
                             soft_kd=weights[1], temperature=4.0, checkpoint_every=10_000, resume=False)  # fmt: skip
-        result = distill_model(student, teacher if weights[1] else None, cfg, train, None, workdir / name, seed=0)
+        result = distill_model(
+            student, teacher if weights[1] else None, cfg, train, None, workdir / name, seed=0
+        )
         rows.append(
             {
                 "model": f"pruned + {args.epochs:g} epoch(s) {name}",
@@ -93,7 +101,9 @@ def throughput_track(args: argparse.Namespace, start_dir: Path, workdir: Path) -
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -107,7 +117,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results: dict = {"environment": Environment.detect().__dict__, "args": {k: str(v) for k, v in vars(args).items()}}
+    results: dict = {
+        "environment": Environment.detect().__dict__,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         results["accuracy"], start_dir = accuracy_track(args, Path(tmp))

@@ -116,3 +116,39 @@ def test_bench_lowrank_script_smoke(tmp_path):
     ]
     assert results["speed"][1]["params_ratio"] < 1 and results["speed"][2]["macs_ratio"] < 1
     assert [abs(r["params_ratio"] - 0.8) <= 0.02 for r in results["accuracy"][1:]] == [True, True]
+
+
+def test_bench_distill_script_smoke(tmp_path):
+    out = tmp_path / "d.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/bench_distill.py"),
+            "--smoke",
+            "--epochs",
+            "0.5",
+            "--batch-size",
+            "32",
+            "--train-limit",
+            "128",
+            "--eval-limit",
+            "50",
+            "--ddp-steps",
+            "2",
+            "--ddp-samples",
+            "64",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "### Recovery after pruning" in run.stdout and "### KD step throughput" in run.stdout
+    results = json.loads(out.read_text())
+    assert [r["model"].split(" + ")[-1] for r in results["accuracy"][2:]] == [
+        "0.5 epoch(s) hard labels",
+        "0.5 epoch(s) KD",
+    ]
+    assert [r["processes"] for r in results["throughput"]] == [1, 2]
+    assert all(r["images_per_s"] > 0 for r in results["throughput"])
