@@ -118,3 +118,15 @@ def test_synthetic_data_is_deterministic_and_fits_the_model():
     batches = list(a.batches(8, shuffle=True, seed=1))
     assert [len(y) for _, y in batches] == [8, 8, 4]
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(a.raw.labels.tolist())
+
+
+def test_preprocessing_can_be_overridden_and_is_checked():
+    spec = DataSpec(source="digits", limit=10, mean=[0.0] * 3, std=[1.0] * 3, interpolation="bilinear")
+    data = load_dataset(spec, RGB32, 10)
+    x, _ = next(data.batches(10))
+    assert float(x.min()) >= 0.0 and data.preprocess.spec.mean == (0.0, 0.0, 0.0)  # bicubic would overshoot
+    assert data.preprocess.spec.interpolation == "bilinear"
+    with pytest.raises(DataError, match="data mean has 1 values, the model takes 3 channels"):
+        load_dataset(DataSpec(source="digits", mean=[0.5]), RGB32, 10)
+    with pytest.raises(DataError, match="data std must be positive"):
+        load_dataset(DataSpec(source="digits", std=[1.0, 0.0, 1.0]), RGB32, 10)

@@ -70,6 +70,13 @@ class DataSpec(BaseModel):
     resize: bool = Field(
         True, description="Resize images to the model's input size; off: a mismatch is an error."
     )
+    mean: list[float] | None = Field(
+        None, description="Override the model's normalization mean (per channel)."
+    )
+    std: list[float] | None = Field(None, description="Override the model's normalization std (per channel).")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
+        None, description="Override the model's resize interpolation."
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataSpec:
@@ -400,6 +407,25 @@ class Dataset:
             yield self.preprocess(images), torch.from_numpy(self.raw.labels[idx])
 
 
+def _overridden(input_spec: InputSpec, spec: DataSpec) -> InputSpec:
+    from dataclasses import replace
+
+    for name in ("mean", "std"):
+        values = getattr(spec, name)
+        if values is not None and len(values) != input_spec.channels:
+            raise DataError(
+                f"data {name} has {len(values)} values, the model takes {input_spec.channels} channels"
+            )
+    if name == "std" and spec.std is not None and any(v <= 0 for v in spec.std):
+        raise DataError(f"data std must be positive, got {spec.std}")
+    return replace(
+        input_spec,
+        mean=tuple(spec.mean) if spec.mean is not None else input_spec.mean,
+        std=tuple(spec.std) if spec.std is not None else input_spec.std,
+        interpolation=spec.interpolation or input_spec.interpolation,
+    )
+
+
 def load_dataset(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> Dataset:
     """Load a split for a model: checks the label count and builds the preprocessing."""
     raw = load_raw(spec, input_spec, num_classes)
@@ -412,6 +438,7 @@ def load_dataset(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> Dat
             hint="build the model with --num-classes to match the data, or use matching data",
         )
     size = (int(raw.images.shape[1]), int(raw.images.shape[2]))
+    input_spec = _overridden(input_spec, spec)
     preprocess = Preprocess(input_spec, raw.channels, size, spec.resize)
     log.info("data: %s, %d samples", raw.description, len(raw))
     return Dataset(raw, preprocess, spec)
