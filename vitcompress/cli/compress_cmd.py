@@ -42,7 +42,10 @@ def compress(
         def on_pass(index: int, name: str) -> None:
             progress.update(task, completed=index, description=f"[{index + 1}/{len(steps)}] {name}")
 
-        result = run_recipe(parsed, out, on_pass=on_pass)
+        def on_progress(name: str, done: int, total: int, metrics: dict[str, float]) -> None:
+            progress.update(task, description=f"{name}: step {done}/{total}, loss {metrics['loss']:.4f}")
+
+        result = run_recipe(parsed, out, on_pass=on_pass, progress=on_progress)
     if json_out:
         print_json(
             {

@@ -150,16 +150,24 @@ def distill(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("loss {task.fields[loss]}  {task.fields[speed]}  {task.fields[top1]}"),
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
         disable=json_out,
     ) as bar:
-        task = bar.add_task("distill", total=None, loss="-")
+        task = bar.add_task("distill", total=None, loss="-", speed="", top1="")
 
         def progress(name: str, done: int, total: int, metrics: dict[str, float]) -> None:
-            bar.update(task, completed=done, total=total, description=name, loss=f"{metrics['loss']:.4f}")
+            bar.update(
+                task,
+                completed=done,
+                total=total,
+                description=name,
+                loss=f"{metrics['loss']:.4f}",
+                speed=f"{metrics['images_per_s']:.0f} img/s" if "images_per_s" in metrics else "",
+                top1=f"eval top-1 {metrics['top1']:.2%}" if "top1" in metrics else "",
+            )
 
         result = run_recipe(recipe, out, progress=progress)
     if int(os.environ.get("RANK", "0")) > 0:

@@ -347,17 +347,22 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
         )
     wrapper = HFClassifier(net).eval()
     mean, std = (0.5,) * config.num_channels, (0.5,) * config.num_channels
+    interpolation = "bilinear"
     processor = directory / "preprocessor_config.json"
     if processor.is_file():
         data = json.loads(processor.read_text())
         mean, std = tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
+        # the image processor's `resample` is a PIL code: 0 nearest, 2 bilinear, 3 bicubic
+        interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(
+            int(data.get("resample", 2)), "bilinear"
+        )
     size = int(config.image_size)
     config_out = net.config.to_dict()
     return LoadedModel(
         model=wrapper,
         adapter=adapter_for(wrapper),
         source={"kind": "hf", "config": config_out},
-        input=InputSpec(int(config.num_channels), size, size, mean, std, "bilinear"),
+        input=InputSpec(int(config.num_channels), size, size, mean, std, interpolation),
         num_classes=int(net.config.num_labels),
         label=f"hf:{directory}",
     )

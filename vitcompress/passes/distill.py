@@ -320,6 +320,7 @@ def distill_model(
     workdir: Path,
     seed: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
+    progress_metrics: dict[str, float] | None = None,
 ) -> DistillResult:
     """Train `student.model` in place; checkpoints in `workdir` (rank 0 only)."""
     import numpy as np
@@ -495,6 +496,10 @@ def distill_model(
             done = step + 1
             if on_step:
                 on_step(done, total, result.losses[-1])
+            if progress_metrics is not None:
+                progress_metrics["images_per_s"] = images / max(1e-9, time.perf_counter() - started)
+                if result.evals:
+                    progress_metrics["top1"] = result.evals[-1]["top1"]
             if done % eval_every == 0 or done == total:
                 evaluate(done)
             if rank == 0 and (done % cfg.checkpoint_every == 0 or done == total):
@@ -576,13 +581,23 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
     workdir = state.settings.out_dir / cfg.step_name
     progress = state.settings.progress
 
+    metrics: dict[str, float] = {}
+
     def on_step(done: int, total: int, loss: float) -> None:
         if progress is not None:
-            progress(cfg.step_name, done, total, {"loss": loss})
+            progress(cfg.step_name, done, total, {**metrics, "loss": loss})
 
     init_distributed()
     result = distill_model(
-        student, teacher, cfg, train, eval_data, workdir / "train", seed=state.settings.seed, on_step=on_step
+        student,
+        teacher,
+        cfg,
+        train,
+        eval_data,
+        workdir / "train",
+        seed=state.settings.seed,
+        on_step=on_step,
+        progress_metrics=metrics,
     )
     if world()[0] == 0:
         save_artifact(
