@@ -18,6 +18,7 @@ from vitcompress.passes.distill import DistillConfig
 from vitcompress.passes.export import ExportConfig
 from vitcompress.passes.lowrank import LowRankConfig
 from vitcompress.passes.prune import PruneConfig
+from vitcompress.passes.quantize import QuantizeConfig
 from vitcompress.passes.validate import ValidateConfig
 
 
@@ -80,6 +81,15 @@ PASSES: dict[str, PassSpec] = {
             changes_model=False,
             produces_onnx=True,
             module="vitcompress.passes.export",
+        ),
+        PassSpec(
+            "quantize",
+            QuantizeConfig,
+            "integer quantization with ONNX Runtime (static QDQ / dynamic int8, presets) or fp16",
+            Needs.onnx,
+            changes_model=False,
+            produces_onnx=False,
+            module="vitcompress.passes.quantize",
         ),
         PassSpec(
             "validate",

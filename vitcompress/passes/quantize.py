@@ -1,0 +1,399 @@
+"""Integer quantization of the exported ONNX model with ONNX Runtime, placed the way ViTs need it.
+
+Static INT8 in QDQ format: activation ranges come from calibration batches of the recipe's data
+(class-stratified), with ONNX Runtime's calibrators (minmax, entropy, percentile); weights are
+per-channel. Only the linear layers (MatMul/Gemm with a constant weight) are quantized by default:
+LayerNorm, Softmax, GELU and the residual adds stay in float, where ViT accuracy is fragile (the
+outlier channels of the residual stream, Bondarenko et al. 2021); `quantize_attention` adds the
+activation-activation matmuls (q@k, attn@v). Dynamic INT8 (weights only, ranges per batch at run
+time) is the no-data option. Pre-processing (symbolic shape inference, graph optimization) runs
+first, as ONNX Runtime recommends. Named target presets expand into these settings and are written
+into the resolved recipe. `gpu-fp16` converts to float16 instead, keeping float32 inputs/outputs
+and the numerically sensitive ops (LayerNorm, Softmax) in float32.
+
+Every result is checked: the quantized node count by op type must be > 0 (a release of ONNX
+Runtime once silently stopped quantizing transformer layers), the file opens in ONNX Runtime, and
+top-1 agreement with the float model is measured on real data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
+
+from vitcompress.errors import VitcompressError
+from vitcompress.passes.base import PassConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from vitcompress.data import Dataset
+    from vitcompress.state import ModelState
+
+log = logging.getLogger(__name__)
+
+
+class QuantizeError(VitcompressError):
+    """Quantization cannot run on this model or data, or produced nothing quantized."""
+
+
+class Mode(str, Enum):
+    static = "static"  # int8 QDQ with calibrated activation ranges
+    dynamic = "dynamic"  # int8 weights, activation ranges at run time (no data)
+    fp16 = "fp16"  # float16 (GPU targets)
+
+
+class Calibration(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+# Each preset is the explicit settings it stands for; `resolve` writes them into the config.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-x86-vnni": {  # AVX-512 VNNI / AMX: u8 activations x s8 weights is the fast path
+        "mode": "static", "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+        "reduce_range": False, "quantize_attention": False, "provider": "cpu",
+    },
+    "cpu-x86-avx2": {  # no VNNI: 7-bit weights avoid the u8 x s8 saturation of vpmaddubsw
+        "mode": "static", "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+        "reduce_range": True, "quantize_attention": False, "provider": "cpu",
+    },
+    "cpu-arm64": {  # NEON dot-product kernels: signed activations and weights
+        "mode": "static", "activation_type": "int8", "weight_type": "int8", "per_channel": True,
+        "reduce_range": False, "quantize_attention": False, "provider": "cpu",
+    },
+    "gpu-tensorrt-int8": {  # TensorRT wants symmetric s8 QDQ on both inputs of every quantized op
+        "mode": "static", "activation_type": "int8", "weight_type": "int8", "per_channel": True,
+        "reduce_range": False, "quantize_attention": True, "provider": "tensorrt",
+    },
+    "gpu-fp16": {"mode": "fp16", "provider": "cuda"},
+}  # fmt: skip
+
+
+class QuantizeConfig(PassConfig):
+    """Quantize the exported ONNX model (needs an export pass before it)."""
+
+    kind: Literal["quantize"] = "quantize"
+    preset: str | None = Field(
+        None, description=f"Target preset: {', '.join(PRESETS)} (sets the fields below)."
+    )
+    mode: Mode = Field(Mode.static, description="static (int8, calibrated), dynamic (int8, no data) or fp16.")
+    calibration: Calibration = Field(Calibration.minmax, description="Activation range method (static).")
+    calibration_size: int = Field(256, ge=2, description="Calibration images (stratified), static mode.")
+    calibration_batch: int = Field(16, ge=1, description="Images per calibration batch.")
+    percentile: float = Field(99.999, gt=90, le=100, description="Percentile for calibration: percentile.")
+    per_channel: bool = Field(True, description="Per-output-channel weight scales.")
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="Activation integer type.")
+    weight_type: Literal["uint8", "int8"] = Field("int8", description="Weight integer type.")
+    reduce_range: bool = Field(False, description="7-bit weights (for CPUs without VNNI).")
+    quantize_attention: bool = Field(False, description="Also quantize the q@k and attn@v matmuls.")
+    exclude: list[str] = Field(default_factory=list, description="ONNX node names to keep in float.")
+    provider: Literal["cpu", "cuda", "tensorrt"] = Field("cpu", description="Where the result will run.")
+    filename: str = Field("model.int8.onnx", description="Output file name in the run directory.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            preset = data["preset"]
+            if preset not in PRESETS:
+                from vitcompress.errors import did_you_mean
+
+                raise ValueError(f"unknown preset {preset!r}; {did_you_mean(str(preset), PRESETS)}")
+            # explicit fields win over the preset's
+            data = {**PRESETS[preset], **data}
+            if data.get("mode") == "fp16" and data.get("filename", "model.int8.onnx") == "model.int8.onnx":
+                data["filename"] = "model.fp16.onnx"
+        return data
+
+    def needs_data(self) -> bool:
+        return self.mode is Mode.static
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+class DatasetReader:
+    """onnxruntime.quantization's CalibrationDataReader over a vitcompress data split."""
+
+    def __init__(self, data: Dataset, input_name: str, batch_size: int) -> None:
+        self.batches = [x.numpy() for x, _ in data.batches(batch_size)]
+        self.input_name = input_name
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.batches):
+            return None
+        batch = self.batches[self.position]
+        self.position += 1
+        return {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def check_calibration(batches: list[np.ndarray], shape: tuple[int, ...]) -> None:
+    """Refuse calibration data ONNX Runtime would turn into garbage ranges, before it runs."""
+    import numpy as np
+
+    count = sum(len(b) for b in batches)
+    if count == 0:
+        raise QuantizeError(
+            "calibration data is empty", hint="give data.calibration (or data.train) some images"
+        )
+    if count < 2:
+        raise QuantizeError(
+            "calibration data has a single image: activation ranges from one sample are not ranges"
+        )
+    for batch in batches:
+        if tuple(batch.shape[1:]) != tuple(shape):
+            raise QuantizeError(
+                f"calibration batch has shape {tuple(batch.shape[1:])}, the model takes {tuple(shape)}"
+            )
+        if not np.isfinite(batch).all():
+            raise QuantizeError(
+                "calibration data holds NaN or Inf values", hint="check the images and mean/std"
+            )
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(Counter(node.op_type for node in graph.node))
+
+
+def quantized_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Nodes that carry integer math or integer tensors."""
+    names = (
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantize",
+    )
+    return {op: n for op, n in counts.items() if op.startswith(names)}
+
+
+def _already_quantized(path: Path) -> bool:
+    return bool(quantized_counts(op_counts(path))) or _is_fp16(path)
+
+
+def _is_fp16(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def _attention_matmuls(path: Path) -> list[str]:
+    """MatMul nodes whose inputs are both activations (q@k, attn@v): excluded unless asked for."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)
+    ]
+
+
+def quantize_file(
+    source: Path, target: Path, cfg: QuantizeConfig, calibration: Dataset | None
+) -> dict[str, Any]:
+    """Quantize `source` into `target` atomically; returns what was done (counts, settings)."""
+    import tempfile
+
+    import onnxruntime as ort  # noqa: F401  (fail early with ORT's own import error)
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from vitcompress.fileio import atomic_dir
+    from vitcompress.runtime import OnnxRunner, check_onnx_file
+
+    check_onnx_file(source)
+    if _already_quantized(source):
+        raise QuantizeError(
+            f"{source} is already quantized (or float16)", hint="quantize the float32 export instead"
+        )
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    with tempfile.TemporaryDirectory() as scratch, atomic_dir(target.parent) as staging:
+        prepared = Path(scratch) / "prepared.onnx"
+        staged = staging / target.name
+        if cfg.mode is Mode.fp16:
+            _to_fp16(source, staged)
+        else:
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+            excluded = list(cfg.exclude)
+            if not cfg.quantize_attention:
+                excluded += _attention_matmuls(prepared)
+            common: dict[str, Any] = {
+                "per_channel": cfg.per_channel,
+                "reduce_range": cfg.reduce_range,
+                "weight_type": types[cfg.weight_type],
+                "op_types_to_quantize": ["MatMul", "Gemm"],
+                "nodes_to_exclude": excluded,
+            }
+            if cfg.mode is Mode.dynamic:
+                quantize_dynamic(str(prepared), str(staged), **common)
+            else:
+                if calibration is None:
+                    raise QuantizeError(
+                        "static quantization needs calibration data",
+                        hint="add data.calibration, or mode: dynamic",
+                    )
+                runner = OnnxRunner(prepared)
+                reader = DatasetReader(calibration, runner.input_name, cfg.calibration_batch)
+                check_calibration(reader.batches, tuple(runner.input_shape[1:]))
+                method = {
+                    Calibration.minmax: CalibrationMethod.MinMax,
+                    Calibration.entropy: CalibrationMethod.Entropy,
+                    Calibration.percentile: CalibrationMethod.Percentile,
+                }[cfg.calibration]
+                extra = (
+                    {"CalibPercentile": cfg.percentile} if cfg.calibration is Calibration.percentile else {}
+                )
+                if cfg.activation_type == "int8":
+                    extra["ActivationSymmetric"] = True
+                quantize_static(
+                    str(prepared),
+                    str(staged),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=types[cfg.activation_type],
+                    calibrate_method=method,
+                    extra_options=extra,
+                    **common,
+                )
+        counts = op_counts(staged)
+        quantized = quantized_counts(counts)
+        if cfg.mode is not Mode.fp16 and not quantized:
+            raise QuantizeError(
+                f"ONNX Runtime quantized nothing in {source.name}", hint="check op_types / exclude"
+            )
+        OnnxRunner(staged)  # the result must open
+    return {"op_counts": counts, "quantized_counts": quantized, "excluded": cfg.exclude}
+
+
+def _to_fp16(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(source))
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        # opset-17 exports carry LayerNormalization as one op; blocking more ops (ReduceMean, Pow, Erf)
+        # makes this converter emit duplicate cast names (measured: onnxruntime 1.31)
+        op_block_list=["LayerNormalization", "Softmax"],
+    )
+    wrapped = OnnxModel(converted)
+    wrapped.topological_sort()  # the converter appends its input casts after their consumers
+    onnx.save(wrapped.model, str(target))
+    onnx.checker.check_model(str(target), full_check=True)
+
+
+def agreement(float_path: Path, quant_path: Path, data: Dataset, batch_size: int = 64) -> dict[str, float]:
+    """Top-1 agreement and max |Δlogit| of the quantized model against the float one on real data."""
+    import numpy as np
+
+    from vitcompress.runtime import OnnxRunner
+
+    a, b = OnnxRunner(float_path), OnnxRunner(quant_path)
+    same = total = 0
+    worst = 0.0
+    correct_a = correct_b = 0
+    for x, y in data.batches(batch_size):
+        la, lb = a.run(x.numpy()), b.run(x.numpy())
+        same += int((la.argmax(1) == lb.argmax(1)).sum())
+        correct_a += int((la.argmax(1) == y.numpy()).sum())
+        correct_b += int((lb.argmax(1) == y.numpy()).sum())
+        worst = max(worst, float(np.abs(la - lb).max()))
+        total += len(y)
+    return {
+        "top1_agreement": same / total,
+        "max_abs_diff": worst,
+        "float_top1": correct_a / total,
+        "quantized_top1": correct_b / total,
+        "samples": total,
+    }
+
+
+def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
+    from vitcompress.data import load_dataset
+    from vitcompress.errors import RecipeError
+    from vitcompress.runtime import onnx_size
+    from vitcompress.state import Parity, PassRecord
+
+    start = time.perf_counter()
+    if state.onnx_path is None:
+        raise RecipeError("quantize needs an ONNX model: put an export pass before it")
+    data = state.settings.data
+    calibration = None
+    if cfg.mode is Mode.static:
+        spec = data.for_calibration() if data else None
+        if spec is None:
+            raise QuantizeError(
+                f"{cfg.step_name}: static quantization needs data.calibration (or data.train)"
+            )
+        spec = spec.model_copy(
+            update={"limit": min(spec.limit or cfg.calibration_size, cfg.calibration_size)}
+        )
+        calibration = load_dataset(spec, state.model.input, state.model.num_classes)
+    target = state.settings.out_dir / cfg.filename
+    details = quantize_file(state.onnx_path, target, cfg, calibration)
+    check_data = None
+    if data is not None and (data.eval or data.for_calibration()):
+        spec = data.eval or data.for_calibration()
+        assert spec is not None
+        check_data = load_dataset(
+            spec.model_copy(update={"limit": spec.limit or 1000}), state.model.input, state.model.num_classes
+        )
+    parity = None
+    top1 = None
+    if check_data is not None:
+        measured = agreement(state.onnx_path, target, check_data)
+        details["agreement"] = measured
+        parity = Parity(
+            measured["max_abs_diff"],
+            0.0,
+            measured["top1_agreement"],
+            int(measured["samples"]),
+            str(state.onnx_path),
+        )
+        if data is not None and data.eval is not None:
+            top1 = measured["quantized_top1"]
+    log.info("quantized %s: %s", target.name, details["quantized_counts"])
+    last = state.records[-1] if state.records else None
+    record = PassRecord(
+        name=cfg.step_name,
+        kind=cfg.kind,
+        params=last.params if last else None,
+        macs=last.macs if last else None,
+        size_bytes=onnx_size(target),
+        parity=parity,
+        top1=top1,
+        wall_s=time.perf_counter() - start,
+        artifact=str(target),
+        details={**details, "settings": cfg.model_dump(mode="json")},
+    )
+    return state.with_record(record, onnx_path=target)
