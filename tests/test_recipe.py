@@ -41,7 +41,7 @@ BAD = [
     (
         "unknown budget key",
         HEAD + "passes:\n  - kind: export\nbudgets:\n  max_p50: 3\n",
-        "<r>:7: unknown key 'max_p50' in budgets; did you mean 'max_p50_ms'?",
+        "<r>:7: unknown key 'max_p50' in budgets; did you mean 'max_p50_ms'",
     ),
     (
         "unknown pass kind",
