@@ -65,6 +65,7 @@ def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
     speedup = measured.details.get("speedup_vs_baseline") if measured else None
     if budgets.min_speedup is not None and speedup is not None and speedup < budgets.min_speedup:
         failures.append(f"speed-up {speedup:.2f}x < min_speedup {budgets.min_speedup:g}x")
+    failures += [str(r.details["gate_failure"]) for r in state.records if "gate_failure" in r.details]
     if budgets.max_top1_drop is not None:
         accuracy = next((r for r in reversed(state.records) if "top1_drop_points" in r.details), None)
         if accuracy is None:

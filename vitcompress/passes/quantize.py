@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -96,6 +97,14 @@ class QuantizeConfig(PassConfig):
     quantize_attention: bool = Field(False, description="Also quantize the q@k and attn@v matmuls.")
     exclude: list[str] = Field(default_factory=list, description="ONNX node names to keep in float.")
     provider: Literal["cpu", "cuda", "tensorrt"] = Field("cpu", description="Where the result will run.")
+    max_top1_drop: float | None = Field(
+        None,
+        ge=0,
+        description="Accuracy gate: top-1 drop vs float on data.eval, in points; falls back layer by layer.",
+    )
+    fallback_time_limit_s: float = Field(
+        600, gt=0, description="Time for the sensitivity fallback; the best model found is kept."
+    )
     filename: str = Field("model.int8.onnx", description="Output file name in the run directory.")
 
     @model_validator(mode="before")
@@ -210,7 +219,11 @@ def _attention_matmuls(path: Path) -> list[str]:
 
 
 def quantize_file(
-    source: Path, target: Path, cfg: QuantizeConfig, calibration: Dataset | None
+    source: Path,
+    target: Path,
+    cfg: QuantizeConfig,
+    calibration: Dataset | None,
+    keep_float: list[str] | None = None,
 ) -> dict[str, Any]:
     """Quantize `source` into `target` atomically; returns what was done (counts, settings)."""
     import tempfile
@@ -241,7 +254,7 @@ def quantize_file(
             _to_fp16(source, staged)
         else:
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
-            excluded = list(cfg.exclude)
+            excluded = list(cfg.exclude) + list(keep_float or [])
             if not cfg.quantize_attention:
                 excluded += _attention_matmuls(prepared)
             common: dict[str, Any] = {
@@ -289,13 +302,105 @@ def quantize_file(
                 f"ONNX Runtime quantized nothing in {source.name}", hint="check op_types / exclude"
             )
         OnnxRunner(staged)  # the result must open
-    return {"op_counts": counts, "quantized_counts": quantized, "excluded": cfg.exclude}
+    return {
+        "op_counts": counts,
+        "quantized_counts": quantized,
+        "excluded": [*cfg.exclude, *(keep_float or [])],
+    }
+
+
+def quantizable_nodes(path: Path, cfg: QuantizeConfig) -> list[str]:
+    """The nodes quantization touches: MatMul/Gemm with a weight (and attention matmuls if asked)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    attention = set() if cfg.quantize_attention else set(_attention_matmuls(path))
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.name not in attention and n.name not in cfg.exclude
+    ]
+
+
+def _logit_error(float_path: Path, quant_path: Path, batches: list[np.ndarray]) -> float:
+    import numpy as np
+
+    from vitcompress.runtime import OnnxRunner
+
+    a, b = OnnxRunner(float_path), OnnxRunner(quant_path)
+    return float(np.mean([np.mean((a.run(x) - b.run(x)) ** 2) for x in batches]))
+
+
+@dataclass
+class GateResult:
+    drop_points: float
+    keep_float: list[str]
+    tried: int
+    met: bool
+    details: dict[str, Any]
+
+
+def quantize_with_gate(
+    source: Path, target: Path, cfg: QuantizeConfig, calibration: Dataset | None, eval_data: Dataset
+) -> GateResult:
+    """Quantize; while top-1 drops more than `max_top1_drop`, return the most sensitive layers to float.
+
+    Sensitivity of a layer: how much the logit error against the float model falls when only that
+    layer stays float. Layers go back to float in that order, doubling the count each round, until
+    the budget holds or time runs out; the best model found is always the one left in `target`.
+    """
+    import shutil
+    import tempfile
+
+    assert cfg.max_top1_drop is not None
+    started = time.perf_counter()
+    details = quantize_file(source, target, cfg, calibration)
+    measured = agreement(source, target, eval_data)
+    drop = 100 * (measured["float_top1"] - measured["quantized_top1"])
+    best = GateResult(drop, [], 1, drop <= cfg.max_top1_drop, {**details, "agreement": measured})
+    if best.met:
+        return best
+    probe = [x.numpy() for x, _ in eval_data.batches(64, limit_batches=4)]
+    nodes = quantizable_nodes(source, cfg)
+    log.info("top-1 drop %.2f > %.2f points: sensitivity of %d layers", drop, cfg.max_top1_drop, len(nodes))
+    ranked: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        trial = Path(scratch) / "trial.onnx"
+        base_error = _logit_error(source, target, probe)
+        sensitivity: dict[str, float] = {}
+        for node in nodes:
+            if time.perf_counter() - started > cfg.fallback_time_limit_s:
+                break
+            quantize_file(source, trial, cfg, calibration, keep_float=[node])
+            sensitivity[node] = base_error - _logit_error(source, trial, probe)
+        ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
+        count = 1
+        while count <= len(ranked) and time.perf_counter() - started <= cfg.fallback_time_limit_s:
+            keep = ranked[:count]
+            trial_details = quantize_file(source, trial, cfg, calibration, keep_float=keep)
+            measured = agreement(source, trial, eval_data)
+            drop = 100 * (measured["float_top1"] - measured["quantized_top1"])
+            log.info("%d layer(s) back to float: top-1 drop %.2f points", count, drop)
+            best.tried += 1
+            if drop < best.drop_points:
+                shutil.copyfile(trial, target)
+                best = GateResult(
+                    drop,
+                    keep,
+                    best.tried,
+                    drop <= cfg.max_top1_drop,
+                    {**trial_details, "agreement": measured},
+                )
+            if drop <= cfg.max_top1_drop:
+                break
+            count = len(ranked) if count * 2 > len(ranked) and count < len(ranked) else count * 2
+    best.details["sensitivity_ranked"] = ranked[:20]
+    return best
 
 
 def _to_fp16(source: Path, target: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
-
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(source))
@@ -360,9 +465,30 @@ def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
         )
         calibration = load_dataset(spec, state.model.input, state.model.num_classes)
     target = state.settings.out_dir / cfg.filename
-    details = quantize_file(state.onnx_path, target, cfg, calibration)
     check_data = None
-    if data is not None and (data.eval or data.for_calibration()):
+    if cfg.max_top1_drop is not None:
+        if data is None or data.eval is None:
+            raise QuantizeError(f"{cfg.step_name}: max_top1_drop needs data.eval to measure top-1")
+        eval_data = load_dataset(data.eval, state.model.input, state.model.num_classes)
+        gate = quantize_with_gate(state.onnx_path, target, cfg, calibration, eval_data)
+        details = {
+            **gate.details,
+            "gate": {
+                "max_top1_drop": cfg.max_top1_drop,
+                "drop_points": gate.drop_points,
+                "met": gate.met,
+                "kept_float": gate.keep_float,
+                "models_tried": gate.tried,
+            },
+        }
+        if not gate.met:
+            details["gate_failure"] = (
+                f"{cfg.step_name}: top-1 drop {gate.drop_points:.2f} points > max_top1_drop {cfg.max_top1_drop:g} "
+                f"even with {len(gate.keep_float)} layer(s) in float; the best model found is {target}"
+            )
+    else:
+        details = quantize_file(state.onnx_path, target, cfg, calibration)
+    if "agreement" not in details and data is not None and (data.eval or data.for_calibration()):
         spec = data.eval or data.for_calibration()
         assert spec is not None
         check_data = load_dataset(
@@ -370,8 +496,13 @@ def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
         )
     parity = None
     top1 = None
-    if check_data is not None:
+    if "agreement" in details:
+        measured = details["agreement"]
+    elif check_data is not None:
         measured = agreement(state.onnx_path, target, check_data)
+    else:
+        measured = None
+    if measured is not None:
         details["agreement"] = measured
         parity = Parity(
             measured["max_abs_diff"],
