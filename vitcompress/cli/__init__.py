@@ -106,6 +106,7 @@ def _register() -> None:
         factorize_cmd,
         inspect_cmd,
         prune_cmd,
+        quantize_cmd,
         recipe_cmd,
     )
 
@@ -116,6 +117,7 @@ def _register() -> None:
     app.command("export")(export_cmd.export)
     app.command("eval")(eval_cmd.evaluate)
     app.command("distill")(distill_cmd.distill)
+    app.command("quantize")(quantize_cmd.quantize)
     app.command("bench")(bench_cmd.bench)
     app.add_typer(recipe_cmd.app, name="recipe")
 

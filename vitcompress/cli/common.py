@@ -85,10 +85,11 @@ def build_config(cls: type[C], **flags: Any) -> C:
         return cls(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as err:
         first = err.errors()[0]
-        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-        raise VitcompressError(
-            f"{flag}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
-        ) from None
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule across several options: the message names them
+            raise VitcompressError(message) from None
+        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        raise VitcompressError(f"{flag}: {message} (got {first.get('input')!r})") from None
 
 
 def _default(value: Any) -> Any:

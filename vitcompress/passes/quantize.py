@@ -374,8 +374,11 @@ def quantize_with_gate(
             quantize_file(source, trial, cfg, calibration, keep_float=[node])
             sensitivity[node] = base_error - _logit_error(source, trial, probe)
         ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
-        count = 1
-        while count <= len(ranked) and time.perf_counter() - started <= cfg.fallback_time_limit_s:
+        # 1, 2, 4, ... layers back to float; at least one layer always stays quantized
+        counts = sorted({min(2**k, len(ranked) - 1) for k in range(len(ranked).bit_length() + 1)} - {0})
+        for count in counts:
+            if time.perf_counter() - started > cfg.fallback_time_limit_s:
+                break
             keep = ranked[:count]
             trial_details = quantize_file(source, trial, cfg, calibration, keep_float=keep)
             measured = agreement(source, trial, eval_data)
@@ -393,7 +396,6 @@ def quantize_with_gate(
                 )
             if drop <= cfg.max_top1_drop:
                 break
-            count = len(ranked) if count * 2 > len(ranked) and count < len(ranked) else count * 2
     best.details["sensitivity_ranked"] = ranked[:20]
     return best
 

@@ -1,0 +1,246 @@
+"""Quantization: quantized node counts, ViT-aware placement, agreement on real data, every calibration
+method measured, presets, fp16, the accuracy gate and its fallback, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tests.conftest import tiny_ref
+from vitcompress.data import DataSpec, load_dataset
+from vitcompress.models import load_model
+from vitcompress.passes import quantize as q
+from vitcompress.passes.distill import DistillConfig, distill_model
+from vitcompress.passes.export import ExportConfig, export_model
+from vitcompress.passes.quantize import (
+    Mode,
+    QuantizeConfig,
+    QuantizeError,
+    agreement,
+    check_calibration,
+    quantize_file,
+    quantize_with_gate,
+)
+
+
+@pytest.fixture(scope="module")
+def trained_onnx(tmp_path_factory):
+    """A tiny ViT trained on digits (about 85% top-1), exported: the float model under test."""
+    directory = tmp_path_factory.mktemp("q")
+    torch.manual_seed(0)
+    loaded = load_model(
+        tiny_ref(
+            "timm:vit_tiny_patch16_224",
+            img_size=16,
+            kwargs={"depth": 2, "patch_size": 4, "embed_dim": 96, "num_heads": 3},
+        )
+    )
+    train = load_dataset(DataSpec(source="digits"), loaded.input, 10)
+    cfg = DistillConfig(steps=300, batch_size=32, lr=2e-3, hard_label=1.0, soft_kd=0.0, checkpoint_every=1000)
+    distill_model(loaded, None, cfg, train, None, directory / "train", seed=0)
+    path = export_model(loaded, directory / "model.onnx", ExportConfig()).path
+    calibration = load_dataset(DataSpec(source="digits", limit=128), loaded.input, 10)
+    test = load_dataset(DataSpec(source="digits", split="test"), loaded.input, 10)
+    return path, calibration, test
+
+
+def test_static_int8_quantizes_only_the_linears_and_agrees_on_real_data(trained_onnx, tmp_path):
+    path, calibration, test = trained_onnx
+    details = quantize_file(path, tmp_path / "int8.onnx", QuantizeConfig(), calibration)
+    counts = details["quantized_counts"]
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
+    # ViT-aware placement: dequantized tensors feed only the linear layers, never LayerNorm/Softmax/Add
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    quantized_activations = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    # quantized activations come back to float only inside the linear layers: into their MatMul/Gemm,
+    # or (MatMul outputs) into the same linear's bias Add; never into LayerNorm, Softmax, GELU or residuals
+    fed = {
+        (c.op_type, c.name)
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in quantized_activations
+        for c in model.graph.node
+        if n.output[0] in c.input
+    }
+    assert {op for op, _ in fed} <= {"MatMul", "Gemm", "Add"}, fed
+    assert all(
+        name.rsplit("/", 2)[-2] in ("qkv", "proj", "fc1", "fc2", "head") for op, name in fed if op == "Add"
+    ), fed
+    measured = agreement(path, tmp_path / "int8.onnx", test)
+    assert measured["float_top1"] > 0.8
+    assert measured["top1_agreement"] >= 0.97
+    assert abs(measured["float_top1"] - measured["quantized_top1"]) <= 0.02
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.6 * path.stat().st_size
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_every_calibration_method_is_measured(trained_onnx, tmp_path, method):
+    path, calibration, test = trained_onnx
+    quantize_file(path, tmp_path / "m.onnx", QuantizeConfig(calibration=method), calibration)
+    measured = agreement(path, tmp_path / "m.onnx", test)
+    assert measured["top1_agreement"] >= 0.95, (method, measured)
+
+
+def test_dynamic_and_attention_quantization(trained_onnx, tmp_path):
+    path, calibration, _ = trained_onnx
+    dynamic = quantize_file(path, tmp_path / "d.onnx", QuantizeConfig(mode="dynamic"), None)
+    assert dynamic["quantized_counts"]["MatMulInteger"] > 0
+    linears = quantize_file(path, tmp_path / "l.onnx", QuantizeConfig(), calibration)
+    with_attention = quantize_file(
+        path, tmp_path / "a.onnx", QuantizeConfig(preset="gpu-tensorrt-int8"), calibration
+    )
+    assert (
+        with_attention["quantized_counts"]["QuantizeLinear"] > linears["quantized_counts"]["QuantizeLinear"]
+    )
+
+
+def test_presets_expand_to_explicit_settings():
+    avx2 = QuantizeConfig(preset="cpu-x86-avx2")
+    assert (avx2.mode, avx2.activation_type, avx2.weight_type, avx2.reduce_range) == (
+        Mode.static,
+        "uint8",
+        "int8",
+        True,
+    )
+    arm = QuantizeConfig(preset="cpu-arm64")
+    assert arm.activation_type == "int8" and not arm.reduce_range
+    trt = QuantizeConfig(preset="gpu-tensorrt-int8")
+    assert trt.quantize_attention and trt.provider == "tensorrt" and trt.activation_type == "int8"
+    assert QuantizeConfig(preset="cpu-x86-vnni", per_channel=False).per_channel is False  # explicit wins
+    fp16 = QuantizeConfig(preset="gpu-fp16")
+    assert fp16.mode is Mode.fp16 and fp16.filename == "model.fp16.onnx"
+    from vitcompress.recipe import dump_recipe, parse_recipe
+
+    recipe = parse_recipe(
+        "version: 1\nmodel: {source: timm:x}\npasses:\n  - kind: export\n  - kind: quantize\n    preset: cpu-x86-avx2\n    mode: dynamic\n"
+    )
+    resolved = dump_recipe(recipe)
+    assert "reduce_range: true" in resolved and "mode: dynamic" in resolved
+    with pytest.raises(ValidationError, match="unknown preset 'cpu-x86-vnn'; did you mean 'cpu-x86-vnni'"):
+        QuantizeConfig(preset="cpu-x86-vnn")
+
+
+def test_fp16_keeps_float32_io_and_passes_the_checker(trained_onnx, tmp_path):
+    path, _, test = trained_onnx
+    quantize_file(path, tmp_path / "h.onnx", QuantizeConfig(preset="gpu-fp16"), None)
+    onnx.checker.check_model(str(tmp_path / "h.onnx"), full_check=True)
+    model = onnx.load(str(tmp_path / "h.onnx"))
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert agreement(path, tmp_path / "h.onnx", test)["top1_agreement"] >= 0.99
+
+
+def test_bad_calibration_and_models_fail_before_onnx_runtime(trained_onnx, tmp_path):
+    path, _, _ = trained_onnx
+    good = np.zeros((4, 3, 16, 16), np.float32)
+    with pytest.raises(QuantizeError, match="calibration data is empty"):
+        check_calibration([], (3, 16, 16))
+    with pytest.raises(QuantizeError, match="single image"):
+        check_calibration([good[:1]], (3, 16, 16))
+    with pytest.raises(QuantizeError, match=r"shape \(3, 8, 8\), the model takes \(3, 16, 16\)"):
+        check_calibration([np.zeros((4, 3, 8, 8), np.float32)], (3, 16, 16))
+    bad = good.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(QuantizeError, match="NaN or Inf"):
+        check_calibration([good, bad], (3, 16, 16))
+    quantize_file(path, tmp_path / "once.onnx", QuantizeConfig(mode="dynamic"), None)
+    with pytest.raises(QuantizeError, match="already quantized"):
+        quantize_file(tmp_path / "once.onnx", tmp_path / "twice.onnx", QuantizeConfig(mode="dynamic"), None)
+    with pytest.raises(QuantizeError, match="needs calibration data"):
+        quantize_file(path, tmp_path / "x.onnx", QuantizeConfig(), None)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_gate_returns_sensitive_layers_to_float_and_keeps_the_best(trained_onnx, tmp_path, monkeypatch):
+    """The fallback logic on a scripted accuracy: 5 points lost fully quantized, 0.3 with 2+ float layers."""
+    path, calibration, test = trained_onnx
+
+    def float_linears(quant_path) -> int:
+        model = onnx.load(str(quant_path))
+        dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        names = set(q.quantizable_nodes(path, QuantizeConfig()))
+        return sum(1 for n in model.graph.node if n.name in names and not set(n.input) & dequantized)
+
+    def scripted(float_path, quant_path, data, batch_size=64):
+        floats = float_linears(quant_path)
+        drop = 0.05 if floats == 0 else (0.02 if floats == 1 else 0.003)
+        return {
+            "top1_agreement": 1 - drop,
+            "max_abs_diff": 0.1,
+            "float_top1": 0.9,
+            "quantized_top1": 0.9 - drop,
+            "samples": 10,
+        }
+
+    monkeypatch.setattr(q, "agreement", scripted)
+    met = quantize_with_gate(path, tmp_path / "g.onnx", QuantizeConfig(max_top1_drop=0.5), calibration, test)
+    assert met.met and len(met.keep_float) == 2 and met.drop_points == pytest.approx(0.3)
+    assert (tmp_path / "g.onnx").is_file()
+    unmet = quantize_with_gate(
+        path,
+        tmp_path / "u.onnx",
+        QuantizeConfig(max_top1_drop=0.1, fallback_time_limit_s=600),
+        calibration,
+        test,
+    )
+    assert not unmet.met and unmet.drop_points == pytest.approx(0.3)
+    assert (tmp_path / "u.onnx").is_file()  # never leave the user with nothing
+
+
+def test_pipeline_gate_failure_exits_3_after_writing_reports_and_the_model(
+    trained_onnx, tmp_path, monkeypatch
+):
+    from vitcompress.errors import BudgetExceededError
+    from vitcompress.pipeline import run_recipe
+    from vitcompress.recipe import parse_recipe
+
+    monkeypatch.setattr(
+        q,
+        "agreement",
+        lambda a, b, d, batch_size=64: {
+            "top1_agreement": 0.9,
+            "max_abs_diff": 1.0,
+            "float_top1": 0.9,
+            "quantized_top1": 0.8,
+            "samples": 10,
+        },
+    )
+    text = """
+version: 1
+model: {source: timm:vit_tiny_patch16_224, num_classes: 10, img_size: 16, kwargs: {depth: 1, patch_size: 4}}
+data:
+  calibration: {source: digits, limit: 64}
+  eval: {source: digits, split: test, limit: 50}
+passes:
+  - kind: export
+  - kind: quantize
+    max_top1_drop: 1.0
+    fallback_time_limit_s: 5
+"""
+    with pytest.raises(BudgetExceededError, match="top-1 drop 10.00 points > max_top1_drop 1"):
+        run_recipe(parse_recipe(text), tmp_path / "run")
+    assert (tmp_path / "run" / "model.int8.onnx").is_file()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["budgets"]["passed"] is False
+    del trained_onnx
+
+
+def test_quantize_command(cli, trained_onnx, tmp_path):
+    path, _, _ = trained_onnx
+    result = cli("quantize", path, "--out", tmp_path / "c.onnx", "--preset", "cpu-x86-vnni", "--data", "digits",
+                 "--eval-data", "digits:test", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["quantized_counts"]["QuantizeLinear"] > 0 and data["agreement"]["top1_agreement"] >= 0.95
+    assert data["settings"]["reduce_range"] is False and data["size_bytes"] < data["float_size_bytes"]
+    evaluated = cli("eval", tmp_path / "c.onnx", "--data", "digits:test", "--json")
+    assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["top1"] > 0.8
+    again = cli("quantize", tmp_path / "c.onnx", "--out", tmp_path / "d.onnx", "--mode", "dynamic")
+    assert again.exit_code == 2 and "already quantized" in again.stderr
+    no_data = cli("quantize", path, "--out", tmp_path / "e.onnx")
+    assert no_data.exit_code == 2 and "static quantization needs --data" in no_data.stderr

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitcompress.cli.common import JsonOpt, build_config, err_console, out_console, print_json
+from vitcompress.passes.quantize import PRESETS, Calibration, Mode, QuantizeConfig
+
+
+def quantize(
+    model: Annotated[
+        Path, typer.Argument(help="A float32 .onnx file exported by vitcompress.", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .onnx file (written atomically).")],
+    preset: Annotated[
+        str | None, typer.Option(help=f"Target preset: {', '.join(PRESETS)}. Sets the options below.")
+    ] = None,
+    mode: Annotated[
+        Mode | None, typer.Option(help="static (int8, calibrated), dynamic (int8) or fp16.")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Calibration data (static): fashion-mnist, digits, synthetic or an image folder."),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(help="Held-out data: top-1 agreement, accuracy and the --max-top1-drop gate."),
+    ] = None,
+    calibration: Annotated[
+        Calibration | None, typer.Option(help="Activation ranges: minmax, entropy, percentile.")
+    ] = None,
+    calibration_size: Annotated[
+        int | None, typer.Option(min=2, help="Calibration images (stratified).")
+    ] = None,
+    per_channel: Annotated[bool | None, typer.Option(help="Per-channel weight scales.")] = None,
+    quantize_attention: Annotated[
+        bool | None, typer.Option(help="Also quantize the q@k and attn@v matmuls.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="ONNX node name to keep float (repeat).")
+    ] = None,
+    max_top1_drop: Annotated[
+        float | None,
+        typer.Option(help="Gate: top-1 drop vs float in points; layers fall back to float until it holds."),
+    ] = None,
+    eval_limit: Annotated[int | None, typer.Option(min=1, help="Images of --eval-data to use.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Quantize an exported model with ONNX Runtime: static INT8 (QDQ), dynamic INT8, or fp16.
+
+    Static INT8 calibrates activation ranges on --data and quantizes the linear layers, keeping
+    LayerNorm, Softmax, GELU and residual adds in float (ViT-aware placement). Presets expand into
+    explicit settings. Prints the quantized node count by op type (it must be > 0), the size, and,
+    with --eval-data, top-1 agreement and accuracy against the float model. Exit code 3 when
+    --max-top1-drop cannot be met; the best model found is still written.
+
+    Examples:
+      vitcompress quantize model.onnx --out model.int8.onnx --preset cpu-x86-vnni --data fashion-mnist
+      vitcompress quantize model.onnx --out model.dyn.onnx --mode dynamic
+      vitcompress quantize model.onnx --out model.fp16.onnx --preset gpu-fp16
+    """
+    from vitcompress.data import DataSpec, load_dataset
+    from vitcompress.errors import BudgetExceededError
+    from vitcompress.evaluate import onnx_input_spec
+    from vitcompress.passes.quantize import agreement, quantize_file, quantize_with_gate
+    from vitcompress.runtime import onnx_size
+
+    cfg = build_config(
+        QuantizeConfig,
+        preset=preset,
+        mode=mode,
+        calibration=calibration,
+        calibration_size=calibration_size,
+        per_channel=per_channel,
+        quantize_attention=quantize_attention,
+        exclude=exclude,
+        max_top1_drop=max_top1_drop,
+        filename=out.name,
+    )
+    if out.suffix != ".onnx":
+        raise typer.BadParameter(f"{out} must end in .onnx", param_hint="--out")
+    input_spec, classes = onnx_input_spec(model)
+    calibration_data = None
+    if cfg.mode is Mode.static:
+        if data is None:
+            from vitcompress.passes.quantize import QuantizeError
+
+            raise QuantizeError("static quantization needs --data for calibration", hint="or --mode dynamic")
+        spec = DataSpec.parse(data, limit=cfg.calibration_size)
+        calibration_data = load_dataset(spec, input_spec, classes)
+    held_out = (
+        load_dataset(DataSpec.parse(eval_data, limit=eval_limit), input_spec, classes) if eval_data else None
+    )
+    with err_console.status(f"quantizing {model.name} ({cfg.mode.value})"):
+        if cfg.max_top1_drop is not None:
+            if held_out is None:
+                raise typer.BadParameter("--max-top1-drop needs --eval-data", param_hint="--eval-data")
+            gate = quantize_with_gate(model, out, cfg, calibration_data, held_out)
+            details = {
+                **gate.details,
+                "gate": {"met": gate.met, "drop_points": gate.drop_points, "kept_float": gate.keep_float},
+            }
+        else:
+            details = quantize_file(model, out, cfg, calibration_data)
+            if held_out is not None:
+                details["agreement"] = agreement(model, out, held_out)
+    details["size_bytes"] = onnx_size(out)
+    details["float_size_bytes"] = onnx_size(model)
+    details["settings"] = cfg.model_dump(mode="json")
+    if json_out:
+        print_json(details)
+    else:
+        counts = (
+            ", ".join(f"{op} {n}" for op, n in sorted(details["quantized_counts"].items())) or "none (fp16)"
+        )
+        out_console.print(
+            f"wrote {out} ({details['size_bytes'] / 1e6:.2f} MB, float {details['float_size_bytes'] / 1e6:.2f} MB); "
+            f"quantized nodes: {counts}"
+        )
+        measured = details.get("agreement")
+        if measured:
+            out_console.print(
+                f"on {measured['samples']} images: top-1 agreement {measured['top1_agreement']:.2%}, top-1 "
+                f"{measured['quantized_top1']:.2%} vs float {measured['float_top1']:.2%}, max |Δlogit| {measured['max_abs_diff']:.3g}"
+            )
+    gate_info = details.get("gate")
+    if gate_info is not None and not gate_info["met"]:
+        raise BudgetExceededError(
+            f"top-1 drop {gate_info['drop_points']:.2f} points > --max-top1-drop {cfg.max_top1_drop:g} "
+            f"with {len(gate_info['kept_float'])} layer(s) back in float",
+            hint=f"the best model found was written to {out}",
+        )
