@@ -152,3 +152,36 @@ def test_bench_distill_script_smoke(tmp_path):
     ]
     assert [r["processes"] for r in results["throughput"]] == [1, 2]
     assert all(r["images_per_s"] > 0 for r in results["throughput"])
+
+
+def test_bench_quantize_script_smoke(tmp_path):
+    out = tmp_path / "q.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/bench_quantize.py"),
+            "--smoke",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--kwargs",
+            '{"depth": 2, "img_size": 32, "patch_size": 8}',
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--eval-limit",
+            "50",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "vs quantize_dynamic" in run.stdout
+    results = json.loads(out.read_text())
+    assert [r["variant"].split()[0] for r in results["speed"]] == ["ORT", "ORT", "vitcompress"]
+    assert results["speed"][0]["speedup_vs_fp32"] == 1.0 and all(r["p50_ms"] > 0 for r in results["speed"])
+    assert len(results["accuracy"]) == 3 and results["accuracy"][0]["drop_points"] == 0.0
