@@ -46,6 +46,12 @@ def quantize(
         typer.Option(help="Gate: top-1 drop vs float in points; layers fall back to float until it holds."),
     ] = None,
     eval_limit: Annotated[int | None, typer.Option(min=1, help="Images of --eval-data to use.")] = None,
+    verify_provider: Annotated[
+        bool,
+        typer.Option(
+            help="Require the target's execution provider here; --no-verify-provider builds for another machine."
+        ),
+    ] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Quantize an exported model with ONNX Runtime: static INT8 (QDQ), dynamic INT8, or fp16.
@@ -59,7 +65,7 @@ def quantize(
     Examples:
       vitcompress quantize model.onnx --out model.int8.onnx --preset cpu-x86-vnni --data fashion-mnist
       vitcompress quantize model.onnx --out model.dyn.onnx --mode dynamic
-      vitcompress quantize model.onnx --out model.fp16.onnx --preset gpu-fp16
+      vitcompress quantize model.onnx --out model.fp16.onnx --preset gpu-fp16 --no-verify-provider
     """
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.errors import BudgetExceededError
@@ -78,6 +84,7 @@ def quantize(
         exclude=exclude,
         max_top1_drop=max_top1_drop,
         filename=out.name,
+        verify_provider=verify_provider,
     )
     if out.suffix != ".onnx":
         raise typer.BadParameter(f"{out} must end in .onnx", param_hint="--out")

@@ -106,6 +106,10 @@ class QuantizeConfig(PassConfig):
         600, gt=0, description="Time for the sensitivity fallback; the best model found is kept."
     )
     filename: str = Field("model.int8.onnx", description="Output file name in the run directory.")
+    verify_provider: bool = Field(
+        True,
+        description="Require the target's execution provider on this machine; false: build for another machine.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -175,6 +179,23 @@ def check_calibration(batches: list[np.ndarray], shape: tuple[int, ...]) -> None
 # --------------------------------------------------------------------------- quantization
 
 
+def check_target(cfg: QuantizeConfig) -> None:
+    """A GPU preset on a machine without that execution provider: say so before any work."""
+    from vitcompress.runtime import Provider, require_provider
+
+    if cfg.provider == "cpu" or not cfg.verify_provider:
+        return
+    try:
+        require_provider(Provider(cfg.provider))
+    except VitcompressError as err:
+        target = f"preset {cfg.preset!r}" if cfg.preset else f"provider {cfg.provider!r}"
+        raise QuantizeError(
+            f"{target} targets {cfg.provider}, which this machine's onnxruntime does not have",
+            hint="run on the target machine, or set verify_provider: false (--no-verify-provider) to build "
+            "the file here and measure it there",
+        ) from err
+
+
 def op_counts(path: Path) -> dict[str, int]:
     import onnx
 
@@ -242,6 +263,7 @@ def quantize_file(
     from vitcompress.runtime import OnnxRunner, check_onnx_file
 
     check_onnx_file(source)
+    check_target(cfg)
     if _already_quantized(source):
         raise QuantizeError(
             f"{source} is already quantized (or float16)", hint="quantize the float32 export instead"
