@@ -46,3 +46,15 @@ def test_readme_examples_run_in_order(cli, tmp_path, monkeypatch, hf_vit_dir):
         assert result.exit_code == 0, (args, result.output)
     assert (tmp_path / "out" / "report.md").is_file()
     assert (tmp_path / "recipe.schema.json").is_file()
+
+
+def test_readme_recipe_blocks_validate():
+    import re
+
+    from vitcompress.recipe import parse_recipe
+
+    blocks = re.findall(r"```yaml\n(.*?)```", ROOT.joinpath("README.md").read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        recipe = parse_recipe(block, "README.md")
+        assert recipe.passes
