@@ -95,6 +95,11 @@ class QuantizeConfig(PassConfig):
     weight_type: Literal["uint8", "int8"] = Field("int8", description="Weight integer type.")
     reduce_range: bool = Field(False, description="7-bit weights (for CPUs without VNNI).")
     quantize_attention: bool = Field(False, description="Also quantize the q@k and attn@v matmuls.")
+    quantize_outputs: bool = Field(
+        False,
+        description="Q/DQ on MatMul/Gemm outputs too. Off: integer matmul with a float result for the bias add "
+        "(measured 1.25-1.4x faster on DeiT-S, AVX-512 VNNI).",
+    )
     exclude: list[str] = Field(default_factory=list, description="ONNX node names to keep in float.")
     provider: Literal["cpu", "cuda", "tensorrt"] = Field("cpu", description="Where the result will run.")
     max_top1_drop: float | None = Field(
@@ -302,11 +307,13 @@ def quantize_file(
                     Calibration.entropy: CalibrationMethod.Entropy,
                     Calibration.percentile: CalibrationMethod.Percentile,
                 }[cfg.calibration]
-                extra = (
+                extra: dict[str, Any] = (
                     {"CalibPercentile": cfg.percentile} if cfg.calibration is Calibration.percentile else {}
                 )
                 if cfg.activation_type == "int8":
                     extra["ActivationSymmetric"] = True
+                if not cfg.quantize_outputs:
+                    extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
                 quantize_static(
                     str(prepared),
                     str(staged),
