@@ -94,6 +94,7 @@ def test_bench_cli_json_fields_and_gate_exit_code(cli, onnx_pair):
         "batch_sizes": [1, 2],
         "warmup": 1,
         "runs": 10,
+        "block": 10,
     }
     assert {"p50_ms", "p90_ms", "p99_ms", "throughput_ips", "speedup_vs_first"} <= set(data["results"][0])
     assert len(data["results"]) == 4
@@ -105,3 +106,16 @@ def test_bench_cli_json_fields_and_gate_exit_code(cli, onnx_pair):
     missing = cli("bench", "nope.onnx")
     assert missing.exit_code == 2
     assert "nope.onnx does not exist" in missing.stderr
+
+
+def test_block_interleaving_times_every_call_and_rotates():
+    from vitcompress.bench import time_interleaved
+
+    order: list[str] = []
+    calls = [lambda: order.append("a"), lambda: order.append("b")]
+    steps: list[int] = []
+    times = time_interleaved(calls, warmup=1, runs=5, on_step=steps.append, block=2)
+    assert [len(t) for t in times] == [5, 5] and all(t >= 0 for ts in times for t in ts)
+    # warm-up, then turns of (1 untimed + up to 2 timed) calls, the first position rotating
+    assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 2 + ["b"] * 2
+    assert sum(steps) == 2 * (1 + 5)

@@ -26,6 +26,14 @@ def bench(
     ] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs per model first.")] = 10,
     runs: Annotated[int, typer.Option(min=5, help="Timed runs per model and batch size.")] = 100,
+    block: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Timed runs in a row per model before the next takes its turn (caches warm, as in "
+            "deployment); 1 is strict round-robin.",
+        ),
+    ] = 10,
     max_p50_ms: Annotated[
         float | None,
         typer.Option(min=0, help="Gate: fail (exit 3) if the last model's median latency is above this."),
@@ -65,7 +73,14 @@ def bench(
     ) as progress:
         task = progress.add_task("bench", total=total)
         report = bench_models(
-            models, provider, threads, batch_sizes, warmup, runs, on_step=lambda n: progress.advance(task, n)
+            models,
+            provider,
+            threads,
+            batch_sizes,
+            warmup,
+            runs,
+            on_step=lambda n: progress.advance(task, n),
+            block=block,
         )
     gated = report.find(str(models[-1]), batch_sizes[0])
     if json_out:

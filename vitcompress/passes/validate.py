@@ -34,6 +34,9 @@ class ValidateConfig(PassConfig):
     )
     warmup: int = Field(10, ge=0, description="Untimed runs per model before measuring.")
     runs: int = Field(50, ge=5, description="Timed runs per model and batch size.")
+    block: int = Field(
+        10, ge=1, description="Timed runs in a row per model before switching (1: round-robin)."
+    )
     compare_baseline: bool = Field(True, description="Measure the fp32 baseline in the same run.")
     accuracy: bool = Field(
         True,
@@ -60,7 +63,9 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
     if cfg.compare_baseline and baseline is not None and baseline.resolve() != state.onnx_path.resolve():
         paths = [baseline, state.onnx_path]
     threads = cfg.threads or state.settings.threads
-    report = bench_models(paths, cfg.provider, threads, cfg.batch_sizes, cfg.warmup, cfg.runs)
+    report = bench_models(
+        paths, cfg.provider, threads, cfg.batch_sizes, cfg.warmup, cfg.runs, block=cfg.block
+    )
     primary = report.find(str(state.onnx_path), cfg.batch_sizes[0])
     log.info(
         "p50 %.2f ms at batch %d (%.2fx the fp32 baseline)",
