@@ -88,12 +88,14 @@ def throughput_track(args: argparse.Namespace, start_dir: Path, workdir: Path) -
     source = "digits" if args.smoke else "fashion-mnist"
     for procs in (1, 2):
         out = workdir / f"ddp{procs}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "-m", "vitcompress",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "vitcompress",
                "distill", str(start_dir), "--data", source, "--data-limit", str(args.ddp_samples), "--steps",
                str(args.ddp_steps), "--batch-size", str(args.batch_size // procs), "--no-resume", "--out", str(out),
                "--json"]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // procs))}
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if run.returncode != 0:
+            raise SystemExit(f"torchrun with {procs} process(es) failed:\n{run.stderr[-3000:]}")
         record = next(r for r in json.loads(run.stdout)["ledger"] if r["kind"] == "distill")
         rows.append({"processes": procs, "threads_each": max(1, args.threads // procs),
                      "global_batch": args.batch_size, "images_per_s": record["details"]["images_per_s"]})  # fmt: skip

@@ -181,10 +181,11 @@ def test_two_processes_match_one(tmp_path):
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vitcompress", *common,
-         "--batch-size", "8", "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, check=True,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitcompress",
+         *common, "--batch-size", "8", "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
     curves = []
     for run in (one, two):
         ledger = json.loads(run.stdout)["ledger"]
