@@ -23,13 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_prune import _reference, top1
+import benchlib
 
-from vitcompress.bench import Environment
 from vitcompress.data import DataSpec, load_dataset
 from vitcompress.models.artifact import save_artifact
 from vitcompress.models.stats import count_macs
@@ -40,7 +37,7 @@ from vitcompress.passes.prune import PruneConfig, prune_model
 def accuracy_track(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], Path]:
     from vitcompress.models import load_model
 
-    ref, source = _reference(args)
+    ref, source = benchlib.reference(args)
     teacher = load_model(ref)
     train = load_dataset(
         DataSpec(source=source, split="train", limit=args.train_limit), teacher.input, teacher.num_classes
@@ -58,8 +55,8 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> tuple[list[dict],
     macs, _ = count_macs(pruned)
     start_dir = save_artifact(pruned, workdir / "pruned")
     rows = [
-        {"model": "teacher (reference)", "top1": top1(teacher, test), "macs_ratio": 1.0},
-        {"model": "pruned, no recovery", "top1": top1(pruned, test), "macs_ratio": macs / macs0},
+        {"model": "teacher (reference)", "top1": benchlib.top1(teacher, test), "macs_ratio": 1.0},
+        {"model": "pruned, no recovery", "top1": benchlib.top1(pruned, test), "macs_ratio": macs / macs0},
     ]
     for name, weights in (("hard labels", (1.0, 0.0)), ("KD", (0.3, 0.7))):
         student = copy.deepcopy(pruned)
@@ -71,7 +68,7 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> tuple[list[dict],
         rows.append(
             {
                 "model": f"pruned + {args.epochs:g} epoch(s) {name}",
-                "top1": top1(student, test),
+                "top1": benchlib.top1(student, test),
                 "macs_ratio": macs / macs0,
                 "steps": result.steps,
                 "wall_s": result.wall_s,
@@ -103,45 +100,43 @@ def throughput_track(args: argparse.Namespace, start_dir: Path, workdir: Path) -
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchlib.parser(__doc__, speed=False)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reference", type=Path, default=None)
     parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--ddp-steps", type=int, default=40)
     parser.add_argument("--ddp-samples", type=int, default=8192)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    results: dict = {
-        "environment": Environment.detect().__dict__,
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    results = benchlib.start(args)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         results["accuracy"], start_dir = accuracy_track(args, Path(tmp))
         results["throughput"] = throughput_track(args, start_dir, Path(tmp))
         results["wall_s"] = time.perf_counter() - started
-    print("\n### Recovery after pruning to 50% MACs (top-1 on the test split)\n")
-    print("| model | top-1 | MACs ratio | steps | wall per epoch s | train images/s |")
-    print("|---|---|---|---|---|---|")
-    for r in results["accuracy"]:
-        print(f"| {r['model']} | {r['top1']:.2%} | {r['macs_ratio']:.3f} | {r.get('steps', '-')} | "
-              f"{r.get('wall_per_epoch_s', 0):.0f} | {r.get('images_per_s', 0):.0f} |")  # fmt: skip
-    print("\n### KD step throughput, torchrun (gloo)\n")
-    print("| processes | threads each | global batch | images/s |")
-    print("|---|---|---|---|")
-    for r in results["throughput"]:
-        print(f"| {r['processes']} | {r['threads_each']} | {r['global_batch']} | {r['images_per_s']:.0f} |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    benchlib.table(
+        "Recovery after pruning to 50% MACs (top-1 on the test split)",
+        [
+            ("model", lambda r: r["model"]),
+            ("top-1", lambda r: f"{r['top1']:.2%}"),
+            ("MACs ratio", lambda r: f"{r['macs_ratio']:.3f}"),
+            ("steps", lambda r: str(r.get("steps", "-"))),
+            ("wall per epoch s", lambda r: f"{r.get('wall_per_epoch_s', 0):.0f}"),
+            ("train images/s", lambda r: f"{r.get('images_per_s', 0):.0f}"),
+        ],
+        results["accuracy"],
+    )
+    benchlib.table(
+        "KD step throughput, torchrun (gloo)",
+        [
+            ("processes", lambda r: str(r["processes"])),
+            ("threads each", lambda r: str(r["threads_each"])),
+            ("global batch", lambda r: str(r["global_batch"])),
+            ("images/s", lambda r: f"{r['images_per_s']:.0f}"),
+        ],
+        results["throughput"],
+    )
+    return benchlib.finish(args, results)
 
 
 if __name__ == "__main__":

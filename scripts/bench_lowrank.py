@@ -15,7 +15,6 @@ budgets; top-1 on the 10k test images before any fine-tuning.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -25,24 +24,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_prune import _reference, top1
+import benchlib
 
-from vitcompress.bench import Environment, bench_models
 from vitcompress.data import DataSpec, load_dataset
-from vitcompress.models import ModelRef, load_model
+from vitcompress.models import load_model
 from vitcompress.models.stats import count_macs
 from vitcompress.passes.export import ExportConfig, export_model
-from vitcompress.passes.lowrank import LowRankConfig, factorize_model
+from vitcompress.passes.lowrank import LowRankConfig, breakeven_rank, factorize_model
 
 
 def _half_params_rank(loaded, round_to: int = 8) -> int:  # type: ignore[no-untyped-def]
+    """The rank at which a factorized MLP linear has half the parameters of the dense one."""
     fc1 = loaded.adapter.blocks()[0].mlp.fc1
-    rank = 0.5 * fc1.in_features * fc1.out_features / (fc1.in_features + fc1.out_features)
-    return int(rank // round_to) * round_to
+    return int(0.5 * breakeven_rank(fc1.out_features, fc1.in_features) // round_to) * round_to
 
 
 def speed_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
-    ref = ModelRef(f"timm:{args.model}", kwargs=json.loads(args.kwargs))
+    ref = benchlib.speed_model(args)
     rows, paths = [], []
     for variant in ("original", "mlp-half-params", "comcat-half-head"):
         torch.manual_seed(0)
@@ -69,16 +67,13 @@ def speed_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
                 "factorize_s": wall,
             }
         )
-    report = bench_models(paths, threads=args.threads, batch_sizes=[1], warmup=args.warmup, runs=args.runs)
-    base = report.find(str(paths[0]), 1).p50_ms
-    for row, path in zip(rows, paths, strict=True):
-        latency = report.find(str(path), 1)
-        row.update(p50_ms=latency.p50_ms, p90_ms=latency.p90_ms, latency_ratio=latency.p50_ms / base)
+    for row, timing in zip(rows, benchlib.time_variants(paths, args), strict=True):
+        row.update(timing)
     return rows
 
 
 def accuracy_track(args: argparse.Namespace) -> list[dict]:
-    ref, source = _reference(args)
+    ref, source = benchlib.reference(args)
     base = load_model(ref)
     test = load_dataset(
         DataSpec(source=source, split="test", limit=args.eval_limit), base.input, base.num_classes
@@ -87,7 +82,9 @@ def accuracy_track(args: argparse.Namespace) -> list[dict]:
         DataSpec(source=source, split="train", limit=args.calibration), base.input, base.num_classes
     )
     params0 = sum(p.numel() for p in base.model.parameters())
-    rows = [{"method": "original", "target_params": 1.0, "params_ratio": 1.0, "top1": top1(base, test)}]
+    rows = [
+        {"method": "original", "target_params": 1.0, "params_ratio": 1.0, "top1": benchlib.top1(base, test)}
+    ]
     for target in args.targets:
         for method in ("svd", "whitened"):
             torch.manual_seed(0)
@@ -106,7 +103,7 @@ def accuracy_track(args: argparse.Namespace) -> list[dict]:
                     "method": method,
                     "target_params": target,
                     "params_ratio": params / params0,
-                    "top1": top1(loaded, test),
+                    "top1": benchlib.top1(loaded, test),
                     "factorize_s": time.perf_counter() - start,
                 }
             )
@@ -114,52 +111,41 @@ def accuracy_track(args: argparse.Namespace) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--track", choices=["speed", "accuracy", "both"], default="both")
-    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model for the speed track")
-    parser.add_argument("--kwargs", default="{}", help="timm constructor kwargs as JSON (smoke runs)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument(
-        "--reference", type=Path, default=None, help="reference model directory (default: cache)"
-    )
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6])
     parser.add_argument("--calibration", type=int, default=512)
-    parser.add_argument("--eval-limit", type=int, default=None)
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny random model on digits (for the test suite)"
-    )
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    results: dict = {
-        "environment": Environment.detect().__dict__,
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    results = benchlib.start(args)
     if args.track in ("speed", "both"):
         with tempfile.TemporaryDirectory() as tmp:
             results["speed"] = speed_track(args, Path(tmp))
-        print(f"\n### Factorized {args.model}: ORT fp32, batch 1, {args.threads} threads, interleaved\n")
-        print("| variant | params ratio | MACs ratio | ONNX MB | p50 ms | p90 ms | latency ratio |")
-        print("|---|---|---|---|---|---|---|")
-        for r in results["speed"]:
-            print(
-                f"| {r['model']} | {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | {r['onnx_mb']:.1f} | "
-                f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['latency_ratio']:.3f} |"
-            )
+        benchlib.table(
+            f"Factorized {args.model}: ORT fp32, batch 1, {args.threads} threads, interleaved",
+            [
+                ("variant", lambda r: r["model"]),
+                ("params ratio", lambda r: f"{r['params_ratio']:.3f}"),
+                ("MACs ratio", lambda r: f"{r['macs_ratio']:.3f}"),
+                ("ONNX MB", lambda r: f"{r['onnx_mb']:.1f}"),
+                ("p50 ms", lambda r: f"{r['p50_ms']:.2f}"),
+                ("p90 ms", lambda r: f"{r['p90_ms']:.2f}"),
+                ("latency ratio", lambda r: f"{r['latency_ratio']:.3f}"),
+            ],
+            results["speed"],
+        )
     if args.track in ("accuracy", "both"):
         results["accuracy"] = accuracy_track(args)
-        print("\n### Top-1 vs parameters, MLPs factorized, no fine-tuning\n")
-        print("| method | target params | params ratio | top-1 |")
-        print("|---|---|---|---|")
-        for r in results["accuracy"]:
-            print(f"| {r['method']} | {r['target_params']:.2f} | {r['params_ratio']:.3f} | {r['top1']:.2%} |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+        benchlib.table(
+            "Top-1 vs parameters, MLPs factorized, no fine-tuning",
+            [
+                ("method", lambda r: r["method"]),
+                ("target params", lambda r: f"{r['target_params']:.2f}"),
+                ("params ratio", lambda r: f"{r['params_ratio']:.3f}"),
+                ("top-1", lambda r: f"{r['top1']:.2%}"),
+            ],
+            results["accuracy"],
+        )
+    return benchlib.finish(args, results)
 
 
 if __name__ == "__main__":

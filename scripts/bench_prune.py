@@ -16,7 +16,6 @@ Prints Markdown tables for BENCHMARKS.md; --json FILE writes the raw numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from vitcompress.bench import Environment, bench_models
+import benchlib
+
 from vitcompress.data import DataSpec, load_dataset
-from vitcompress.models import ModelRef, load_model
+from vitcompress.models import load_model
 from vitcompress.models.stats import count_macs
 from vitcompress.passes.export import ExportConfig, export_model
 from vitcompress.passes.prune import PruneConfig, prune_model
@@ -37,7 +37,7 @@ STRUCTURES = ["heads", "head_dim", "mlp"]
 
 
 def speed_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
-    ref = ModelRef(f"timm:{args.model}", kwargs=json.loads(args.kwargs))
+    ref = benchlib.speed_model(args)
     rows, paths = [], []
     for target in (None, 0.5, 0.25):
         torch.manual_seed(0)
@@ -62,37 +62,13 @@ def speed_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
                 "blocks": loaded.adapter.structure(),
             }
         )
-    report = bench_models(paths, threads=args.threads, batch_sizes=[1], warmup=args.warmup, runs=args.runs)
-    base = report.find(str(paths[0]), 1).p50_ms
-    for row, path in zip(rows, paths, strict=True):
-        latency = report.find(str(path), 1)
-        row.update(p50_ms=latency.p50_ms, p90_ms=latency.p90_ms, latency_ratio=latency.p50_ms / base)
+    for row, timing in zip(rows, benchlib.time_variants(paths, args), strict=True):
+        row.update(timing)
     return rows
 
 
-def _reference(args: argparse.Namespace) -> tuple[ModelRef, str]:
-    if args.smoke:
-        return ModelRef(
-            "timm:vit_tiny_patch16_224", None, 10, 32, None, False, {"depth": 2, "patch_size": 8}
-        ), "digits"
-    from train_reference import ensure_reference, model_ref
-
-    checkpoint, info = ensure_reference(args.reference)
-    print(f"reference: {checkpoint} ({info['top1']:.2%} top-1 at training time)", file=sys.stderr)
-    return model_ref(checkpoint), "fashion-mnist"
-
-
-def top1(loaded, data) -> float:  # type: ignore[no-untyped-def]
-    correct = 0
-    loaded.model.eval()
-    with torch.no_grad():
-        for x, y in data.batches(500):
-            correct += int((loaded.model(x).argmax(1) == y).sum())
-    return correct / len(data)
-
-
 def accuracy_track(args: argparse.Namespace) -> list[dict]:
-    ref, source = _reference(args)
+    ref, source = benchlib.reference(args)
     base = load_model(ref)
     test = load_dataset(
         DataSpec(source=source, split="test", limit=args.eval_limit), base.input, base.num_classes
@@ -101,7 +77,14 @@ def accuracy_track(args: argparse.Namespace) -> list[dict]:
         DataSpec(source=source, split="train", limit=args.calibration), base.input, base.num_classes
     )
     macs0, _ = count_macs(base)
-    rows = [{"importance": "none (original)", "top1": top1(base, test), "macs_ratio": 1.0, "prune_s": 0.0}]
+    rows = [
+        {
+            "importance": "none (original)",
+            "top1": benchlib.top1(base, test),
+            "macs_ratio": 1.0,
+            "prune_s": 0.0,
+        }
+    ]
     for importance in ("l2", "taylor", "hessian"):
         torch.manual_seed(0)
         loaded = load_model(ref)
@@ -120,7 +103,7 @@ def accuracy_track(args: argparse.Namespace) -> list[dict]:
         rows.append(
             {
                 "importance": importance,
-                "top1": top1(loaded, test),
+                "top1": benchlib.top1(loaded, test),
                 "macs_ratio": macs / macs0,
                 "prune_s": time.perf_counter() - start,
                 "blocks": loaded.adapter.structure(),
@@ -130,59 +113,46 @@ def accuracy_track(args: argparse.Namespace) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--track", choices=["speed", "accuracy", "both"], default="both")
-    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model for the speed track")
-    parser.add_argument("--kwargs", default="{}", help="timm constructor kwargs as JSON (smoke runs)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument(
-        "--reference", type=Path, default=None, help="reference model directory (default: cache)"
-    )
     parser.add_argument(
         "--accuracy-target", type=float, default=0.5, help="MACs to keep in the accuracy track"
     )
     parser.add_argument("--steps", type=int, default=1, help="iterative pruning steps in the accuracy track")
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--calibration", type=int, default=512, help="training images for taylor/hessian")
-    parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: all)")
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny random model on digits (for the test suite)"
-    )
-    parser.add_argument("--json", type=Path, help="write raw results here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    results: dict = {
-        "environment": Environment.detect().__dict__,
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    results = benchlib.start(args)
     if args.track in ("speed", "both"):
         with tempfile.TemporaryDirectory() as tmp:
             results["speed"] = speed_track(args, Path(tmp))
-        print(
-            f"\n### Latency vs MACs ({args.model}, ORT fp32, batch 1, {args.threads} threads, interleaved)\n"
+        benchlib.table(
+            f"Latency vs MACs ({args.model}, ORT fp32, batch 1, {args.threads} threads, interleaved)",
+            [
+                ("model", lambda r: r["model"]),
+                ("MACs", lambda r: f"{r['macs'] / 1e9:.2f} G"),
+                ("MACs ratio", lambda r: f"{r['macs_ratio']:.3f}"),
+                ("params", lambda r: f"{r['params'] / 1e6:.2f} M"),
+                ("ONNX MB", lambda r: f"{r['onnx_mb']:.1f}"),
+                ("p50 ms", lambda r: f"{r['p50_ms']:.2f}"),
+                ("p90 ms", lambda r: f"{r['p90_ms']:.2f}"),
+                ("latency ratio", lambda r: f"{r['latency_ratio']:.3f}"),
+            ],
+            results["speed"],
         )
-        print("| model | MACs | MACs ratio | params | ONNX MB | p50 ms | p90 ms | latency ratio |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in results["speed"]:
-            print(
-                f"| {r['model']} | {r['macs'] / 1e9:.2f} G | {r['macs_ratio']:.3f} | {r['params'] / 1e6:.2f} M | "
-                f"{r['onnx_mb']:.1f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['latency_ratio']:.3f} |"
-            )
     if args.track in ("accuracy", "both"):
         results["accuracy"] = accuracy_track(args)
-        print(f"\n### Top-1 right after pruning to {args.accuracy_target:.0%} MACs (no fine-tuning)\n")
-        print("| importance | top-1 | MACs ratio | prune wall s |")
-        print("|---|---|---|---|")
-        for r in results["accuracy"]:
-            print(f"| {r['importance']} | {r['top1']:.2%} | {r['macs_ratio']:.3f} | {r['prune_s']:.1f} |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+        benchlib.table(
+            f"Top-1 right after pruning to {args.accuracy_target:.0%} MACs (no fine-tuning)",
+            [
+                ("importance", lambda r: r["importance"]),
+                ("top-1", lambda r: f"{r['top1']:.2%}"),
+                ("MACs ratio", lambda r: f"{r['macs_ratio']:.3f}"),
+                ("prune wall s", lambda r: f"{r['prune_s']:.1f}"),
+            ],
+            results["accuracy"],
+        )
+    return benchlib.finish(args, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ variants, top-1 on the 10k test images (vitcompress calibrated on 256 stratified
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -22,12 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_prune import _reference
+import benchlib
 
-from vitcompress.bench import Environment, bench_models
 from vitcompress.data import DataSpec, load_dataset
 from vitcompress.evaluate import evaluate_onnx
-from vitcompress.models import ModelRef, load_model
+from vitcompress.models import load_model
 from vitcompress.models.stats import count_macs
 from vitcompress.passes.export import ExportConfig, export_model
 from vitcompress.passes.quantize import QuantizeConfig, quantize_file
@@ -50,34 +48,28 @@ def _variants(loaded, workdir: Path, calibration) -> dict[str, Path]:  # type: i
 
 def speed_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
     torch.manual_seed(0)
-    loaded = load_model(ModelRef(f"timm:{args.model}", kwargs=json.loads(args.kwargs)))
+    loaded = load_model(benchlib.speed_model(args))
     macs, _ = count_macs(loaded)
     calibration = load_dataset(DataSpec(source="synthetic", num_samples=64), loaded.input, loaded.num_classes)
     paths = _variants(loaded, workdir, calibration)
-    report = bench_models(
-        list(paths.values()), threads=args.threads, batch_sizes=[1], warmup=args.warmup, runs=args.runs
-    )
-    base = report.find(str(paths["ORT fp32"]), 1).p50_ms
-    dyn = report.find(str(paths["ORT quantize_dynamic (one-liner)"]), 1).p50_ms
-    rows = []
-    for name, path in paths.items():
-        latency = report.find(str(path), 1)
-        rows.append(
-            {
-                "variant": name,
-                "p50_ms": latency.p50_ms,
-                "p90_ms": latency.p90_ms,
-                "speedup_vs_fp32": base / latency.p50_ms,
-                "speedup_vs_dynamic": dyn / latency.p50_ms,
-                "onnx_mb": path.stat().st_size / 1e6,
-                "macs": macs,
-            }
-        )
-    return rows
+    timings = benchlib.time_variants(list(paths.values()), args)
+    dynamic = timings[1]["p50_ms"]  # the one-liner
+    return [
+        {
+            "variant": name,
+            "p50_ms": t["p50_ms"],
+            "p90_ms": t["p90_ms"],
+            "speedup_vs_fp32": 1 / t["latency_ratio"],
+            "speedup_vs_dynamic": dynamic / t["p50_ms"],
+            "onnx_mb": path.stat().st_size / 1e6,
+            "macs": macs,
+        }
+        for (name, path), t in zip(paths.items(), timings, strict=True)
+    ]
 
 
 def accuracy_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
-    ref, source = _reference(args)
+    ref, source = benchlib.reference(args)
     loaded = load_model(ref)
     calibration = load_dataset(
         DataSpec(source=source, split="train", limit=256), loaded.input, loaded.num_classes
@@ -97,43 +89,35 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--kwargs", default="{}")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--reference", type=Path, default=None)
-    parser.add_argument("--eval-limit", type=int, default=None)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    results: dict = {
-        "environment": Environment.detect().__dict__,
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    args = benchlib.parser(__doc__).parse_args()
+    results = benchlib.start(args)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "speed").mkdir()
         (Path(tmp) / "acc").mkdir()
         results["speed"] = speed_track(args, Path(tmp) / "speed")
         results["accuracy"] = accuracy_track(args, Path(tmp) / "acc")
-    print(f"\n### {args.model}: ORT CPU, batch 1, {args.threads} threads, interleaved\n")
-    print("| variant | p50 ms | p90 ms | vs fp32 | vs quantize_dynamic | ONNX MB |")
-    print("|---|---|---|---|---|---|")
-    for r in results["speed"]:
-        print(f"| {r['variant']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_fp32']:.2f}x | "
-              f"{r['speedup_vs_dynamic']:.2f}x | {r['onnx_mb']:.1f} |")  # fmt: skip
-    print("\n### Accuracy (reference model, test split)\n")
-    print("| variant | top-1 | drop (points) |")
-    print("|---|---|---|")
-    for r in results["accuracy"]:
-        print(f"| {r['variant']} | {r['top1']:.2%} | {r['drop_points']:.2f} |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    benchlib.table(
+        f"{args.model}: ORT CPU, batch 1, {args.threads} threads, interleaved",
+        [
+            ("variant", lambda r: r["variant"]),
+            ("p50 ms", lambda r: f"{r['p50_ms']:.2f}"),
+            ("p90 ms", lambda r: f"{r['p90_ms']:.2f}"),
+            ("vs fp32", lambda r: f"{r['speedup_vs_fp32']:.2f}x"),
+            ("vs quantize_dynamic", lambda r: f"{r['speedup_vs_dynamic']:.2f}x"),
+            ("ONNX MB", lambda r: f"{r['onnx_mb']:.1f}"),
+        ],
+        results["speed"],
+    )
+    benchlib.table(
+        "Accuracy (reference model, test split)",
+        [
+            ("variant", lambda r: r["variant"]),
+            ("top-1", lambda r: f"{r['top1']:.2%}"),
+            ("drop (points)", lambda r: f"{r['drop_points']:.2f}"),
+        ],
+        results["accuracy"],
+    )
+    return benchlib.finish(args, results)
 
 
 if __name__ == "__main__":

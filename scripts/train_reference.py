@@ -5,7 +5,7 @@ depth 4, 4 heads of 32, MLP 512), trained with AdamW, warm-up + cosine, label sm
 random-shift/flip augmentation through vitcompress's own data layer (so the preprocessing matches
 what `vitcompress` applies at eval time). The result is cached: a second call returns at once.
 
-    python scripts/train_reference.py                  # train (about 20 min on 2 cores) or reuse the cache
+    python scripts/train_reference.py                  # train (about 45 min on 2 cores) or reuse the cache
     python scripts/train_reference.py --epochs 1 --limit 2000 --out /tmp/ref   # quick smoke run
 
 Output directory (default ~/.cache/vitcompress/reference/fmnist-vit): model.safetensors (a plain
@@ -38,17 +38,6 @@ def model_ref(checkpoint: Path | None):  # type: ignore[no-untyped-def]
     return ModelRef(SOURCE, checkpoint, NUM_CLASSES, IMG_SIZE, IN_CHANS, False, dict(KWARGS))
 
 
-def evaluate(loaded, data, batch_size: int = 500) -> float:  # type: ignore[no-untyped-def]
-    import torch
-
-    loaded.model.eval()
-    correct = 0
-    with torch.no_grad():
-        for x, y in data.batches(batch_size):
-            correct += int((loaded.model(x).argmax(1) == y).sum())
-    return correct / len(data)
-
-
 def augment(x, generator):  # type: ignore[no-untyped-def]
     """Random shift by up to 2 pixels (zero padding in normalized space = background) and h-flip."""
     import torch
@@ -69,6 +58,7 @@ def train(out: Path, epochs: int, batch_size: int, lr: float, limit: int | None,
     from safetensors.torch import save_file
 
     from vitcompress.data import DataSpec, load_dataset
+    from vitcompress.evaluate import evaluate_torch
     from vitcompress.models import load_model
 
     torch.manual_seed(seed)
@@ -107,8 +97,8 @@ def train(out: Path, epochs: int, batch_size: int, lr: float, limit: int | None,
             optimizer.step()
             step += 1
             seen += len(y)
-            loss_sum += float(loss) * len(y)
-        top1 = evaluate(loaded, test_data)
+            loss_sum += loss.item() * len(y)
+        top1 = evaluate_torch(loaded, test_data, batch_size=500).top1
         print(
             f"epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, test top-1 {top1:.2%}, "
             f"{time.perf_counter() - start:.0f} s",

@@ -8,68 +8,63 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
+TINY = '{"depth": 2, "img_size": 32, "patch_size": 8}'
+
+
+def _run_script(script: str, *args: str, out: Path) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """Run scripts/SCRIPT with `--json OUT`; its stdout and the JSON it wrote."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run, json.loads(out.read_text())
 
 
 def test_bench_export_script_smoke(tmp_path):
-    out = tmp_path / "r.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts/bench_export.py"),
-            "--model",
-            "vit_tiny_patch16_224",
-            "--kwargs",
-            '{"depth": 1, "img_size": 32, "patch_size": 8}',
-            "--runs",
-            "5",
-            "--warmup",
-            "1",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    run, results = _run_script(
+        "bench_export.py",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--kwargs",
+        '{"depth": 1, "img_size": 32, "patch_size": 8}',
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        out=tmp_path / "r.json",
     )
     assert "| PyTorch eager fp32 |" in run.stdout
-    results = json.loads(out.read_text())["results"]
+    results = results["results"]
     assert [r["runtime"].split(",")[0] for r in results] == ["PyTorch eager fp32", "ORT fp32", "ORT fp32"]
     assert all(r["p50_ms"] > 0 for r in results)
     assert all(r["max_abs_diff"] < 1e-4 for r in results[1:])
 
 
 def test_bench_prune_script_smoke(tmp_path):
-    out = tmp_path / "p.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts/bench_prune.py"),
-            "--smoke",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--kwargs",
-            '{"depth": 2, "img_size": 32, "patch_size": 8}',
-            "--runs",
-            "3",
-            "--warmup",
-            "1",
-            "--threads",
-            "1",
-            "--eval-limit",
-            "50",
-            "--calibration",
-            "64",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    run, results = _run_script(
+        "bench_prune.py",
+        "--smoke",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--kwargs",
+        TINY,
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--eval-limit",
+        "50",
+        "--calibration",
+        "64",
+        out=tmp_path / "p.json",
     )
     assert "### Latency vs MACs" in run.stdout and "| hessian |" in run.stdout
-    results = json.loads(out.read_text())
     ratios = [r["macs_ratio"] for r in results["speed"]]
     assert ratios[0] == 1.0 and abs(ratios[1] - 0.5) <= 0.02 and abs(ratios[2] - 0.25) <= 0.02
     assert all(r["p50_ms"] > 0 for r in results["speed"])
@@ -78,37 +73,28 @@ def test_bench_prune_script_smoke(tmp_path):
 
 
 def test_bench_lowrank_script_smoke(tmp_path):
-    out = tmp_path / "l.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts/bench_lowrank.py"),
-            "--smoke",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--kwargs",
-            '{"depth": 2, "img_size": 32, "patch_size": 8}',
-            "--runs",
-            "3",
-            "--warmup",
-            "1",
-            "--threads",
-            "1",
-            "--eval-limit",
-            "50",
-            "--calibration",
-            "64",
-            "--targets",
-            "0.8",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    run, results = _run_script(
+        "bench_lowrank.py",
+        "--smoke",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--kwargs",
+        TINY,
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--eval-limit",
+        "50",
+        "--calibration",
+        "64",
+        "--targets",
+        "0.8",
+        out=tmp_path / "l.json",
     )
     assert "### Factorized" in run.stdout and "| whitened | 0.80 |" in run.stdout
-    results = json.loads(out.read_text())
     assert [r["model"].split()[-1] for r in results["speed"]] == [
         "original",
         "mlp-half-params",
@@ -119,33 +105,24 @@ def test_bench_lowrank_script_smoke(tmp_path):
 
 
 def test_bench_distill_script_smoke(tmp_path):
-    out = tmp_path / "d.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts/bench_distill.py"),
-            "--smoke",
-            "--epochs",
-            "0.5",
-            "--batch-size",
-            "32",
-            "--train-limit",
-            "128",
-            "--eval-limit",
-            "50",
-            "--ddp-steps",
-            "2",
-            "--ddp-samples",
-            "64",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    run, results = _run_script(
+        "bench_distill.py",
+        "--smoke",
+        "--epochs",
+        "0.5",
+        "--batch-size",
+        "32",
+        "--train-limit",
+        "128",
+        "--eval-limit",
+        "50",
+        "--ddp-steps",
+        "2",
+        "--ddp-samples",
+        "64",
+        out=tmp_path / "d.json",
     )
     assert "### Recovery after pruning" in run.stdout and "### KD step throughput" in run.stdout
-    results = json.loads(out.read_text())
     assert [r["model"].split(" + ")[-1] for r in results["accuracy"][2:]] == [
         "0.5 epoch(s) hard labels",
         "0.5 epoch(s) KD",
@@ -155,33 +132,56 @@ def test_bench_distill_script_smoke(tmp_path):
 
 
 def test_bench_quantize_script_smoke(tmp_path):
-    out = tmp_path / "q.json"
+    run, results = _run_script(
+        "bench_quantize.py",
+        "--smoke",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--kwargs",
+        TINY,
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--eval-limit",
+        "50",
+        out=tmp_path / "q.json",
+    )
+    assert "vs quantize_dynamic" in run.stdout
+    assert [r["variant"].split()[0] for r in results["speed"]] == ["ORT", "ORT", "vitcompress"]
+    assert results["speed"][0]["speedup_vs_fp32"] == 1.0 and all(r["p50_ms"] > 0 for r in results["speed"])
+    assert len(results["accuracy"]) == 3 and results["accuracy"][0]["drop_points"] == 0.0
+
+
+def test_train_reference_script_smoke(tmp_path):
+    out = tmp_path / "ref"
     run = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts/bench_quantize.py"),
-            "--smoke",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--kwargs",
-            '{"depth": 2, "img_size": 32, "patch_size": 8}',
-            "--runs",
-            "3",
-            "--warmup",
+            str(ROOT / "scripts/train_reference.py"),
+            "--epochs",
             "1",
-            "--threads",
-            "1",
-            "--eval-limit",
-            "50",
-            "--json",
+            "--limit",
+            "300",
+            "--out",
             str(out),
         ],
         capture_output=True,
         text=True,
-        check=True,
     )
-    assert "vs quantize_dynamic" in run.stdout
-    results = json.loads(out.read_text())
-    assert [r["variant"].split()[0] for r in results["speed"]] == ["ORT", "ORT", "vitcompress"]
-    assert results["speed"][0]["speedup_vs_fp32"] == 1.0 and all(r["p50_ms"] > 0 for r in results["speed"])
-    assert len(results["accuracy"]) == 3 and results["accuracy"][0]["drop_points"] == 0.0
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads((out / "reference.json").read_text())
+    assert info["epochs"] == 1 and info["train_samples"] == 300 and 0.0 <= info["top1"] <= 1.0
+    assert "epoch 1/1: loss" in run.stdout
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "model.safetensors")
+    assert weights["patch_embed.proj.weight"].shape == (128, 1, 4, 4)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/train_reference.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0 and "cached:" in again.stdout

@@ -1,0 +1,92 @@
+"""What the benchmark scripts share: common flags, the reference model, timing variants, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitcompress.bench import Environment, bench_models
+from vitcompress.evaluate import evaluate_torch
+from vitcompress.models import ModelRef
+
+
+def parser(doc: str | None, speed: bool = True) -> argparse.ArgumentParser:
+    """A parser with the flags every benchmark takes (and, with `speed`, the timing ones)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    if speed:
+        p.add_argument("--model", default="deit_small_patch16_224", help="timm model for the speed track")
+        p.add_argument("--kwargs", default="{}", help="timm constructor kwargs as JSON (smoke runs)")
+        p.add_argument("--warmup", type=int, default=10)
+        p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--reference", type=Path, default=None, help="reference model directory (default: cache)")
+    p.add_argument("--eval-limit", type=int, default=None, help="test images (default: all)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model on digits (for the test suite)")
+    p.add_argument("--json", type=Path, help="write raw results here")
+    return p
+
+
+def start(args: argparse.Namespace) -> dict[str, Any]:
+    """Fix the thread count; the results dict begins with the machine and the flags."""
+    torch.set_num_threads(args.threads)
+    return {"environment": Environment.detect().__dict__, "args": {k: str(v) for k, v in vars(args).items()}}
+
+
+def finish(args: argparse.Namespace, results: dict[str, Any]) -> int:
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def speed_model(args: argparse.Namespace) -> ModelRef:
+    return ModelRef(f"timm:{args.model}", kwargs=json.loads(args.kwargs))
+
+
+def reference(args: argparse.Namespace) -> tuple[ModelRef, str]:
+    """The model of the accuracy tracks and its data set: the Fashion-MNIST reference (trained and
+    cached by train_reference.py), or a tiny random model on digits with --smoke."""
+    if args.smoke:
+        return ModelRef(
+            "timm:vit_tiny_patch16_224", None, 10, 32, None, False, {"depth": 2, "patch_size": 8}
+        ), "digits"
+    from train_reference import ensure_reference, model_ref
+
+    checkpoint, info = ensure_reference(args.reference)
+    print(f"reference: {checkpoint} ({info['top1']:.2%} top-1 at training time)", file=sys.stderr)
+    return model_ref(checkpoint), "fashion-mnist"
+
+
+def top1(loaded, data) -> float:  # type: ignore[no-untyped-def]
+    return evaluate_torch(loaded, data, batch_size=500).top1
+
+
+def time_variants(paths: Sequence[Path], args: argparse.Namespace) -> list[dict[str, float]]:
+    """p50/p90 of every file at batch 1, all in one interleaved run; ratios against the first."""
+    report = bench_models(
+        list(paths), threads=args.threads, batch_sizes=[1], warmup=args.warmup, runs=args.runs
+    )
+    base = report.find(str(paths[0]), 1).p50_ms
+    out = []
+    for path in paths:
+        latency = report.find(str(path), 1)
+        out.append(
+            {"p50_ms": latency.p50_ms, "p90_ms": latency.p90_ms, "latency_ratio": latency.p50_ms / base}
+        )
+    return out
+
+
+def table(
+    title: str, columns: Sequence[tuple[str, Callable[[dict[str, Any]], str]]], rows: Sequence[dict]
+) -> None:
+    """Print a Markdown table for BENCHMARKS.md: (header, cell formatter) per column."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(h for h, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(cell(row) for _, cell in columns) + " |")
