@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 RECIPE = """\
@@ -100,3 +101,26 @@ def test_validate_exports_the_original_as_baseline_when_the_model_changed(tmp_pa
     assert record.details["baseline"] == str(tmp_path / "baseline.onnx")
     assert record.details["speedup_vs_baseline"] > 1.5  # 1 block against 6
     assert len(record.details["bench"]["results"]) == 2
+
+
+def test_passes_read_data_splits_through_the_state(tmp_path):
+    from tests.conftest import tiny_ref
+    from vitcompress.data import DataSection, DataSpec
+    from vitcompress.errors import DataError
+    from vitcompress.models import load_model
+    from vitcompress.state import ModelState, RunSettings
+
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    bare = ModelState(model=loaded, settings=RunSettings(out_dir=tmp_path))
+    with pytest.raises(
+        DataError, match=r"prune \(importance taylor\) needs data.calibration \(or data.train\) in the recipe"
+    ):
+        bare.load_split("calibration", "prune (importance taylor)")
+    section = DataSection(
+        train=DataSpec(source="digits", limit=200), eval=DataSpec(source="digits", split="test")
+    )
+    state = ModelState(model=loaded, settings=RunSettings(out_dir=tmp_path, data=section))
+    assert state.data_spec("calibration") == section.train  # calibration falls back to train
+    assert len(state.load_split("calibration", "x", limit=50)) == 50
+    assert len(state.load_split("train", "x", limit=1000)) == 200  # the recipe's own limit is smaller
+    assert len(state.load_split("eval", "x")) == 359

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from vitcompress.data import DataSection
+    from vitcompress.data import DataSection, Dataset, DataSpec
     from vitcompress.models.loader import LoadedModel
 
 
@@ -71,6 +71,28 @@ class ModelState:
     baseline_onnx: Path | None = None
     teacher: LoadedModel | None = None
     model_changed: bool = False  # set by passes that edit the PyTorch model (prune, lowrank, distill)
+
+    def data_spec(self, split: Literal["train", "eval", "calibration"]) -> DataSpec | None:
+        """The recipe's spec for a split (calibration falls back to train); None when it has none."""
+        section = self.settings.data
+        if section is None:
+            return None
+        return section.for_calibration() if split == "calibration" else getattr(section, split)
+
+    def load_split(
+        self, split: Literal["train", "eval", "calibration"], needed_by: str, limit: int | None = None
+    ) -> Dataset:
+        """A split of the recipe's data, preprocessed for the current model; at most `limit` samples."""
+        from vitcompress.data import load_dataset
+        from vitcompress.errors import DataError
+
+        spec = self.data_spec(split)
+        if spec is None:
+            fallback = " (or data.train)" if split == "calibration" else ""
+            raise DataError(f"{needed_by} needs data.{split}{fallback} in the recipe")
+        if limit is not None:
+            spec = spec.model_copy(update={"limit": min(spec.limit or limit, limit)})
+        return load_dataset(spec, self.model.input, self.model.num_classes)
 
     def with_record(self, record: PassRecord, **changes: Any) -> ModelState:
         from dataclasses import replace

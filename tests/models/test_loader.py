@@ -162,3 +162,33 @@ def test_hf_num_classes_override_reinitializes_only_the_head(hf_vit_dir, caplog)
 def test_hf_rejects_timm_only_options(hf_vit_dir):
     with pytest.raises(CheckpointError, match="do not apply to hf: models"):
         load_model(ModelRef(f"hf:{hf_vit_dir}", img_size=64))
+
+
+def test_hf_preprocessing_follows_the_image_processor(tmp_path, hf_vit_dir):
+    import json
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_vit_dir, folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3})
+    )
+    loaded = load_model(ModelRef(f"hf:{folder}"))
+    assert loaded.input.mean == (0.485, 0.456, 0.406) and loaded.input.std == (0.229, 0.224, 0.225)
+    assert loaded.input.interpolation == "bicubic"
+    (folder / "preprocessor_config.json").write_text(json.dumps({"resample": 0}))
+    assert load_model(ModelRef(f"hf:{folder}")).input.interpolation == "nearest"
+
+
+def test_run_directory_loads_its_last_artifact_or_says_it_has_none(cli, tmp_path):
+    args = ["timm:vit_tiny_patch16_224", "--num-classes", "10", "--img-size", "32"]
+    assert cli("prune", *args, "--mlp", "0.5", "--out", tmp_path / "run").exit_code == 0
+    assert load_model(ModelRef(str(tmp_path / "run"))).adapter.structure()[0]["mlp_hidden"] == 384
+    (tmp_path / "onnx_only").mkdir()
+    (tmp_path / "onnx_only" / "report.json").write_text('{"ledger": [{"artifact": "model.onnx"}]}')
+    with pytest.raises(ModelNotFoundError, match="holds no model artifact"):
+        load_model(ModelRef(str(tmp_path / "onnx_only")))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "report.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a readable vitcompress report"):
+        load_model(ModelRef(str(tmp_path / "broken")))

@@ -4,6 +4,7 @@ method measured, presets, fp16, the accuracy gate and its fallback, bad input.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -255,3 +256,21 @@ def test_quantize_command(cli, trained_onnx, tmp_path):
     assert again.exit_code == 2 and "already quantized" in again.stderr
     no_data = cli("quantize", path, "--out", tmp_path / "e.onnx")
     assert no_data.exit_code == 2 and "static quantization needs --data" in no_data.stderr
+
+
+def test_matmul_outputs_stay_float_unless_asked(trained_onnx, tmp_path):
+    path, calibration, _ = trained_onnx
+
+    def quantized_matmul_outputs(file: Path) -> int:
+        model = onnx.load(str(file))
+        matmul_outputs = {o for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for o in n.output}
+        return sum(
+            1 for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in matmul_outputs
+        )
+
+    quantize_file(path, tmp_path / "default.onnx", QuantizeConfig(), calibration)
+    quantize_file(path, tmp_path / "outputs.onnx", QuantizeConfig(quantize_outputs=True), calibration)
+    assert quantized_matmul_outputs(tmp_path / "default.onnx") == 0
+    assert quantized_matmul_outputs(tmp_path / "outputs.onnx") == len(
+        q.quantizable_nodes(path, QuantizeConfig())
+    )

@@ -15,7 +15,18 @@ from rich.console import Console
 from vitcompress.errors import VitcompressError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.table import Table
+
+    from vitcompress.data import DataSection
     from vitcompress.models import ModelRef
+    from vitcompress.passes.base import PassConfig
+    from vitcompress.pipeline import RunResult
+    from vitcompress.state import PassRecord
+
+# What `--data` accepts, for every command's help
+DATA_FORMS = "fashion-mnist[:train|test], digits[:train|test], synthetic, or an image folder (class/xxx.jpg)"
 
 out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -103,3 +114,71 @@ def _default(value: Any) -> Any:
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
     sys.stdout.flush()
+
+
+def run_single_pass(
+    cfg: PassConfig,
+    model: str,
+    out: Path,
+    *,
+    data: DataSection | None = None,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    trust_checkpoint: bool = False,
+    bench: bool = False,
+    status: str | None = None,
+    progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+) -> tuple[RunResult, PassRecord]:
+    """Run one pass as a one-pass recipe (plus export and validate with `bench`): what a pass command
+    does, so it runs the same code as `compress`. Returns the run and the pass's ledger record."""
+    from vitcompress.data import DataSection
+    from vitcompress.passes.export import ExportConfig
+    from vitcompress.passes.validate import ValidateConfig
+    from vitcompress.pipeline import run_recipe
+    from vitcompress.recipe import ModelSection, Recipe, RunSection
+
+    passes: list[Any] = [cfg, ExportConfig(), ValidateConfig(batch_sizes=[1])] if bench else [cfg]
+    recipe = Recipe(
+        version=1,
+        name=f"{cfg.kind} {model}",
+        model=ModelSection(
+            source=model,
+            checkpoint=checkpoint,
+            num_classes=num_classes,
+            img_size=img_size,
+            in_chans=in_chans,
+            trust_checkpoint=trust_checkpoint,
+        ),
+        run=RunSection(seed=seed),
+        data=data or DataSection(),
+        passes=passes,
+    )
+    if status is None:
+        result = run_recipe(recipe, out, progress=progress)
+    else:
+        with err_console.status(status):
+            result = run_recipe(recipe, out, progress=progress)
+    return result, next(r for r in result.ledger if r.kind == cfg.kind)
+
+
+def print_run_json(out: Path, result: RunResult, record: PassRecord) -> None:
+    print_json(
+        {"out_dir": str(out), "artifact": record.artifact, "ledger": [r.to_dict() for r in result.ledger]}
+    )
+
+
+def ledger_table(ledger: tuple[PassRecord, ...], title: str | None = None) -> Table:
+    """The per-pass ledger as a rich table (params, MACs, size, parity, latency, top-1, wall time)."""
+    from rich.table import Table
+
+    from vitcompress.report import LEDGER_COLUMNS, ledger_rows
+
+    table = Table(title=title)
+    for column in LEDGER_COLUMNS:
+        table.add_column(column, justify="left" if column == "pass" else "right")
+    for row in ledger_rows(ledger):
+        table.add_row(*row)
+    return table

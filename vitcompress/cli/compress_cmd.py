@@ -4,9 +4,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from vitcompress.cli.common import JsonOpt, err_console, out_console, print_json
+from vitcompress.cli.common import JsonOpt, err_console, ledger_table, out_console, print_json
 
 
 def compress(
@@ -26,7 +25,6 @@ def compress(
 
     from vitcompress.pipeline import run_recipe
     from vitcompress.recipe import load_recipe
-    from vitcompress.report import LEDGER_COLUMNS, ledger_rows
 
     parsed = load_recipe(recipe)
     steps = ["load"] + [cfg.step_name for cfg in parsed.passes]
@@ -55,12 +53,7 @@ def compress(
             }
         )
         return
-    table = Table(title=f"{parsed.name or parsed.model.source} -> {out}")
-    for column in LEDGER_COLUMNS:
-        table.add_column(column, justify="left" if column == "pass" else "right")
-    for row in ledger_rows(result.ledger):
-        table.add_row(*row)
-    out_console.print(table)
+    out_console.print(ledger_table(result.ledger, title=f"{parsed.name or parsed.model.source} -> {out}"))
     out_console.print(
         f"reports: {out / 'report.md'}, {out / 'report.json'}; recipe: {out / 'recipe.resolved.yaml'}"
     )

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from vitcompress.cli.common import (
+    DATA_FORMS,
     CheckpointOpt,
     ImgSizeOpt,
     InChansOpt,
@@ -18,7 +19,8 @@ from vitcompress.cli.common import (
     build_config,
     err_console,
     out_console,
-    print_json,
+    print_run_json,
+    run_single_pass,
 )
 from vitcompress.errors import VitcompressError
 from vitcompress.passes.distill import DistillConfig
@@ -33,7 +35,7 @@ def distill(
         str,
         typer.Option(
             "--data",
-            help="Training data: fashion-mnist[:train|test], digits[:train|test], synthetic, or an image folder.",
+            help=f"Training data: {DATA_FORMS}.",
         ),
     ],
     eval_data: Annotated[
@@ -99,8 +101,6 @@ def distill(
 
     from vitcompress.data import DataSection, DataSpec
     from vitcompress.passes.distill import TeacherSpec
-    from vitcompress.pipeline import run_recipe
-    from vitcompress.recipe import ModelSection, Recipe, RunSection
 
     try:
         kwargs = json.loads(teacher_kwargs)
@@ -131,21 +131,6 @@ def distill(
         train=DataSpec.parse(data, limit=data_limit, seed=seed),
         eval=DataSpec.parse(eval_data) if eval_data else None,
     )
-    recipe = Recipe(
-        version=1,
-        name=f"distill {model}",
-        model=ModelSection(
-            source=model,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            trust_checkpoint=trust_checkpoint,
-        ),
-        run=RunSection(seed=seed),
-        data=section,
-        passes=[cfg],
-    )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -169,14 +154,23 @@ def distill(
                 top1=f"eval top-1 {metrics['top1']:.2%}" if "top1" in metrics else "",
             )
 
-        result = run_recipe(recipe, out, progress=progress)
+        result, record = run_single_pass(
+            cfg,
+            model,
+            out,
+            data=section,
+            seed=seed,
+            checkpoint=checkpoint,
+            num_classes=num_classes,
+            img_size=img_size,
+            in_chans=in_chans,
+            trust_checkpoint=trust_checkpoint,
+            progress=progress,
+        )
     if int(os.environ.get("RANK", "0")) > 0:
         return  # under torchrun only rank 0 reports
-    record = next(r for r in result.ledger if r.kind == "distill")
     if json_out:
-        print_json(
-            {"out_dir": str(out), "artifact": record.artifact, "ledger": [r.to_dict() for r in result.ledger]}
-        )
+        print_run_json(out, result, record)
         return
     details = record.details
     evals = details["evals"]

@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from vitcompress.cli.common import (
+    DATA_FORMS,
     CheckpointOpt,
     ImgSizeOpt,
     InChansOpt,
@@ -32,7 +33,7 @@ def evaluate(
         str,
         typer.Option(
             "--data",
-            help="fashion-mnist[:train|test], digits[:train|test], synthetic, or an image folder (class/xxx.jpg).",
+            help=f"Labelled data: {DATA_FORMS}.",
         ),
     ],
     data_limit: Annotated[

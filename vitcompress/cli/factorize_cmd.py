@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from vitcompress.cli.common import (
+    DATA_FORMS,
     CheckpointOpt,
     ImgSizeOpt,
     InChansOpt,
@@ -14,11 +15,11 @@ from vitcompress.cli.common import (
     NumClassesOpt,
     TrustOpt,
     build_config,
-    err_console,
+    ledger_table,
     out_console,
-    print_json,
+    print_run_json,
+    run_single_pass,
 )
-from vitcompress.cli.prune_cmd import DataOpt
 from vitcompress.errors import VitcompressError
 from vitcompress.passes.lowrank import LowRankConfig, Method
 
@@ -60,7 +61,9 @@ def factorize(
     tolerance: Annotated[
         float, typer.Option(help="How close to a target (fraction of the original).")
     ] = 0.02,
-    data: DataOpt = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help=f"Calibration data for --method whitened/auto: {DATA_FORMS}.")
+    ] = None,
     data_limit: Annotated[int | None, typer.Option(min=1, help="Use this many samples (stratified).")] = 512,
     calibration_batches: Annotated[int, typer.Option(min=1, help="Batches for whitened/auto.")] = 8,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the calibration batches.")] = 32,
@@ -93,9 +96,6 @@ def factorize(
     from rich.table import Table
 
     from vitcompress.data import DataSection, DataSpec
-    from vitcompress.pipeline import run_recipe
-    from vitcompress.recipe import ModelSection, Recipe, RunSection
-    from vitcompress.report import LEDGER_COLUMNS, ledger_rows
 
     cfg = build_config(
         LowRankConfig,
@@ -121,34 +121,22 @@ def factorize(
             f"--method {cfg.method.value} needs --data",
             hint="e.g. --data fashion-mnist or an image folder; or --method svd",
         )
-    passes: list[object] = [cfg]
-    if bench:
-        from vitcompress.passes.export import ExportConfig
-        from vitcompress.passes.validate import ValidateConfig
-
-        passes += [ExportConfig(), ValidateConfig(batch_sizes=[1])]
-    recipe = Recipe(
-        version=1,
-        name=f"factorize {model}",
-        model=ModelSection(
-            source=model,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            trust_checkpoint=trust_checkpoint,
-        ),
-        run=RunSection(seed=seed),
+    result, record = run_single_pass(
+        cfg,
+        model,
+        out,
         data=data_section,
-        passes=passes,  # type: ignore[arg-type]
+        seed=seed,
+        checkpoint=checkpoint,
+        num_classes=num_classes,
+        img_size=img_size,
+        in_chans=in_chans,
+        trust_checkpoint=trust_checkpoint,
+        bench=bench,
+        status=f"factorizing {model}",
     )
-    with err_console.status(f"factorizing {model}"):
-        result = run_recipe(recipe, out)
-    record = next(r for r in result.ledger if r.kind == "lowrank")
     if json_out:
-        print_json(
-            {"out_dir": str(out), "artifact": record.artifact, "ledger": [r.to_dict() for r in result.ledger]}
-        )
+        print_run_json(out, result, record)
         return
     table = Table(title=f"{model} factorized")
     for column in ("layer", "shape", "rank", "method", "energy kept", "output error"):
@@ -163,12 +151,7 @@ def factorize(
             f"{item['output_error']:.2e}" if item["output_error"] is not None else "-",
         )
     out_console.print(table)
-    ledger = Table()
-    for column in LEDGER_COLUMNS:
-        ledger.add_column(column, justify="left" if column == "pass" else "right")
-    for row in ledger_rows(result.ledger):
-        ledger.add_row(*row)
-    out_console.print(ledger)
+    out_console.print(ledger_table(result.ledger))
     out_console.print(
         f"params {record.details['params_ratio']:.1%} and MACs {record.details['macs_ratio']:.1%} of the original; "
         f"artifact {record.artifact}"

@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from vitcompress.cli.common import (
+    DATA_FORMS,
     CheckpointOpt,
     ImgSizeOpt,
     InChansOpt,
@@ -14,9 +15,10 @@ from vitcompress.cli.common import (
     NumClassesOpt,
     TrustOpt,
     build_config,
-    err_console,
+    ledger_table,
     out_console,
-    print_json,
+    print_run_json,
+    run_single_pass,
 )
 from vitcompress.errors import PruneError
 from vitcompress.passes.prune import Importance, PruneConfig, Scope, Structure
@@ -25,8 +27,7 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="Data for taylor/hessian importance: fashion-mnist[:train|test], digits[:train|test], "
-        "synthetic, or an image folder (class/xxx.jpg).",
+        help=f"Data for taylor/hessian importance: {DATA_FORMS}.",
     ),
 ]
 
@@ -104,9 +105,6 @@ def prune(
     from rich.table import Table
 
     from vitcompress.data import DataSection, DataSpec
-    from vitcompress.pipeline import run_recipe
-    from vitcompress.recipe import ModelSection, Recipe, RunSection
-    from vitcompress.report import LEDGER_COLUMNS, ledger_rows
 
     cfg = build_config(
         PruneConfig,
@@ -135,34 +133,22 @@ def prune(
             f"--importance {cfg.importance.value} needs --data",
             hint="e.g. --data fashion-mnist, --data digits or an image folder; or use --importance l2",
         )
-    passes: list[object] = [cfg]
-    if bench:
-        from vitcompress.passes.export import ExportConfig
-        from vitcompress.passes.validate import ValidateConfig
-
-        passes += [ExportConfig(), ValidateConfig(batch_sizes=[1])]
-    recipe = Recipe(
-        version=1,
-        name=f"prune {model}",
-        model=ModelSection(
-            source=model,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            trust_checkpoint=trust_checkpoint,
-        ),
-        run=RunSection(seed=seed),
+    result, record = run_single_pass(
+        cfg,
+        model,
+        out,
         data=data_section,
-        passes=passes,  # type: ignore[arg-type]
+        seed=seed,
+        checkpoint=checkpoint,
+        num_classes=num_classes,
+        img_size=img_size,
+        in_chans=in_chans,
+        trust_checkpoint=trust_checkpoint,
+        bench=bench,
+        status=f"pruning {model}",
     )
-    with err_console.status(f"pruning {model}"):
-        result = run_recipe(recipe, out)
-    record = next(r for r in result.ledger if r.kind == "prune")
     if json_out:
-        print_json(
-            {"out_dir": str(out), "artifact": record.artifact, "ledger": [r.to_dict() for r in result.ledger]}
-        )
+        print_run_json(out, result, record)
         return
     blocks = Table(
         title=f"{model} pruned ({record.details['importance']}): embed {record.details['embed_dim']}"
@@ -172,12 +158,7 @@ def prune(
     for index, block in enumerate(record.details["blocks"]):
         blocks.add_row(str(index), str(block["num_heads"]), str(block["head_dim"]), str(block["mlp_hidden"]))
     out_console.print(blocks)
-    ledger = Table()
-    for column in LEDGER_COLUMNS:
-        ledger.add_column(column, justify="left" if column == "pass" else "right")
-    for row in ledger_rows(result.ledger):
-        ledger.add_row(*row)
-    out_console.print(ledger)
+    out_console.print(ledger_table(result.ledger))
     out_console.print(
         f"MACs {record.details['macs_ratio']:.1%} and params {record.details['params_ratio']:.1%} of the original; "
         f"artifact {record.artifact}"

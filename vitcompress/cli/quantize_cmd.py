@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from vitcompress.cli.common import JsonOpt, build_config, err_console, out_console, print_json
+from vitcompress.cli.common import DATA_FORMS, JsonOpt, build_config, err_console, out_console, print_json
 from vitcompress.passes.quantize import PRESETS, Calibration, Mode, QuantizeConfig
 
 
@@ -22,7 +22,7 @@ def quantize(
     ] = None,
     data: Annotated[
         str | None,
-        typer.Option(help="Calibration data (static): fashion-mnist, digits, synthetic or an image folder."),
+        typer.Option(help=f"Calibration data (static mode): {DATA_FORMS}."),
     ] = None,
     eval_data: Annotated[
         str | None,

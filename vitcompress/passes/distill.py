@@ -541,43 +541,35 @@ def distill_model(
 
 
 def run(state: ModelState, cfg: DistillConfig) -> ModelState:
-    from vitcompress.data import load_dataset
     from vitcompress.models import ModelRef, load_model
     from vitcompress.models.artifact import save_artifact
     from vitcompress.state import PassRecord
 
     start = time.perf_counter()
-    data = state.settings.data
-    if data is None or data.train is None:
-        raise DistillError(f"{cfg.step_name} needs data.train in the recipe")
+    train = state.load_split("train", cfg.step_name)
+    eval_data = state.load_split("eval", cfg.step_name, cfg.eval_limit) if state.data_spec("eval") else None
     student = state.model
     teacher = state.teacher
     if cfg.teacher is not None:
         t = cfg.teacher
-        if t.source.startswith("timm:"):  # unless told otherwise, the teacher sees what the student sees
-            ref = ModelRef(
+        inherit = t.source.startswith(
+            "timm:"
+        )  # unless told otherwise, a timm teacher sees what the student sees
+        teacher = load_model(
+            ModelRef(
                 t.source,
                 t.checkpoint,
-                t.num_classes or student.num_classes,
-                t.img_size or student.input.height,
-                t.in_chans or student.input.channels,
+                t.num_classes or (student.num_classes if inherit else None),
+                t.img_size or (student.input.height if inherit else None),
+                t.in_chans or (student.input.channels if inherit else None),
                 False,
                 dict(t.kwargs),
             )
-        else:
-            ref = ModelRef(
-                t.source, t.checkpoint, t.num_classes, t.img_size, t.in_chans, False, dict(t.kwargs)
-            )
-        teacher = load_model(ref)
+        )
     if teacher is None and cfg.uses_teacher:  # nothing changed the model before: it teaches a copy of itself
         import copy
 
         teacher = copy.deepcopy(student)
-    train = load_dataset(data.train, student.input, student.num_classes)
-    eval_data = None
-    if data.eval is not None:
-        spec = data.eval.model_copy(update={"limit": cfg.eval_limit or data.eval.limit})
-        eval_data = load_dataset(spec, student.input, student.num_classes)
     workdir = state.settings.out_dir / cfg.step_name
     progress = state.settings.progress
 

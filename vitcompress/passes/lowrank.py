@@ -595,21 +595,13 @@ def _weight_budget(
 
 
 def run(state: ModelState, cfg: LowRankConfig) -> ModelState:
-    from vitcompress.data import load_dataset
     from vitcompress.models.artifact import save_artifact
     from vitcompress.state import PassRecord
 
     start = time.perf_counter()
     loaded = state.model
-    data = None
-    if cfg.needs_data():
-        spec = state.settings.data.for_calibration() if state.settings.data else None
-        if spec is None:
-            raise LowRankError(
-                f"{cfg.step_name}: method {cfg.method.value!r} needs data",
-                hint="add data.calibration to the recipe",
-            )
-        data = load_dataset(spec, loaded.input, loaded.num_classes)
+    needed_by = f"{cfg.step_name} (method {cfg.method.value})"
+    data = state.load_split("calibration", needed_by) if cfg.needs_data() else None
     result = factorize_model(loaded, cfg, data, seed=state.settings.seed)
     directory = state.settings.out_dir / cfg.step_name
     save_artifact(loaded, directory, history=[{"pass": cfg.step_name, "config": cfg.model_dump(mode="json")}])

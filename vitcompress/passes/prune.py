@@ -21,7 +21,7 @@ import fnmatch
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
@@ -203,7 +203,8 @@ def current_shape(loaded: LoadedModel) -> Shape:
     return Shape(loaded.adapter.embed_dim, blocks)
 
 
-def fit_cost_model(loaded: LoadedModel) -> CostModel:
+def fit_cost_model(loaded: LoadedModel, total_macs: int | None = None) -> CostModel:
+    """Fit to the model as it is; `total_macs` saves the MAC count when the caller has it."""
     from vitcompress.models.stats import count_macs
 
     adapter = loaded.adapter
@@ -220,7 +221,8 @@ def fit_cost_model(loaded: LoadedModel) -> CostModel:
             )
         )
     partial = CostModel(adapter.num_tokens, d, 0.0, 0.0, 0, biases)
-    total_macs, _ = count_macs(loaded)
+    if total_macs is None:
+        total_macs, _ = count_macs(loaded)
     block_macs = sum(partial.block_macs(b, d) for b in shape.blocks)
     total_params = sum(p.numel() for p in loaded.model.parameters())
     block_params = sum(partial.block_params(i, b, d) for i, b in enumerate(shape.blocks))
@@ -266,9 +268,6 @@ class ChannelStats:
         if self.importance is Importance.hessian:
             return rows.pow(2).mean(0)
         return rows.sum(0)
-
-    def channel_scores(self, stats: torch.Tensor) -> torch.Tensor:
-        return self.score(stats)
 
     def unit_score(self, stats: torch.Tensor, channels: torch.Tensor) -> float:
         return float(self.score(stats[:, channels].sum(-1, keepdim=True))[0])
@@ -452,10 +451,10 @@ class Planner:
             sal = [stats.unit_score(s, torch.arange(h * hd, (h + 1) * hd)) for h in range(b.heads)]
             self.head_sal.append(sal)
             self.head_order.append(sorted(range(b.heads), key=lambda h: (sal[h], h)))
-            per_channel = stats.channel_scores(s).view(b.heads, hd)
+            per_channel = stats.score(s).view(b.heads, hd)
             self.dim_order.append([torch.argsort(per_channel[h], stable=True) for h in range(b.heads)])
-            self.mlp_order.append(torch.argsort(stats.channel_scores(stats.mlp[i]), stable=True))
-        self.embed_order = torch.argsort(stats.channel_scores(stats.embed), stable=True)
+            self.mlp_order.append(torch.argsort(stats.score(stats.mlp[i]), stable=True))
+        self.embed_order = torch.argsort(stats.score(stats.embed), stable=True)
 
     # chunk saliencies (cumulative max keeps chunks of one block in order when sorted by saliency)
     def _chunks(self, stats: torch.Tensor, order: torch.Tensor, n_chunks: int) -> list[float]:
@@ -887,8 +886,8 @@ def prune_model(
                 )
 
     shape0 = current_shape(loaded)
-    costs = fit_cost_model(loaded)
     macs0, _ = count_macs(loaded)
+    costs = fit_cost_model(loaded, macs0)
     params0 = sum(p.numel() for p in loaded.model.parameters())
     goal_total: float | None = None
     if cfg.target is not None:
@@ -969,27 +968,14 @@ def prune_model(
     return result
 
 
-def iter_block_widths(loaded: LoadedModel) -> Iterator[tuple[str, int, int, int]]:
-    for b in loaded.adapter.blocks():
-        yield b.name, b.attn.num_heads, b.attn.head_dim, b.mlp.hidden
-
-
 def run(state: ModelState, cfg: PruneConfig) -> ModelState:
-    from vitcompress.data import load_dataset
     from vitcompress.models.artifact import save_artifact
     from vitcompress.state import PassRecord
 
     start = time.perf_counter()
     loaded = state.model
-    data = None
-    if cfg.importance.needs_data:
-        spec = state.settings.data.for_calibration() if state.settings.data else None
-        if spec is None:
-            raise PruneError(
-                f"{cfg.step_name}: importance {cfg.importance.value!r} needs data",
-                hint="add data.calibration (or data.train) to the recipe, or use importance l1/l2",
-            )
-        data = load_dataset(spec, loaded.input, loaded.num_classes)
+    needed_by = f"{cfg.step_name} (importance {cfg.importance.value})"
+    data = state.load_split("calibration", needed_by) if cfg.importance.needs_data else None
     result = prune_model(loaded, cfg, data, seed=state.settings.seed)
     directory = state.settings.out_dir / cfg.step_name
     history = [

@@ -222,14 +222,13 @@ def quantized_counts(counts: dict[str, int]) -> dict[str, int]:
 
 
 def _already_quantized(path: Path) -> bool:
-    return bool(quantized_counts(op_counts(path))) or _is_fp16(path)
-
-
-def _is_fp16(path: Path) -> bool:
+    """Integer nodes or float16 weights: quantizing again would stack errors."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    ops = Counter(node.op_type for node in model.graph.node)
+    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    return bool(quantized_counts(dict(ops))) or fp16
 
 
 def _attention_matmuls(path: Path) -> list[str]:
@@ -475,7 +474,6 @@ def agreement(float_path: Path, quant_path: Path, data: Dataset, batch_size: int
 
 
 def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
-    from vitcompress.data import load_dataset
     from vitcompress.errors import RecipeError
     from vitcompress.runtime import onnx_size
     from vitcompress.state import Parity, PassRecord
@@ -483,24 +481,13 @@ def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
     start = time.perf_counter()
     if state.onnx_path is None:
         raise RecipeError("quantize needs an ONNX model: put an export pass before it")
-    data = state.settings.data
     calibration = None
     if cfg.mode is Mode.static:
-        spec = data.for_calibration() if data else None
-        if spec is None:
-            raise QuantizeError(
-                f"{cfg.step_name}: static quantization needs data.calibration (or data.train)"
-            )
-        spec = spec.model_copy(
-            update={"limit": min(spec.limit or cfg.calibration_size, cfg.calibration_size)}
-        )
-        calibration = load_dataset(spec, state.model.input, state.model.num_classes)
+        calibration = state.load_split("calibration", f"{cfg.step_name} (static)", cfg.calibration_size)
     target = state.settings.out_dir / cfg.filename
-    check_data = None
+    has_eval = state.data_spec("eval") is not None
     if cfg.max_top1_drop is not None:
-        if data is None or data.eval is None:
-            raise QuantizeError(f"{cfg.step_name}: max_top1_drop needs data.eval to measure top-1")
-        eval_data = load_dataset(data.eval, state.model.input, state.model.num_classes)
+        eval_data = state.load_split("eval", f"{cfg.step_name} (max_top1_drop)")
         gate = quantize_with_gate(state.onnx_path, target, cfg, calibration, eval_data)
         details = {
             **gate.details,
@@ -519,20 +506,12 @@ def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
             )
     else:
         details = quantize_file(state.onnx_path, target, cfg, calibration)
-    if "agreement" not in details and data is not None and (data.eval or data.for_calibration()):
-        spec = data.eval or data.for_calibration()
-        assert spec is not None
-        check_data = load_dataset(
-            spec.model_copy(update={"limit": spec.limit or 1000}), state.model.input, state.model.num_classes
-        )
+    measured = details.get("agreement")
+    if measured is None and (has_eval or state.data_spec("calibration") is not None):
+        check_data = state.load_split("eval" if has_eval else "calibration", cfg.step_name, 1000)
+        measured = agreement(state.onnx_path, target, check_data)
     parity = None
     top1 = None
-    if "agreement" in details:
-        measured = details["agreement"]
-    elif check_data is not None:
-        measured = agreement(state.onnx_path, target, check_data)
-    else:
-        measured = None
     if measured is not None:
         details["agreement"] = measured
         parity = Parity(
@@ -542,7 +521,7 @@ def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
             int(measured["samples"]),
             str(state.onnx_path),
         )
-        if data is not None and data.eval is not None:
+        if has_eval:
             top1 = measured["quantized_top1"]
     log.info("quantized %s: %s", target.name, details["quantized_counts"])
     last = state.records[-1] if state.records else None

@@ -75,12 +75,10 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
     )
     details: dict[str, object] = {}
     top1 = None
-    eval_spec = state.settings.data.eval if state.settings.data else None
-    if cfg.accuracy and eval_spec is not None:
-        from vitcompress.data import load_dataset
+    if cfg.accuracy and state.data_spec("eval") is not None:
         from vitcompress.evaluate import evaluate_onnx
 
-        data = load_dataset(eval_spec, state.model.input, state.model.num_classes)
+        data = state.load_split("eval", cfg.step_name)
         result = evaluate_onnx(state.onnx_path, data, cfg.provider, threads, cfg.eval_batch_size)
         top1 = result.top1
         details["accuracy"] = result.to_dict()
