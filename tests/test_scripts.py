@@ -178,7 +178,7 @@ def test_train_reference_script_smoke(tmp_path):
     from safetensors.torch import load_file
 
     weights = load_file(out / "model.safetensors")
-    assert weights["patch_embed.proj.weight"].shape == (128, 1, 4, 4)
+    assert weights["patch_embed.proj.weight"].shape == (128, 1, 7, 7)
     again = subprocess.run(
         [sys.executable, str(ROOT / "scripts/train_reference.py"), "--out", str(out)],
         capture_output=True,

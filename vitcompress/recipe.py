@@ -7,6 +7,7 @@ bad value and the fix; an unknown key names the closest valid key of its section
 
 from __future__ import annotations
 
+import copy
 import types
 import typing
 from pathlib import Path
@@ -55,6 +56,11 @@ class ModelSection(_Section):
     )
     trust_checkpoint: bool = Field(False, description="Allow unsafe pickle loading. Only for files you made.")
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None  # recipes may say ~/.cache/...
+
     @field_validator("source")
     @classmethod
     def _source_form(cls, value: str) -> str:
@@ -85,6 +91,25 @@ class Budgets(_Section):
     )
 
 
+class SweepSection(_Section):
+    """Variants for `vitcompress sweep`: each key is a recipe path, each value the values to try."""
+
+    vary: dict[str, list[JsonValue]] = Field(
+        ...,
+        min_length=1,
+        description="PATH: [values]; e.g. passes.prune.target_macs: [0.25, 0.5]. Every combination runs.",
+    )
+    runs: int = Field(50, ge=5, description="Timed runs per variant in the sweep's interleaved benchmark.")
+
+    @field_validator("vary")
+    @classmethod
+    def _non_empty(cls, value: dict[str, list[JsonValue]]) -> dict[str, list[JsonValue]]:
+        for path, values in value.items():
+            if not values:
+                raise ValueError(f"{path}: give at least one value to try")
+        return value
+
+
 class Recipe(_Section):
     """A vitcompress recipe."""
 
@@ -96,6 +121,9 @@ class Recipe(_Section):
     data: DataSection = DataSection()
     passes: list[AnyPass] = Field(..., min_length=1, description="Passes, run in order.")
     budgets: Budgets = Budgets()
+    sweep: SweepSection | None = Field(
+        None, description="Variants for `vitcompress sweep` (compress ignores it)."
+    )
 
     @model_validator(mode="after")
     def _pass_order(self) -> Recipe:
@@ -233,10 +261,82 @@ def format_validation_error(err: ValidationError, text: str | None, source: str)
     return lines
 
 
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_assignment(text: str, many: bool = False) -> tuple[str, Any]:
+    """`PATH=VALUE` (VALUE as YAML: 0.5, true, [heads, mlp]); with many, `PATH=V1,V2,...` as a list."""
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip() or not value.strip():
+        example = "passes.prune.target_macs=0.25,0.5" if many else "passes.prune.target_macs=0.5"
+        raise RecipeError(f"{text!r} is not PATH=VALUE", hint=f"e.g. {example}")
+    try:
+        parsed = yaml.safe_load(f"[{value}]" if many else value)
+    except yaml.YAMLError:
+        raise RecipeError(
+            f"{text!r}: cannot read {value!r} as YAML", hint="quote strings with commas"
+        ) from None
+    return path.strip(), parsed
+
+
+def _step_index(steps: list[Any], part: str, path: str) -> int:
+    """A list position by number, or a pass by its name or (when unique) its kind."""
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(steps) <= index < len(steps):
+            raise RecipeError(f"{path}: index {index} is out of range (the list has {len(steps)} items)")
+        return index
+    named = [i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("name") == part]
+    kinds = [i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("kind") == part]
+    matches = named or kinds
+    if len(matches) == 1:
+        return matches[0]
+    known = [f"{i}: {s.get('name') or s.get('kind')}" for i, s in enumerate(steps) if isinstance(s, dict)]
+    if not matches:
+        raise RecipeError(f"{path}: no step {part!r}; steps are {', '.join(known)}")
+    raise RecipeError(
+        f"{path}: {len(matches)} steps are {part!r}; name them or use the index ({', '.join(known)})"
+    )
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set `value` at a dotted recipe path in raw recipe data: `passes.0.heads`, `passes.prune.mlp`
+    (a step by name, or by kind when one step has it), `data.eval.limit`. Missing sections are made."""
+    parts = path.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            index = _step_index(node, part, where)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise RecipeError(f"{path}: {'.'.join(parts[:depth])} is a value ({node!r}), not a section")
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of raw recipe data with every `path: value` set."""
+    out = copy.deepcopy(data)
+    for path, value in overrides.items():
+        set_path(out, path, value)
+    return out
+
+
 # --------------------------------------------------------------------------- loading
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+def read_recipe_data(text: str, source: str = "<recipe>") -> dict[str, Any]:
+    """Parse recipe YAML into raw data (a mapping), with file:line:column errors."""
     try:
         data = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as err:
@@ -258,13 +358,25 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             f"{source}: a recipe is a mapping with version, model and passes, got {type(data).__name__}",
             hint="see `vitcompress recipe schema` or recipes/quickstart.yaml",
         )
+    return data
+
+
+def validate_recipe(data: dict[str, Any], text: str | None, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError("\n".join(format_validation_error(err, text, source))) from None
 
 
-def load_recipe(path: Path) -> Recipe:
+def parse_recipe(text: str, source: str = "<recipe>", overrides: dict[str, Any] | None = None) -> Recipe:
+    data = read_recipe_data(text, source)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} (with --set {', '.join(overrides)})"
+    return validate_recipe(data, text, source)
+
+
+def read_recipe_text(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist", hint="ready recipes are in recipes/")
@@ -272,7 +384,12 @@ def load_recipe(path: Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"cannot read recipe {path}: {err}") from None
-    return parse_recipe(text, str(path))
+    return text
+
+
+def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, override (`path: value`, see set_path) and validate a recipe file."""
+    return parse_recipe(read_recipe_text(path), str(path), overrides)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcompress import __version__
@@ -79,6 +80,28 @@ def _environment(result: RunResult) -> dict[str, Any] | None:
     return None
 
 
+def _plot_points(result: RunResult) -> list[Any]:
+    """The fp32 baseline and the final model, both measured by the last validate pass (same run)."""
+    from vitcompress.plot import ParetoPoint
+
+    record = next((r for r in reversed(result.ledger) if r.kind == "validate"), None)
+    if record is None or record.top1 is None or "baseline_top1" not in record.details:
+        return []
+    bench = record.details["bench"]
+    batch = bench["settings"]["batch_sizes"][0]
+    base = next(
+        r for r in bench["results"] if r["model"] == record.details["baseline"] and r["batch_size"] == batch
+    )
+    return [
+        ParetoPoint("fp32 baseline", base["p50_ms"], record.details["baseline_top1"], baseline=True),
+        ParetoPoint(f"{recipe_label(result)}", record.latency_p50_ms or 0.0, record.top1),
+    ]
+
+
+def recipe_label(result: RunResult) -> str:
+    return Path(str(result.state.onnx_path)).name if result.state.onnx_path else "final"
+
+
 def write_reports(recipe: Recipe, result: RunResult) -> None:
     out = result.out_dir
     env = _environment(result)
@@ -109,5 +132,12 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
     verdict = (
         "all budgets met" if not result.budget_failures else "FAILED: " + "; ".join(result.budget_failures)
     )
-    lines += [f"Budgets: {verdict}.", "", "Resolved recipe: `recipe.resolved.yaml`.", ""]
+    lines += [f"Budgets: {verdict}.", ""]
+    points = _plot_points(result)
+    if points:
+        from vitcompress.plot import plot_pareto
+
+        plot_pareto(points, out / "pareto.png", f"{recipe.name or 'compress'}: accuracy vs latency, one run")
+        lines += ["![accuracy vs latency: fp32 baseline and the final model](pareto.png)", ""]
+    lines += ["Resolved recipe: `recipe.resolved.yaml`.", ""]
     write_text(out / "report.md", "\n".join(lines))

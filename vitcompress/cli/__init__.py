@@ -108,6 +108,7 @@ def _register() -> None:
         prune_cmd,
         quantize_cmd,
         recipe_cmd,
+        sweep_cmd,
     )
 
     app.command("compress")(compress_cmd.compress)
@@ -119,6 +120,7 @@ def _register() -> None:
     app.command("distill")(distill_cmd.distill)
     app.command("quantize")(quantize_cmd.quantize)
     app.command("bench")(bench_cmd.bench)
+    app.command("sweep")(sweep_cmd.sweep)
     app.add_typer(recipe_cmd.app, name="recipe")
 
 

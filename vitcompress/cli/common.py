@@ -74,6 +74,24 @@ JsonOpt = Annotated[
 ]
 
 
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="PATH=VALUE overriding the recipe (repeatable): passes.0.steps=50, "
+        "passes.prune.target_macs=0.4 (a step by name or kind), data.eval.limit=500. VALUE is YAML.",
+    ),
+]
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set PATH=VALUE` options as {path: value}."""
+    from vitcompress.recipe import parse_assignment
+
+    return dict(parse_assignment(item) for item in items or [])
+
+
 def model_ref(
     source: str,
     checkpoint: Path | None,

@@ -5,12 +5,21 @@ from typing import Annotated
 
 import typer
 
-from vitcompress.cli.common import JsonOpt, err_console, ledger_table, out_console, print_json
+from vitcompress.cli.common import (
+    JsonOpt,
+    SetOpt,
+    err_console,
+    ledger_table,
+    out_console,
+    parse_sets,
+    print_json,
+)
 
 
 def compress(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for artifacts and reports.")],
+    sets: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe: load the model, run its passes in order, print the per-pass ledger.
@@ -18,15 +27,16 @@ def compress(
     Writes the artifacts, report.json, report.md and recipe.resolved.yaml (every default spelled out)
     to OUT, each file atomically. Exit code 3 when a budget in the recipe fails (reports are still written).
 
-    Example:
+    Examples:
       vitcompress compress --recipe recipes/quickstart.yaml --out out/
+      vitcompress compress --recipe recipes/prune-kd-digits.yaml --set passes.prune.target_macs=0.4 --out out/
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from vitcompress.pipeline import run_recipe
     from vitcompress.recipe import load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = load_recipe(recipe, parse_sets(sets))
     steps = ["load"] + [cfg.step_name for cfg in parsed.passes]
     with Progress(
         SpinnerColumn(),

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from vitcompress.errors import VitcompressError
 from vitcompress.passes.base import PassConfig
@@ -60,6 +60,11 @@ class TeacherSpec(BaseModel):
     img_size: int | None = Field(None, gt=0)
     in_chans: int | None = Field(None, gt=0)
     kwargs: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
 
 class DistillConfig(PassConfig):

@@ -18,7 +18,9 @@ top-1 agreement with the float model is measured on real data.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -313,16 +315,18 @@ def quantize_file(
                     extra["ActivationSymmetric"] = True
                 if not cfg.quantize_outputs:
                     extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
-                quantize_static(
-                    str(prepared),
-                    str(staged),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    activation_type=types[cfg.activation_type],
-                    calibrate_method=method,
-                    extra_options=extra,
-                    **common,
-                )
+                # ORT's histogram calibrators print progress to stdout, which belongs to --json
+                with contextlib.redirect_stdout(sys.stderr):
+                    quantize_static(
+                        str(prepared),
+                        str(staged),
+                        reader,
+                        quant_format=QuantFormat.QDQ,
+                        activation_type=types[cfg.activation_type],
+                        calibrate_method=method,
+                        extra_options=extra,
+                        **common,
+                    )
         counts = op_counts(staged)
         quantized = quantized_counts(counts)
         if cfg.mode is not Mode.fp16 and not quantized:

@@ -1,0 +1,240 @@
+"""Recipe overrides (--set), `vitcompress sweep` and the Pareto frontier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vitcompress.errors import RecipeError
+from vitcompress.plot import pareto_front
+from vitcompress.recipe import apply_overrides, parse_assignment, set_path
+from vitcompress.sweep import expand
+
+# --------------------------------------------------------------------------- frontier
+
+
+def test_pareto_front_on_a_synthetic_table():
+    # (latency ms, top-1): A fast+bad, B dominated by C, C, D slow+best, E dominated by D, F tie of C
+    table = {
+        "A": (1.0, 0.70),
+        "B": (3.0, 0.80),
+        "C": (2.0, 0.85),
+        "D": (5.0, 0.90),
+        "E": (6.0, 0.90),
+        "F": (2.0, 0.85),
+        "G": (1.0, 0.60),
+    }
+    front = dict(zip(table, pareto_front(list(table.values())), strict=True))
+    assert front == {"A": True, "B": False, "C": True, "D": True, "E": False, "F": True, "G": False}
+
+
+def test_pareto_front_edge_cases():
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 0.5)]) == [True]
+    # strictly better on both axes dominates
+    assert pareto_front([(2.0, 0.5), (1.0, 0.6)]) == [False, True]
+
+
+# --------------------------------------------------------------------------- overrides
+
+RAW = {
+    "version": 1,
+    "model": {"source": "timm:x"},
+    "passes": [{"kind": "prune", "mlp": 0.5}, {"kind": "distill", "name": "kd"}, {"kind": "export"}],
+}
+
+
+def test_set_path_by_index_name_and_kind():
+    out = apply_overrides(
+        RAW,
+        {
+            "passes.0.mlp": 0.25,
+            "passes.kd.steps": 10,
+            "passes.export.opset": 18,
+            "data.eval.limit": 100,
+            "passes.-1.dynamic_batch": False,
+        },
+    )
+    assert out["passes"][0]["mlp"] == 0.25
+    assert out["passes"][1]["steps"] == 10
+    assert out["passes"][2] == {"kind": "export", "opset": 18, "dynamic_batch": False}
+    assert out["data"] == {"eval": {"limit": 100}}
+    assert RAW["passes"][0]["mlp"] == 0.5 and "data" not in RAW  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("passes.7.mlp", "passes.7: index 7 is out of range (the list has 3 items)"),
+        ("passes.quantize.mode", "passes.quantize: no step 'quantize'; steps are 0: prune, 1: kd, 2: export"),
+        ("model.source.x", "model.source.x: model.source is a value ('timm:x'), not a section"),
+    ],
+)
+def test_set_path_errors_name_the_path(path, message):
+    with pytest.raises(RecipeError) as err:
+        set_path(json.loads(json.dumps(RAW)), path, 1)
+    assert err.value.message == message
+
+
+def test_set_path_ambiguous_kind_asks_for_a_name():
+    raw = {"passes": [{"kind": "distill"}, {"kind": "distill"}]}
+    with pytest.raises(RecipeError, match="2 steps are 'distill'; name them or use the index"):
+        set_path(raw, "passes.distill.steps", 5)
+
+
+def test_parse_assignment_reads_yaml_values():
+    assert parse_assignment("a.b=0.5") == ("a.b", 0.5)
+    assert parse_assignment("a=[heads, mlp]") == ("a", ["heads", "mlp"])
+    assert parse_assignment("a=null") == ("a", None)
+    assert parse_assignment("a=0.25,0.5", many=True) == ("a", [0.25, 0.5])
+    assert parse_assignment("a=[heads],[heads, mlp]", many=True) == ("a", [["heads"], ["heads", "mlp"]])
+    with pytest.raises(RecipeError, match="is not PATH=VALUE"):
+        parse_assignment("passes.0.mlp")
+
+
+def test_expand_is_the_cartesian_product_in_order():
+    grid = expand({"a": [1, 2], "b": ["x", "y", "z"]})
+    assert len(grid) == 6
+    assert grid[0] == {"a": 1, "b": "x"} and grid[1] == {"a": 1, "b": "y"} and grid[-1] == {"a": 2, "b": "z"}
+
+
+# --------------------------------------------------------------------------- CLI
+
+TINY_RECIPE = """\
+version: 1
+name: tiny-sweep
+model:
+  source: timm:vit_tiny_patch16_224
+  num_classes: 10
+  img_size: 16
+  kwargs: {depth: 2, patch_size: 4, embed_dim: 64, num_heads: 2}
+data:
+  eval: {source: digits, split: test, limit: 100}
+  calibration: {source: digits, split: train, limit: 64}
+passes:
+  - kind: prune
+    mlp: 0.5
+    importance: l2
+  - kind: export
+  - kind: validate
+    runs: 5
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+def test_compress_set_overrides_the_recipe(cli, tmp_path, tiny_recipe):
+    out = tmp_path / "out"
+    result = cli(
+        "compress", "--recipe", tiny_recipe, "--out", out, "--set", "passes.prune.mlp=0.75",
+        "--set", "passes.validate.runs=6", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    resolved = (out / "recipe.resolved.yaml").read_text()
+    assert "mlp: 0.75" in resolved and "runs: 6" in resolved
+    ledger = json.loads(result.stdout)["ledger"]
+    prune = next(r for r in ledger if r["kind"] == "prune")
+    assert [b["mlp_hidden"] for b in prune["details"]["blocks"]] == [64, 64]  # 256 -> 64 per block
+    # the compress report embeds its accuracy-vs-latency plot
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](pareto.png)" in (out / "report.md").read_text()
+
+
+def test_compress_set_with_a_bad_path_or_value_fails_fast(cli, tmp_path, tiny_recipe):
+    bad_step = cli(
+        "compress", "--recipe", tiny_recipe, "--out", tmp_path / "o", "--set", "passes.lowrank.rank=4"
+    )
+    assert bad_step.exit_code == 2
+    assert "no step 'lowrank'; steps are 0: prune, 1: export, 2: validate" in bad_step.stderr
+    bad_value = cli(
+        "compress", "--recipe", tiny_recipe, "--out", tmp_path / "o", "--set", "passes.prune.mlp=2"
+    )
+    assert bad_value.exit_code == 2
+    assert "passes[0] (prune).mlp: Input should be less than 1" in bad_value.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_runs_variants_measures_them_together_and_marks_the_frontier(cli, tmp_path, tiny_recipe):
+    out = tmp_path / "sweep"
+    result = cli(
+        "sweep", "--recipe", tiny_recipe, "--out", out, "--vary", "passes.prune.mlp=0.25,0.75",
+        "--vary", "passes.prune.importance=l1,l2", "--runs", "5", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    variants = data["variants"]
+    assert [v["overrides"] for v in variants] == [
+        {"passes.prune.mlp": 0.25, "passes.prune.importance": "l1"},
+        {"passes.prune.mlp": 0.25, "passes.prune.importance": "l2"},
+        {"passes.prune.mlp": 0.75, "passes.prune.importance": "l1"},
+        {"passes.prune.mlp": 0.75, "passes.prune.importance": "l2"},
+    ]
+    assert all(v["status"] == "ok" and v["p50_ms"] > 0 and 0 <= v["top1"] <= 1 for v in variants)
+    # more pruning, fewer MACs; every variant is measured in the one interleaved run with the baseline
+    assert variants[2]["macs"] < variants[0]["macs"]
+    models = [r["model"] for r in data["bench"]["results"]]
+    assert models[0] == data["baseline"]["onnx"] and len(models) == 5
+    # the frontier flags are the Pareto front of the measured points
+    points = [(data["baseline"]["p50_ms"], data["baseline"]["top1"])]
+    points += [(v["p50_ms"], v["top1"]) for v in variants]
+    assert [data["baseline"]["frontier"]] + [v["frontier"] for v in variants] == pareto_front(points)
+    assert any(v["frontier"] for v in variants) or data["baseline"]["frontier"]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "sweep.md").read_text()
+    assert table.count("\n| v0") == 4 and "![accuracy vs latency](pareto.png)" in table
+
+
+def test_sweep_reports_a_failed_variant_and_goes_on(cli, tmp_path, tiny_recipe):
+    out = tmp_path / "sweep"
+    result = cli(
+        "sweep", "--recipe", tiny_recipe, "--out", out, "--vary", "passes.prune.target_macs=0.6,0.01",
+        "--set", "passes.prune.mlp=0", "--runs", "5", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ok, failed = json.loads(result.stdout)["variants"]
+    assert ok["status"] == "ok" and ok["p50_ms"] > 0
+    assert failed["status"] == "error" and failed["p50_ms"] is None and "0.01" in failed["message"]
+
+
+def test_sweep_uses_the_recipe_sweep_section(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE + "sweep:\n  vary:\n    passes.prune.mlp: [0.5]\n  runs: 5\n")
+    result = cli("sweep", "--recipe", recipe, "--out", tmp_path / "s", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["variants"]) == 1 and data["bench"]["settings"]["runs"] == 5
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: t.replace("  - kind: export\n  - kind: validate\n    runs: 5\n", ""),
+            "the recipe has no export pass",
+        ),
+        (
+            lambda t: t.replace("  eval: {source: digits, split: test, limit: 100}\n", ""),
+            "the recipe has no data.eval",
+        ),
+    ],
+)
+def test_sweep_refuses_a_recipe_it_cannot_measure(cli, tmp_path, edit, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(edit(TINY_RECIPE))
+    result = cli("sweep", "--recipe", recipe, "--out", tmp_path / "s", "--vary", "passes.prune.mlp=0.5")
+    assert result.exit_code == 2 and message in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_without_a_grid_or_with_a_bad_value_fails_before_running(cli, tmp_path, tiny_recipe):
+    nothing = cli("sweep", "--recipe", tiny_recipe, "--out", tmp_path / "s")
+    assert nothing.exit_code == 2 and "nothing to sweep" in nothing.stderr
+    bad = cli("sweep", "--recipe", tiny_recipe, "--out", tmp_path / "s", "--vary", "passes.prune.mlp=0.5,1.5")
+    assert bad.exit_code == 2 and "variant passes.prune.mlp=1.5" in bad.stderr and "less than 1" in bad.stderr
+    assert not (tmp_path / "s").exists()
