@@ -47,7 +47,7 @@ def sweep(
     from rich.text import Text
 
     from vitcompress.recipe import apply_overrides, parse_assignment, read_recipe_data, read_recipe_text
-    from vitcompress.sweep import SWEEP_COLUMNS, plan_variants, run_sweep, sweep_rows
+    from vitcompress.sweep import SWEEP_COLUMNS, Variant, plan_variants, run_sweep, sweep_rows
 
     text = read_recipe_text(recipe)
     data = apply_overrides(read_recipe_data(text, str(recipe)), parse_sets(sets))
@@ -69,10 +69,9 @@ def sweep(
     ) as progress:
         task = progress.add_task("variants", total=len(variants))
 
-        def on_variant(number: int, count: int, variant: object) -> None:
-            progress.update(
-                task, completed=number, description=f"variant {number + 1}/{count}: {variant.label}"
-            )  # type: ignore[attr-defined]
+        def on_variant(number: int, count: int, variant: Variant) -> None:
+            label = f"variant {number + 1}/{count}: {variant.label}"
+            progress.update(task, completed=number, description=label)
 
         def on_bench(done: int) -> None:
             progress.update(task, completed=len(variants), description="benchmark, all variants interleaved")
