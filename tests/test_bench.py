@@ -119,3 +119,34 @@ def test_block_interleaving_times_every_call_and_rotates():
     # warm-up, then turns of (1 untimed + up to 2 timed) calls, the first position rotating
     assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 2 + ["b"] * 2
     assert sum(steps) == 2 * (1 + 5)
+
+
+def test_gemm_peak_int8_beats_fp32_and_precision_is_read_from_the_graph(tmp_path):
+    from vitcompress.bench import gemm_peak, model_precision
+
+    fp32, int8 = gemm_peak("fp32", 1, size=512), gemm_peak("int8", 1, size=512)
+    assert 1e9 < fp32 < int8  # any x86-64 core does > 1 GMAC/s; u8s8 kernels beat fp32 FMA
+    with pytest.raises(ValueError, match="use fp32 or int8"):
+        gemm_peak("int4", 1)
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.int8), "w")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    graph = helper.make_graph(
+        [
+            helper.make_node("DequantizeLinear", ["w", "s"], ["wf"]),
+            helper.make_node("MatMul", ["x", "wf"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight, scale],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "q.onnx"))
+    assert model_precision(tmp_path / "q.onnx") == "int8"
+    graph.node.pop(0)
+    graph.node[0].input[1] = "w"
+    onnx.save(helper.make_model(graph), str(tmp_path / "f.onnx"))
+    assert model_precision(tmp_path / "f.onnx") == "fp32"

@@ -74,6 +74,11 @@ def test_edge_cpu_int8_recipe_runs(cli, tmp_path):
     assert 0.0 <= validate["top1"] <= 1.0 and validate["details"]["accuracy"]["samples"] == 200
     assert (out / "pareto.png").stat().st_size > 1000
     assert "![accuracy vs latency" in (out / "report.md").read_text()
+    # the INT8 model's compute floor: its MACs at this CPU's measured int8 GEMM peak
+    floor = validate["details"]["compute_floor"]
+    assert floor["precision"] == "int8" and floor["macs"] == report["ledger"][0]["macs"]
+    assert abs(floor["floor_ms"] - floor["macs"] / (floor["peak_gmacs"] * 1e9) * 1e3) < 1e-9
+    assert 0 < floor["fraction"] < 1.5 and "Compute floor:" in (out / "report.md").read_text()
 
 
 def test_prune_kd_int8_recipe_runs(cli, tmp_path):
@@ -112,6 +117,8 @@ def test_lowrank_kd_recipe_runs(cli, tmp_path):
     assert lowrank["params"] < load["params"]
     graph = onnx.load(report["final_onnx"]).graph
     assert len([n for n in graph.node if n.op_type in ("MatMul", "Gemm")]) > 0
+    floor = report["ledger"][-1]["details"]["compute_floor"]
+    assert floor["precision"] == "fp32" and floor["macs"] == lowrank["macs"]
 
 
 @pytest.mark.parametrize(

@@ -185,3 +185,31 @@ def test_train_reference_script_smoke(tmp_path):
         text=True,
     )
     assert again.returncode == 0 and "cached:" in again.stdout
+
+
+def test_peer_benchmark_script_smoke(tmp_path):
+    """scripts/benchmark.py end to end on tiny models: every row of both tracks, measured."""
+    run, results = _run_script("benchmark.py", "--smoke", out=tmp_path / "b.json")
+    variants = [
+        "ORT fp32",
+        "ORT quantize_dynamic",
+        "torch-pruning magnitude 50% MACs",
+        "vitcompress edge-cpu-int8",
+        "vitcompress prune-kd-int8",
+        "vitcompress lowrank-kd",
+    ]
+    accuracy = results["accuracy"]["rows"]
+    assert [r["variant"] for r in accuracy] == variants
+    assert results["accuracy"]["test_images"] == 100
+    assert all(0.0 <= r["top1"] <= 1.0 for r in accuracy) and accuracy[0]["drop_points"] == 0.0
+    speed = results["speed"]["vit_tiny_patch16_224"]
+    assert [r["variant"] for r in speed] == variants
+    for row in accuracy + speed:
+        assert row["p50_ms"] > 0 and row["ips_b32"] > 0 and row["peak_rss_mb"] > 100
+        assert row["floor_ms"] > 0 and 0 < row["floor_fraction"] <= 1.5
+        assert row["precision"] in ("fp32", "int8")
+    base = speed[0]["macs"]
+    # the 50% MAC targets are met, by the peer's bisection and by our planner
+    assert abs(speed[2]["macs"] / base - 0.5) <= 0.03 and abs(speed[4]["macs"] / base - 0.5) <= 0.03
+    assert results["peak_macs_per_s"]["int8"] > results["peak_macs_per_s"]["fp32"] > 0
+    assert "| vitcompress prune-kd-int8 |" in run.stdout and "goals:" in run.stdout

@@ -230,3 +230,76 @@ def check_gate(latency: Latency, max_p50_ms: float | None, min_speedup: float | 
             f"speed-up gate failed: {latency.model} is {latency.speedup_vs_first:.2f}x the baseline "
             f"at batch {latency.batch_size}, budget {min_speedup:g}x"
         )
+
+
+# --------------------------------------------------------------------------- compute floor
+
+INT8_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear"}
+)
+
+
+def gemm_peak(precision: str, threads: int, size: int = 1024) -> float:
+    """MACs per second this CPU reaches in ONNX Runtime on a large square GEMM: MatMul for fp32,
+    MatMulInteger (u8 x s8, the kernel of ORT's int8 linear layers) for int8. Best of 10 runs: the
+    practical peak a model's MACs could run at, with the same thread count."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if precision == "int8":
+        op, a_type, out_type = "MatMulInteger", TensorProto.UINT8, TensorProto.INT32
+        weight = numpy_helper.from_array(rng.integers(-127, 127, (size, size)).astype(np.int8), "b")
+        feed = rng.integers(0, 255, (size, size)).astype(np.uint8)
+    elif precision == "fp32":
+        op, a_type, out_type = "MatMul", TensorProto.FLOAT, TensorProto.FLOAT
+        weight = numpy_helper.from_array(rng.standard_normal((size, size)).astype(np.float32), "b")
+        feed = rng.standard_normal((size, size)).astype(np.float32)
+    else:
+        raise ValueError(f"no GEMM peak for precision {precision!r}; use fp32 or int8")
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "b"], ["y"])],
+        f"gemm_{precision}",
+        [helper.make_tensor_value_info("a", a_type, [size, size])],
+        [helper.make_tensor_value_info("y", out_type, [size, size])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, {"a": feed})
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        session.run(None, {"a": feed})
+        best = min(best, time.perf_counter() - start)
+    return size**3 / best
+
+
+def model_precision(path: Path) -> str:
+    """int8 when the graph holds integer-quantized ops, else fp32 (fp16 files count as fp32 here)."""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+    return "int8" if ops & INT8_OPS else "fp32"
+
+
+@dataclass(frozen=True)
+class ComputeFloor:
+    macs: int
+    precision: str
+    peak_gmacs: float  # measured GEMM peak, GMAC/s
+    floor_ms: float  # macs / peak: the time with every MAC at peak speed
+    fraction: float  # floor_ms / p50: how close the model runs to it
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compute_floor(path: Path, macs: int, p50_ms: float, threads: int) -> ComputeFloor:
+    precision = model_precision(path)
+    peak = gemm_peak(precision, threads)
+    floor_ms = macs / peak * 1e3
+    return ComputeFloor(macs, precision, peak / 1e9, floor_ms, floor_ms / p50_ms)

@@ -129,6 +129,17 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
             f"CPU: {e['cpu_model']} ({e['cpu_count']} cores; ISA: {isa}).",
             "",
         ]
+    floor = next(
+        (r.details["compute_floor"] for r in reversed(result.ledger) if "compute_floor" in r.details), None
+    )
+    if floor:
+        lines += [
+            f"Compute floor: {floor['floor_ms']:.3f} ms ({floor['macs'] / 1e6:.1f} MMACs at this CPU's measured "
+            f"{floor['precision']} GEMM peak of {floor['peak_gmacs']:.0f} GMAC/s); the final model's p50 "
+            f"is {floor['fraction']:.0%} of that speed. The rest is memory traffic, non-GEMM ops "
+            "(LayerNorm, Softmax, GELU, quantize/dequantize) and per-op overhead.",
+            "",
+        ]
     verdict = (
         "all budgets met" if not result.budget_failures else "FAILED: " + "; ".join(result.budget_failures)
     )

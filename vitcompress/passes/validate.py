@@ -46,7 +46,7 @@ class ValidateConfig(PassConfig):
 
 
 def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
-    from vitcompress.bench import bench_models
+    from vitcompress.bench import bench_models, compute_floor
     from vitcompress.passes.export import ExportConfig, export_model
     from vitcompress.runtime import onnx_size
 
@@ -74,6 +74,18 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
         primary.speedup_vs_first,
     )
     details: dict[str, object] = {}
+    last = state.records[-1] if state.records else None
+    if cfg.provider is Provider.cpu and last is not None and last.macs:
+        floor = compute_floor(state.onnx_path, last.macs, primary.p50_ms, threads)
+        details["compute_floor"] = floor.to_dict()
+        log.info(
+            "compute floor: %.3f ms (%d MMACs at this CPU's %s GEMM peak, %.0f GMAC/s); p50 is %.0f%% of it",
+            floor.floor_ms,
+            floor.macs // 10**6,
+            floor.precision,
+            floor.peak_gmacs,
+            100 * floor.fraction,
+        )
     top1 = None
     if cfg.accuracy and state.data_spec("eval") is not None:
         from vitcompress.evaluate import evaluate_onnx
@@ -87,7 +99,6 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
             details["baseline_top1"] = base.top1
             details["top1_drop_points"] = 100 * (base.top1 - result.top1)
         log.info("top-1 %.2f%% on %s", 100 * result.top1, result.data)
-    last = state.records[-1] if state.records else None
     record = PassRecord(
         name=cfg.step_name,
         kind=cfg.kind,
