@@ -303,3 +303,57 @@ def compute_floor(path: Path, macs: int, p50_ms: float, threads: int) -> Compute
     peak = gemm_peak(precision, threads)
     floor_ms = macs / peak * 1e3
     return ComputeFloor(macs, precision, peak / 1e9, floor_ms, floor_ms / p50_ms)
+
+
+# --------------------------------------------------------------------------- op profile
+
+
+@dataclass(frozen=True)
+class OpTime:
+    op_type: str
+    nodes: int  # distinct graph nodes of this type that ran
+    ms_per_run: float
+    share: float  # of the summed node time
+
+
+def profile_ops(
+    path: Path, provider: Provider = Provider.cpu, threads: int = 2, batch_size: int = 1, runs: int = 20
+) -> list[OpTime]:
+    """Where one inference spends its time, by ONNX Runtime kernel type (after ORT's own fusions,
+    e.g. MatMulIntegerToFloat for a quantized linear layer), from ORT's built-in profiler."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    runner = OnnxRunner(Path(path), provider=provider, threads=threads)
+    feed = {runner.input_name: _input_for(runner, batch_size, 0)}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=runner.session.get_providers())
+        for _ in range(3):  # warm-up, dropped below by run index
+            session.run(None, feed)
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    nodes: dict[str, set[str]] = {}
+    finished = 0  # ORT writes a run's node events before that run's model_run event
+    for event in events:
+        if event.get("cat") == "Session" and event.get("name") == "model_run":
+            finished += 1
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time") or finished < 3:
+            continue
+        op = event.get("args", {}).get("op_name", "?")
+        totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3
+        nodes.setdefault(op, set()).add(event["name"])
+    grand = sum(totals.values()) or 1.0
+    return [
+        OpTime(op, len(nodes[op]), total / runs, total / grand)
+        for op, total in sorted(totals.items(), key=lambda kv: -kv[1])
+    ]

@@ -45,6 +45,14 @@ def bench(
             help="Gate: fail (exit 3) if the last model is less than this many times faster than the first.",
         ),
     ] = None,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile",
+            help="Also show where the time goes: ONNX Runtime's profiler, time per kernel type "
+            "(after ORT's fusions) at the first batch size, for each model.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure ONNX Runtime latency on this machine, several models interleaved in one run.
@@ -55,6 +63,7 @@ def bench(
     Examples:
       vitcompress bench baseline.onnx compressed.onnx --threads 2 -b 1 -b 8
       vitcompress bench compressed.onnx --max-p50-ms 25        # CI gate: exit code 3 when slower
+      vitcompress bench model.int8.onnx --profile               # time per op type
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -83,11 +92,20 @@ def bench(
             block=block,
         )
     gated = report.find(str(models[-1]), batch_sizes[0])
+    profiles = {}
+    if profile:
+        from vitcompress.bench import profile_ops
+
+        with err_console.status("profiling"):
+            profiles = {
+                str(m): profile_ops(m, provider, threads, batch_sizes[0], runs=min(runs, 50)) for m in models
+            }
     if json_out:
         print_json(
             {
                 **report.to_dict(),
                 "gate": {"model": gated.model, "max_p50_ms": max_p50_ms, "min_speedup": min_speedup},
+                **({"profile": profiles} if profile else {}),
             }
         )
     else:
@@ -109,4 +127,11 @@ def bench(
                 f"{r.speedup_vs_first:.2f}x",
             )
         out_console.print(table)
+        for model, ops in profiles.items():
+            breakdown = Table(title=f"{Path(model).name}: time per kernel type, batch {batch_sizes[0]}")
+            for column in ("op type", "nodes", "ms per run", "share"):
+                breakdown.add_column(column, justify="left" if column == "op type" else "right")
+            for op in ops:
+                breakdown.add_row(op.op_type, str(op.nodes), f"{op.ms_per_run:.3f}", f"{op.share:.1%}")
+            out_console.print(breakdown)
     check_gate(gated, max_p50_ms, min_speedup)

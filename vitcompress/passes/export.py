@@ -10,10 +10,12 @@ A dynamic batch axis is always exported; parity is checked at batch 1 and at the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -82,6 +84,30 @@ class ExportResult:
     wall_s: float
 
 
+@contextlib.contextmanager
+def _static_attention_scale() -> Iterator[None]:
+    """During a TorchScript export, give scaled_dot_product_attention its scale as a number.
+
+    Called without one (as timm and transformers do), the exporter computes 1/sqrt(head_dim) at run
+    time from the query's shape: Shape, Slice, Cast, Sqrt and Div nodes in every block, which ONNX
+    Runtime cannot fold under a dynamic batch axis. The head size is fixed, so the value is too.
+    """
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def with_scale(query, key, value, *args, scale=None, **kwargs):  # type: ignore[no-untyped-def]
+        if scale is None:
+            scale = float(query.shape[-1]) ** -0.5
+        return original(query, key, value, *args, scale=scale, **kwargs)
+
+    F.scaled_dot_product_attention = with_scale
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
     import torch
 
@@ -91,16 +117,17 @@ def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
             "ignore"
         )  # the TorchScript exporter's deprecation notice; our choice is explicit
         if cfg.exporter is Exporter.torchscript:
-            torch.onnx.export(
-                loaded.model,
-                (example,),
-                str(path),
-                dynamo=False,
-                opset_version=cfg.opset,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                input_names=["input"],
-                output_names=["logits"],
-            )
+            with _static_attention_scale():
+                torch.onnx.export(
+                    loaded.model,
+                    (example,),
+                    str(path),
+                    dynamo=False,
+                    opset_version=cfg.opset,
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                    input_names=["input"],
+                    output_names=["logits"],
+                )
         else:
             try:
                 import onnxscript  # noqa: F401
