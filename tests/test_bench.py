@@ -150,3 +150,18 @@ def test_gemm_peak_int8_beats_fp32_and_precision_is_read_from_the_graph(tmp_path
     graph.node[0].input[1] = "w"
     onnx.save(helper.make_model(graph), str(tmp_path / "f.onnx"))
     assert model_precision(tmp_path / "f.onnx") == "fp32"
+
+
+def test_bench_profile_breaks_time_down_by_kernel_type(cli, onnx_pair):
+    result = cli(
+        "bench", onnx_pair[0], "--threads", "1", "--runs", "5", "--warmup", "1", "--profile", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    profile = json.loads(result.stdout)["profile"][str(onnx_pair[0])]
+    ops = {row["op_type"]: row for row in profile}
+    assert "MatMul" in ops and ops["MatMul"]["nodes"] >= 4  # qkv, proj, fc1, fc2
+    assert abs(sum(row["share"] for row in profile) - 1.0) < 1e-6
+    assert all(row["ms_per_run"] > 0 for row in profile)
+    assert [r["share"] for r in profile] == sorted((r["share"] for r in profile), reverse=True)
+    table = cli("bench", onnx_pair[0], "--threads", "1", "--runs", "5", "--warmup", "1", "--profile")
+    assert "time per kernel type" in table.stdout and "MatMul" in table.stdout
