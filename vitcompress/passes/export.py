@@ -96,10 +96,10 @@ def _static_attention_scale() -> Iterator[None]:
 
     original = F.scaled_dot_product_attention
 
-    def with_scale(query, key, value, *args, scale=None, **kwargs):  # type: ignore[no-untyped-def]
-        if scale is None:
-            scale = float(query.shape[-1]) ** -0.5
-        return original(query, key, value, *args, scale=scale, **kwargs)
+    def with_scale(query, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("scale") is None:
+            kwargs["scale"] = float(query.shape[-1]) ** -0.5
+        return original(query, key, value, *args, **kwargs)
 
     F.scaled_dot_product_attention = with_scale
     try:
