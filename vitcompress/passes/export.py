@@ -97,7 +97,7 @@ def _static_attention_scale() -> Iterator[None]:
     original = F.scaled_dot_product_attention
 
     def with_scale(query, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if kwargs.get("scale") is None:
+        if len(args) < 4 and kwargs.get("scale") is None:  # args: attn_mask, dropout_p, is_causal, scale
             kwargs["scale"] = float(query.shape[-1]) ** -0.5
         return original(query, key, value, *args, **kwargs)
 
