@@ -85,6 +85,19 @@ def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
     return tuple(failures)
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the OS between passes. A pass's peak (a backward pass for
+    importance, the exporter's graph copies) otherwise stays in glibc's heap and adds to the next
+    pass's peak: on DeiT-B, prune + export + INT8 peaked 0.4 GB lower with this (3.66 -> 3.25 GB)."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def run_recipe(
     recipe: Recipe,
     out_dir: Path,
@@ -123,7 +136,13 @@ def run_recipe(
         wall_s=time.perf_counter() - start,
         details={"source": loaded.label, "family": loaded.adapter.family, "input": list(loaded.input.shape)},
     )
-    needs_teacher = any(PASSES[cfg.kind].changes_model for cfg in recipe.passes)
+    # The model as loaded is kept (a copy: a whole second model in memory) only when a later pass
+    # reads it: distill without a teacher of its own, or validate exporting the fp32 baseline.
+    needs_teacher = any(PASSES[cfg.kind].changes_model for cfg in recipe.passes) and any(
+        (cfg.kind == "distill" and getattr(cfg, "teacher", None) is None)
+        or (cfg.kind == "validate" and getattr(cfg, "compare_baseline", False))
+        for cfg in recipe.passes
+    )
     state = ModelState(
         model=loaded,
         settings=RunSettings(
@@ -147,6 +166,7 @@ def run_recipe(
         state = spec.runner()(state, cfg)
         if spec.changes_model:
             state = replace(state, model_changed=True)
+        release_memory()
     if rank > 0:
         return RunResult(state=state, out_dir=out_dir, budget_failures=())
     failures = check_budgets(recipe, state)
