@@ -124,3 +124,21 @@ def test_passes_read_data_splits_through_the_state(tmp_path):
     assert len(state.load_split("calibration", "x", limit=50)) == 50
     assert len(state.load_split("train", "x", limit=1000)) == 200  # the recipe's own limit is smaller
     assert len(state.load_split("eval", "x")) == 359
+
+
+@pytest.mark.parametrize(("tail", "keeps_copy"), [("", False), ("  - kind: validate\n    runs: 5\n", True)])
+def test_the_model_as_loaded_is_copied_only_when_a_pass_reads_it(tmp_path, tail, keeps_copy):
+    """A second copy of the model costs its whole size in memory (350 MB for DeiT-B): it is kept
+    for distill (the default teacher) and validate (the fp32 baseline), not otherwise."""
+    from vitcompress.pipeline import run_recipe
+    from vitcompress.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        "version: 1\nmodel:\n  source: timm:vit_tiny_patch16_224\n  num_classes: 10\n  img_size: 32\n"
+        "  kwargs: {depth: 1, patch_size: 8}\npasses:\n  - kind: prune\n    mlp: 0.5\n  - kind: export\n"
+        + tail
+    )
+    state = run_recipe(recipe, tmp_path / "out").state
+    assert (state.teacher is not None) is keeps_copy
+    if keeps_copy:  # and validate measured against the original, not the pruned model
+        assert state.records[-1].details["baseline"].endswith("baseline.onnx")

@@ -274,3 +274,36 @@ def test_matmul_outputs_stay_float_unless_asked(trained_onnx, tmp_path):
     assert quantized_matmul_outputs(tmp_path / "outputs.onnx") == len(
         q.quantizable_nodes(path, QuantizeConfig())
     )
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_strided_calibration_gives_the_ranges_of_one_pass(trained_onnx, tmp_path):
+    """Calibration runs one small batch at a time (bounded memory); min/max merge across batches
+    exactly, so the activation scales equal those of one batch holding every image."""
+    path, calibration, _ = trained_onnx
+    quantize_file(path, tmp_path / "strided.onnx", QuantizeConfig(calibration_batch=4), calibration)
+    quantize_file(path, tmp_path / "whole.onnx", QuantizeConfig(calibration_batch=128), calibration)
+    strided, whole = (
+        _activation_scales(tmp_path / "strided.onnx"),
+        _activation_scales(tmp_path / "whole.onnx"),
+    )
+    assert strided.keys() == whole.keys() and len(strided) > 0
+    assert all(abs(strided[k] - whole[k]) <= 1e-6 * abs(whole[k]) for k in whole)
+
+
+def test_dataset_reader_serves_ranges_for_strided_calibration(trained_onnx):
+    _, calibration, _ = trained_onnx
+    reader = q.DatasetReader(calibration, "input", 32)
+    assert len(reader) == 4  # 128 images
+    reader.set_range(start_index=1, end_index=3)
+    served = []
+    while (item := reader.get_next()) is not None:
+        served.append(item["input"])
+    assert len(served) == 2 and np.array_equal(served[0], reader.batches[1])
+    reader.rewind()
+    assert sum(1 for _ in iter(reader.get_next, None)) == 4
