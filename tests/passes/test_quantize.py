@@ -105,7 +105,7 @@ def test_dynamic_and_attention_quantization(trained_onnx, tmp_path):
 def test_presets_expand_to_explicit_settings():
     avx2 = QuantizeConfig(preset="cpu-x86-avx2")
     assert (avx2.mode, avx2.activation_type, avx2.weight_type, avx2.reduce_range) == (
-        Mode.static,
+        Mode.auto,
         "uint8",
         "int8",
         True,
@@ -114,6 +114,9 @@ def test_presets_expand_to_explicit_settings():
     assert arm.activation_type == "int8" and not arm.reduce_range
     trt = QuantizeConfig(preset="gpu-tensorrt-int8")
     assert trt.quantize_attention and trt.provider == "tensorrt" and trt.activation_type == "int8"
+    assert trt.mode is Mode.static  # TensorRT needs the QDQ graph; auto times on the CPU only
+    with pytest.raises(ValidationError, match="mode auto times the candidates with ONNX Runtime's CPU"):
+        QuantizeConfig(mode="auto", provider="cuda")
     assert QuantizeConfig(preset="cpu-x86-vnni", per_channel=False).per_channel is False  # explicit wins
     fp16 = QuantizeConfig(preset="gpu-fp16")
     assert fp16.mode is Mode.fp16 and fp16.filename == "model.fp16.onnx"
@@ -245,17 +248,20 @@ passes:
 def test_quantize_command(cli, trained_onnx, tmp_path):
     path, _, _ = trained_onnx
     result = cli("quantize", path, "--out", tmp_path / "c.onnx", "--preset", "cpu-x86-vnni", "--data", "digits",
-                 "--eval-data", "digits:test", "--json")  # fmt: skip
+                 "--eval-data", "digits:test", "--threads", "1", "--json")  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["quantized_counts"]["QuantizeLinear"] > 0 and data["agreement"]["top1_agreement"] >= 0.95
+    assert sum(data["quantized_counts"].values()) > 0 and data["agreement"]["top1_agreement"] >= 0.95
+    assert data["auto"]["chosen"] in ("static", "dynamic") and data["auto"]["threads"] == 1
+    static = cli("quantize", path, "--out", tmp_path / "s.onnx", "--mode", "static", "--data", "digits")
+    assert static.exit_code == 0 and "QuantizeLinear" in static.stdout
     assert data["settings"]["reduce_range"] is False and data["size_bytes"] < data["float_size_bytes"]
     evaluated = cli("eval", tmp_path / "c.onnx", "--data", "digits:test", "--json")
     assert evaluated.exit_code == 0 and json.loads(evaluated.stdout)["top1"] > 0.8
     again = cli("quantize", tmp_path / "c.onnx", "--out", tmp_path / "d.onnx", "--mode", "dynamic")
     assert again.exit_code == 2 and "already quantized" in again.stderr
     no_data = cli("quantize", path, "--out", tmp_path / "e.onnx")
-    assert no_data.exit_code == 2 and "static quantization needs --data" in no_data.stderr
+    assert no_data.exit_code == 2 and "quantization needs --data" in no_data.stderr
 
 
 def test_matmul_outputs_stay_float_unless_asked(trained_onnx, tmp_path):
@@ -307,3 +313,20 @@ def test_dataset_reader_serves_ranges_for_strided_calibration(trained_onnx):
     assert len(served) == 2 and np.array_equal(served[0], reader.batches[1])
     reader.rewind()
     assert sum(1 for _ in iter(reader.get_next, None)) == 4
+
+
+def test_auto_mode_builds_both_int8_forms_and_keeps_the_faster(trained_onnx, tmp_path):
+    path, calibration, test = trained_onnx
+    out = tmp_path / "auto.int8.onnx"
+    details = q.quantize_model(
+        path, out, QuantizeConfig(preset="cpu-x86-vnni", max_top1_drop=2.0), calibration, test, 1
+    )
+    auto = details["auto"]
+    assert set(auto["p50_ms"]) == {"static", "dynamic"} and all(t > 0 for t in auto["p50_ms"].values())
+    assert auto["chosen"] == min(auto["p50_ms"], key=auto["p50_ms"].get)  # both meet a 2-point gate here
+    assert details["gate"]["met"] and details["agreement"]["top1_agreement"] >= 0.95
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert ("DynamicQuantizeLinear" in ops) == (auto["chosen"] == "dynamic")
+    assert [p.name for p in tmp_path.iterdir()] == ["auto.int8.onnx"]  # the other candidate is gone
+    with pytest.raises(QuantizeError, match="mode auto is resolved by quantize_model"):
+        quantize_file(path, tmp_path / "x.onnx", QuantizeConfig(mode="auto"), calibration)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,11 @@ def quantize(
         str | None, typer.Option(help=f"Target preset: {', '.join(PRESETS)}. Sets the options below.")
     ] = None,
     mode: Annotated[
-        Mode | None, typer.Option(help="static (int8, calibrated), dynamic (int8) or fp16.")
+        Mode | None,
+        typer.Option(
+            help="static (int8, calibrated), dynamic (int8), auto (both, timed here, the faster kept; "
+            "the CPU presets' choice) or fp16."
+        ),
     ] = None,
     data: Annotated[
         str | None,
@@ -52,6 +57,9 @@ def quantize(
             help="Require the target's execution provider here; --no-verify-provider builds for another machine."
         ),
     ] = True,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Threads for --mode auto's timing (default: all cores).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Quantize an exported model with ONNX Runtime: static INT8 (QDQ), dynamic INT8, or fp16.
@@ -70,7 +78,7 @@ def quantize(
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.errors import BudgetExceededError
     from vitcompress.evaluate import onnx_input_spec
-    from vitcompress.passes.quantize import agreement, quantize_file, quantize_with_gate
+    from vitcompress.passes.quantize import quantize_model
     from vitcompress.runtime import onnx_size
 
     cfg = build_config(
@@ -90,29 +98,22 @@ def quantize(
         raise typer.BadParameter(f"{out} must end in .onnx", param_hint="--out")
     input_spec, classes = onnx_input_spec(model)
     calibration_data = None
-    if cfg.mode is Mode.static:
+    if cfg.needs_data():
         if data is None:
             from vitcompress.passes.quantize import QuantizeError
 
-            raise QuantizeError("static quantization needs --data for calibration", hint="or --mode dynamic")
+            raise QuantizeError(
+                f"{cfg.mode.value} quantization needs --data for calibration", hint="or --mode dynamic"
+            )
         spec = DataSpec.parse(data, limit=cfg.calibration_size)
         calibration_data = load_dataset(spec, input_spec, classes)
     held_out = (
         load_dataset(DataSpec.parse(eval_data, limit=eval_limit), input_spec, classes) if eval_data else None
     )
+    if cfg.max_top1_drop is not None and held_out is None:
+        raise typer.BadParameter("--max-top1-drop needs --eval-data", param_hint="--eval-data")
     with err_console.status(f"quantizing {model.name} ({cfg.mode.value})"):
-        if cfg.max_top1_drop is not None:
-            if held_out is None:
-                raise typer.BadParameter("--max-top1-drop needs --eval-data", param_hint="--eval-data")
-            gate = quantize_with_gate(model, out, cfg, calibration_data, held_out)
-            details = {
-                **gate.details,
-                "gate": {"met": gate.met, "drop_points": gate.drop_points, "kept_float": gate.keep_float},
-            }
-        else:
-            details = quantize_file(model, out, cfg, calibration_data)
-            if held_out is not None:
-                details["agreement"] = agreement(model, out, held_out)
+        details = quantize_model(model, out, cfg, calibration_data, held_out, threads or os.cpu_count() or 1)
     details["size_bytes"] = onnx_size(out)
     details["float_size_bytes"] = onnx_size(model)
     details["settings"] = cfg.model_dump(mode="json")
@@ -126,6 +127,10 @@ def quantize(
             f"wrote {out} ({details['size_bytes'] / 1e6:.2f} MB, float {details['float_size_bytes'] / 1e6:.2f} MB); "
             f"quantized nodes: {counts}"
         )
+        auto = details.get("auto")
+        if auto:
+            times = ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in auto["p50_ms"].items())
+            out_console.print(f"auto: {times} at batch 1 ({auto['threads']} threads): kept {auto['chosen']}")
         measured = details.get("agreement")
         if measured:
             out_console.print(

@@ -49,6 +49,7 @@ class QuantizeError(VitcompressError):
 class Mode(str, Enum):
     static = "static"  # int8 QDQ with calibrated activation ranges
     dynamic = "dynamic"  # int8 weights, activation ranges at run time (no data)
+    auto = "auto"  # both int8 forms, the faster on this machine that holds the accuracy gate
     fp16 = "fp16"  # float16 (GPU targets)
 
 
@@ -61,15 +62,15 @@ class Calibration(str, Enum):
 # Each preset is the explicit settings it stands for; `resolve` writes them into the config.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-x86-vnni": {  # AVX-512 VNNI / AMX: u8 activations x s8 weights is the fast path
-        "mode": "static", "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+        "mode": "auto", "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
         "reduce_range": False, "quantize_attention": False, "provider": "cpu",
     },
     "cpu-x86-avx2": {  # no VNNI: 7-bit weights avoid the u8 x s8 saturation of vpmaddubsw
-        "mode": "static", "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+        "mode": "auto", "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
         "reduce_range": True, "quantize_attention": False, "provider": "cpu",
     },
     "cpu-arm64": {  # NEON dot-product kernels: signed activations and weights
-        "mode": "static", "activation_type": "int8", "weight_type": "int8", "per_channel": True,
+        "mode": "auto", "activation_type": "int8", "weight_type": "int8", "per_channel": True,
         "reduce_range": False, "quantize_attention": False, "provider": "cpu",
     },
     "gpu-tensorrt-int8": {  # TensorRT wants symmetric s8 QDQ on both inputs of every quantized op
@@ -87,7 +88,11 @@ class QuantizeConfig(PassConfig):
     preset: str | None = Field(
         None, description=f"Target preset: {', '.join(PRESETS)} (sets the fields below)."
     )
-    mode: Mode = Field(Mode.static, description="static (int8, calibrated), dynamic (int8, no data) or fp16.")
+    mode: Mode = Field(
+        Mode.static,
+        description="static (int8, calibrated), dynamic (int8, no data), auto (both int8 forms, timed on "
+        "this machine; the faster that holds max_top1_drop is kept; CPU only) or fp16.",
+    )
     calibration: Calibration = Field(Calibration.minmax, description="Activation range method (static).")
     calibration_size: int = Field(256, ge=2, description="Calibration images (stratified), static mode.")
     calibration_batch: int = Field(
@@ -136,7 +141,15 @@ class QuantizeConfig(PassConfig):
         return data
 
     def needs_data(self) -> bool:
-        return self.mode is Mode.static
+        return self.mode in (Mode.static, Mode.auto)
+
+    @model_validator(mode="after")
+    def _auto_on_cpu(self) -> QuantizeConfig:
+        if self.mode is Mode.auto and self.provider != "cpu":
+            raise ValueError(
+                "mode auto times the candidates with ONNX Runtime's CPU provider: use static for GPUs"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- calibration data
@@ -288,6 +301,8 @@ def quantize_file(
         raise QuantizeError(
             f"{source} is already quantized (or float16)", hint="quantize the float32 export instead"
         )
+    if cfg.mode is Mode.auto:
+        raise QuantizeError("quantize_file builds one model; mode auto is resolved by quantize_model")
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory() as scratch, atomic_dir(target.parent) as staging:
         prepared = Path(scratch) / "prepared.onnx"
@@ -492,6 +507,89 @@ def agreement(float_path: Path, quant_path: Path, data: Dataset, batch_size: int
     }
 
 
+def _quantize_one(
+    source: Path, target: Path, cfg: QuantizeConfig, calibration: Dataset | None, eval_data: Dataset | None
+) -> dict[str, Any]:
+    """One quantized model: through the accuracy gate when max_top1_drop is set, else as asked."""
+    if cfg.max_top1_drop is None:
+        details = quantize_file(source, target, cfg, calibration)
+        if eval_data is not None:
+            details["agreement"] = agreement(source, target, eval_data)
+        return details
+    if eval_data is None:
+        raise QuantizeError("max_top1_drop needs held-out data", hint="add data.eval (or --eval-data)")
+    gate = quantize_with_gate(source, target, cfg, calibration, eval_data)
+    return {
+        **gate.details,
+        "gate": {
+            "max_top1_drop": cfg.max_top1_drop,
+            "drop_points": gate.drop_points,
+            "met": gate.met,
+            "kept_float": gate.keep_float,
+            "models_tried": gate.tried,
+        },
+    }
+
+
+def quantize_model(
+    source: Path,
+    target: Path,
+    cfg: QuantizeConfig,
+    calibration: Dataset | None,
+    eval_data: Dataset | None = None,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Quantize `source` into `target` as `cfg` says: what the pass and the command both run.
+
+    In auto mode, static (calibrated QDQ) and dynamic INT8 are both built, each through the gate,
+    and timed against each other on this machine (ONNX Runtime CPU, batch 1, interleaved); the
+    faster one that holds max_top1_drop is kept (if neither holds it, the one with the smaller
+    drop). Static needs one more kernel per linear layer than dynamic's fused quantize+matmul, so on
+    small models the one-liner's graph can be the faster: auto never ships the slower of the two.
+    """
+    import os
+    import tempfile
+
+    from vitcompress.bench import bench_models
+
+    if cfg.mode is not Mode.auto:
+        return _quantize_one(source, target, cfg, calibration, eval_data)
+    built: dict[Mode, tuple[Path, dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize-auto-") as scratch:
+        for mode in (Mode.static, Mode.dynamic):
+            path = Path(scratch) / f"{mode.value}.onnx"
+            one = cfg.model_copy(update={"mode": mode})
+            built[mode] = (
+                path,
+                _quantize_one(source, path, one, calibration if mode is Mode.static else None, eval_data),
+            )
+        report = bench_models([path for path, _ in built.values()], threads=threads, warmup=5, runs=30)
+        p50 = {mode: report.find(str(path), 1).p50_ms for mode, (path, _) in built.items()}
+
+        def preference(mode: Mode) -> tuple[bool, float]:
+            gate = built[mode][1].get("gate")
+            if gate is None or gate["met"]:
+                return (False, p50[mode])
+            return (True, gate["drop_points"])
+
+        chosen = min(built, key=preference)
+        os.replace(built[chosen][0], target)
+    log.info(
+        "auto: static %.3f ms, dynamic %.3f ms at batch 1 (%d threads): kept %s",
+        p50[Mode.static],
+        p50[Mode.dynamic],
+        threads,
+        chosen.value,
+    )
+    details = built[chosen][1]
+    details["auto"] = {
+        "chosen": chosen.value,
+        "p50_ms": {m.value: t for m, t in p50.items()},
+        "threads": threads,
+    }
+    return details
+
+
 def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
     from vitcompress.errors import RecipeError
     from vitcompress.runtime import onnx_size
@@ -501,30 +599,22 @@ def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
     if state.onnx_path is None:
         raise RecipeError("quantize needs an ONNX model: put an export pass before it")
     calibration = None
-    if cfg.mode is Mode.static:
-        calibration = state.load_split("calibration", f"{cfg.step_name} (static)", cfg.calibration_size)
+    if cfg.needs_data():
+        calibration = state.load_split(
+            "calibration", f"{cfg.step_name} ({cfg.mode.value})", cfg.calibration_size
+        )
     target = state.settings.out_dir / cfg.filename
     has_eval = state.data_spec("eval") is not None
+    eval_data = None
     if cfg.max_top1_drop is not None:
         eval_data = state.load_split("eval", f"{cfg.step_name} (max_top1_drop)")
-        gate = quantize_with_gate(state.onnx_path, target, cfg, calibration, eval_data)
-        details = {
-            **gate.details,
-            "gate": {
-                "max_top1_drop": cfg.max_top1_drop,
-                "drop_points": gate.drop_points,
-                "met": gate.met,
-                "kept_float": gate.keep_float,
-                "models_tried": gate.tried,
-            },
-        }
-        if not gate.met:
-            details["gate_failure"] = (
-                f"{cfg.step_name}: top-1 drop {gate.drop_points:.2f} points > max_top1_drop {cfg.max_top1_drop:g} "
-                f"even with {len(gate.keep_float)} layer(s) in float; the best model found is {target}"
-            )
-    else:
-        details = quantize_file(state.onnx_path, target, cfg, calibration)
+    details = quantize_model(state.onnx_path, target, cfg, calibration, eval_data, state.settings.threads)
+    gate = details.get("gate")
+    if gate is not None and not gate["met"]:
+        details["gate_failure"] = (
+            f"{cfg.step_name}: top-1 drop {gate['drop_points']:.2f} points > max_top1_drop {cfg.max_top1_drop:g} "
+            f"even with {len(gate['kept_float'])} layer(s) in float; the best model found is {target}"
+        )
     measured = details.get("agreement")
     if measured is None and (has_eval or state.data_spec("calibration") is not None):
         check_data = state.load_split("eval" if has_eval else "calibration", cfg.step_name, 1000)
