@@ -4,8 +4,9 @@
     python scripts/bench_quantize.py --smoke                          # tiny, for the test suite
 
 Speed track: timm deit_small_patch16_224, random init, 224, exported once (TorchScript, opset 17);
-`quantize_dynamic(model, out)` with ORT's defaults, and vitcompress static INT8 with the
-`cpu-x86-vnni` preset (calibrated on 64 synthetic images: ranges only matter for accuracy); all
+`quantize_dynamic(model, out)` with ORT's defaults, and vitcompress INT8 with the `cpu-x86-vnni`
+preset (mode auto: static QDQ calibrated on 64 synthetic images, or dynamic, whichever is faster
+here; ranges only matter for accuracy); all
 interleaved in one run at batch 1. Accuracy track: the Fashion-MNIST reference ViT, the same three
 variants, top-1 on the 10k test images (vitcompress calibrated on 256 stratified training images).
 """
@@ -28,17 +29,17 @@ from vitcompress.evaluate import evaluate_onnx
 from vitcompress.models import load_model
 from vitcompress.models.stats import count_macs
 from vitcompress.passes.export import ExportConfig, export_model
-from vitcompress.passes.quantize import QuantizeConfig, quantize_file
+from vitcompress.passes.quantize import QuantizeConfig, quantize_model
 
 
-def _variants(loaded, workdir: Path, calibration) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+def _variants(loaded, workdir: Path, calibration, threads: int) -> dict[str, Path]:  # type: ignore[no-untyped-def]
     from onnxruntime.quantization import quantize_dynamic
 
     fp32 = export_model(loaded, workdir / "fp32.onnx", ExportConfig()).path
     dynamic = workdir / "dynamic.onnx"
     quantize_dynamic(str(fp32), str(dynamic))
     ours = workdir / "vitcompress.int8.onnx"
-    quantize_file(fp32, ours, QuantizeConfig(preset="cpu-x86-vnni"), calibration)
+    quantize_model(fp32, ours, QuantizeConfig(preset="cpu-x86-vnni"), calibration, threads=threads)
     return {
         "ORT fp32": fp32,
         "ORT quantize_dynamic (one-liner)": dynamic,
@@ -51,7 +52,7 @@ def speed_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
     loaded = load_model(benchlib.speed_model(args))
     macs, _ = count_macs(loaded)
     calibration = load_dataset(DataSpec(source="synthetic", num_samples=64), loaded.input, loaded.num_classes)
-    paths = _variants(loaded, workdir, calibration)
+    paths = _variants(loaded, workdir, calibration, args.threads)
     timings = benchlib.time_variants(list(paths.values()), args)
     dynamic = timings[1]["p50_ms"]  # the one-liner
     return [
@@ -77,7 +78,7 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
     test = load_dataset(
         DataSpec(source=source, split="test", limit=args.eval_limit), loaded.input, loaded.num_classes
     )
-    paths = _variants(loaded, workdir, calibration)
+    paths = _variants(loaded, workdir, calibration, args.threads)
     rows = []
     for name, path in paths.items():
         result = evaluate_onnx(path, test, threads=args.threads)
