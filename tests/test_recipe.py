@@ -158,6 +158,7 @@ def test_schema_and_validate_commands(cli, tmp_path):
         "data",
         "passes",
         "budgets",
+        "sweep",
     }
     assert "discriminator" in json.dumps(schema["properties"]["passes"])
 
