@@ -213,9 +213,11 @@ def test_data_scores_are_gradient_times_weight_sums():
         c = 7
         expected.append(
             float(
-                (fc1.weight[c] * fc1.weight.grad[c]).sum()
-                + fc1.bias[c] * fc1.bias.grad[c]
-                + (fc2.weight[:, c] * fc2.weight.grad[:, c]).sum()
+                (
+                    (fc1.weight[c] * fc1.weight.grad[c]).sum()
+                    + fc1.bias[c] * fc1.bias.grad[c]
+                    + (fc2.weight[:, c] * fc2.weight.grad[:, c]).sum()
+                ).detach()
             )
         )
     assert stats.mlp[0][:, 7].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-9)
