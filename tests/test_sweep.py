@@ -238,3 +238,13 @@ def test_sweep_without_a_grid_or_with_a_bad_value_fails_before_running(cli, tmp_
     bad = cli("sweep", "--recipe", tiny_recipe, "--out", tmp_path / "s", "--vary", "passes.prune.mlp=0.5,1.5")
     assert bad.exit_code == 2 and "variant passes.prune.mlp=1.5" in bad.stderr and "less than 1" in bad.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_bad_sweep_section_is_named_with_its_line(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE + "sweep:\n  vary:\n    passes.prune.mlp: []\n  runs: 2\n")
+    result = cli("sweep", "--recipe", recipe, "--out", tmp_path / "s")
+    assert result.exit_code == 2
+    assert "r.yaml:19: sweep.vary: passes.prune.mlp: give at least one value to try" in result.stderr
+    assert "r.yaml:21: sweep.runs: Input should be greater than or equal to 5 (got 2)" in result.stderr
+    assert not (tmp_path / "s").exists()

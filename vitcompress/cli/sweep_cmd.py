@@ -46,18 +46,23 @@ def sweep(
     from rich.table import Table
     from rich.text import Text
 
-    from vitcompress.recipe import apply_overrides, parse_assignment, read_recipe_data, read_recipe_text
+    from vitcompress.recipe import (
+        apply_overrides,
+        parse_assignment,
+        read_recipe_data,
+        read_recipe_text,
+        validate_recipe,
+    )
     from vitcompress.sweep import SWEEP_COLUMNS, Variant, plan_variants, run_sweep, sweep_rows
 
     text = read_recipe_text(recipe)
     data = apply_overrides(read_recipe_data(text, str(recipe)), parse_sets(sets))
-    raw_section = data.get("sweep")
-    section: dict[str, Any] = raw_section if isinstance(raw_section, dict) else {}
-    grid = dict(parse_assignment(item, many=True) for item in vary or [])
-    if not grid and section:
-        grid = dict(section.get("vary") or {})
+    base = validate_recipe(data, text, str(recipe))  # the recipe itself, sweep section included
+    grid: dict[str, Any] = dict(parse_assignment(item, many=True) for item in vary or [])
+    if not grid and base.sweep is not None:
+        grid = dict(base.sweep.vary)
     variants = plan_variants(data, grid, out, text, str(recipe))
-    total_runs = runs or int(section.get("runs", 50))
+    total_runs = runs or (base.sweep.runs if base.sweep is not None else 50)
     err_console.print(f"sweep: {len(variants)} variants of {recipe} -> {out}")
     with Progress(
         TextColumn("{task.description}"),
