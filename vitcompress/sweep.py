@@ -103,11 +103,14 @@ def plan_variants(
             "nothing to sweep: give --vary PATH=V1,V2 or a sweep.vary section in the recipe",
             hint="e.g. --vary passes.prune.target_macs=0.25,0.5",
         )
-    base = {k: v for k, v in data.items() if k != "sweep"}
+    empty = [path for path, values in vary.items() if not values]
+    if empty:
+        validate_recipe(data, text, source)  # a sweep section's own error, with its line
+        raise RecipeError(f"{empty[0]}: give at least one value to try")
     variants = []
     for index, overrides in enumerate(expand(vary)):
         label = ", ".join(f"{k}={_fmt(v)}" for k, v in overrides.items())
-        recipe = validate_recipe(apply_overrides(base, overrides), text, f"{source} (variant {label})")
+        recipe = validate_recipe(apply_overrides(data, overrides), text, f"{source} (variant {label})")
         _check_measurable(recipe)
         name = f"v{index:02d}-" + _slug("_".join(f"{_short(k)}-{_fmt(v)}" for k, v in overrides.items()))
         variants.append(Variant(index, overrides, recipe, out_dir / name))

@@ -57,12 +57,16 @@ def sweep(
 
     text = read_recipe_text(recipe)
     data = apply_overrides(read_recipe_data(text, str(recipe)), parse_sets(sets))
-    base = validate_recipe(data, text, str(recipe))  # the recipe itself, sweep section included
+    section = data.get("sweep")
     grid: dict[str, Any] = dict(parse_assignment(item, many=True) for item in vary or [])
-    if not grid and base.sweep is not None:
-        grid = dict(base.sweep.vary)
+    if not grid and isinstance(section, dict) and isinstance(section.get("vary"), dict):
+        grid = dict(section["vary"])
+    if not grid and section is not None:
+        validate_recipe(data, text, str(recipe))  # says what is wrong with the sweep section
+    # each variant is validated whole (its sweep section too) before any runs
     variants = plan_variants(data, grid, out, text, str(recipe))
-    total_runs = runs or (base.sweep.runs if base.sweep is not None else 50)
+    checked = variants[0].recipe.sweep
+    total_runs = runs or (checked.runs if checked is not None else 50)
     err_console.print(f"sweep: {len(variants)} variants of {recipe} -> {out}")
     with Progress(
         TextColumn("{task.description}"),
