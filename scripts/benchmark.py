@@ -1,6 +1,6 @@
 """vitcompress against what a user would pick instead: one command, one run, interleaved timings.
 
-    python scripts/benchmark.py                     # both tracks (about 30-40 min on 2 cores)
+    python scripts/benchmark.py                     # both tracks (about 21 min on 2 cores)
     python scripts/benchmark.py --track accuracy    # Fashion-MNIST reference only
     python scripts/benchmark.py --smoke             # tiny models, a minute (the test suite runs it)
 
