@@ -250,9 +250,13 @@ def speed_recipe(name: str, spec: dict[str, Any], smoke: bool) -> dict[str, Any]
 
 
 def track(
-    label: str, spec: dict[str, Any], recipes: dict[str, dict[str, Any]], args: argparse.Namespace,
-    workdir: Path, test=None,  # type: ignore[no-untyped-def]
-) -> list[dict[str, Any]]:  # fmt: skip
+    label: str,
+    spec: dict[str, Any],
+    recipes: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    workdir: Path,
+    test: Any = None,  # a vitcompress Dataset: top-1 per row (the accuracy track)
+) -> list[dict[str, Any]]:
     from vitcompress.bench import bench_models
     from vitcompress.evaluate import evaluate_onnx
     from vitcompress.runtime import onnx_size
@@ -314,6 +318,8 @@ def track(
 
 
 def print_table(title: str, rows: list[dict[str, Any]], accuracy: bool) -> None:
+    import benchlib
+
     columns = [("variant", lambda r: r["variant"])]
     if accuracy:
         columns += [
@@ -333,11 +339,7 @@ def print_table(title: str, rows: list[dict[str, Any]], accuracy: bool) -> None:
         ("compress s", lambda r: f"{r['wall_s']:.0f}"),
         ("peak RSS MB", lambda r: f"{r['peak_rss_mb']:.0f}"),
     ]
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(h for h, _ in columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(cell(row) for _, cell in columns) + " |")
+    benchlib.table(title, columns, rows)
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -382,20 +384,14 @@ def main() -> int:
     if args.smoke:
         args.runs, args.runs_b32 = min(args.runs, 10), min(args.runs_b32, 5)
 
-    import torch
-
-    from vitcompress.bench import Environment, gemm_peak
+    from vitcompress.bench import gemm_peak
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.models import ModelRef, load_model
 
-    torch.set_num_threads(args.threads)
+    results = benchlib.start(args)
     # the best of three measurements, before any model is built (one alone has come out 25% low)
     args.peaks = {p: max(gemm_peak(p, args.threads) for _ in range(3)) for p in ("fp32", "int8")}
-    results: dict[str, Any] = {
-        "environment": Environment.detect().__dict__,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "peak_macs_per_s": args.peaks,
-    }
+    results["peak_macs_per_s"] = args.peaks
     print(
         f"measured GEMM peak, {args.threads} threads: fp32 {args.peaks['fp32'] / 1e9:.1f} GMAC/s, "
         f"int8 {args.peaks['int8'] / 1e9:.1f} GMAC/s",
@@ -437,9 +433,7 @@ def main() -> int:
                 print_table(
                     f"Speed track: {name} (random init, 224), ORT CPU, {args.threads} threads", rows, False
                 )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    return benchlib.finish(args, results)
 
 
 if __name__ == "__main__":

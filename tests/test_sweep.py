@@ -248,3 +248,19 @@ def test_a_bad_sweep_section_is_named_with_its_line(cli, tmp_path):
     assert "r.yaml:19: sweep.vary: passes.prune.mlp: give at least one value to try" in result.stderr
     assert "r.yaml:21: sweep.runs: Input should be greater than or equal to 5 (got 2)" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_without_a_validate_pass_measures_baseline_and_variants_itself(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE.replace("  - kind: validate\n    runs: 5\n", ""))
+    out = tmp_path / "s"
+    result = cli(
+        "sweep", "--recipe", recipe, "--out", out, "--vary", "passes.prune.mlp=0.5", "--runs", "5", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["baseline"]["onnx"] == str(out / "baseline.onnx")  # exported from the model as loaded
+    (variant,) = data["variants"]
+    # top-1 from an ONNX Runtime evaluation on data.eval (100 digits images): a whole number of hits
+    assert 0.0 <= variant["top1"] <= 1.0 and round(variant["top1"] * 100, 6).is_integer()
+    assert 0.0 <= data["baseline"]["top1"] <= 1.0 and variant["p50_ms"] > 0

@@ -94,12 +94,8 @@ def _plot_points(result: RunResult) -> list[Any]:
     )
     return [
         ParetoPoint("fp32 baseline", base["p50_ms"], record.details["baseline_top1"], baseline=True),
-        ParetoPoint(f"{recipe_label(result)}", record.latency_p50_ms or 0.0, record.top1),
+        ParetoPoint(Path(record.artifact or "final").name, record.latency_p50_ms or 0.0, record.top1),
     ]
-
-
-def recipe_label(result: RunResult) -> str:
-    return Path(str(result.state.onnx_path)).name if result.state.onnx_path else "final"
 
 
 def write_reports(recipe: Recipe, result: RunResult) -> None:
