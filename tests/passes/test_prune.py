@@ -168,7 +168,7 @@ def test_absolute_target_and_hf_deit_target(hf_deit_dir):
 
 def test_unreachable_target_names_the_field():
     loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
-    with pytest.raises(PruneError, match=r"target_macs=0.05: reached .* goal 5.0%"):
+    with pytest.raises(PruneError, match=r"target_macs=0.05 cannot be reached: .* goal 5.0%"):
         prune_model(loaded, PruneConfig(target_macs=0.05, structures=["heads"]))
 
 

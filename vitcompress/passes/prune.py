@@ -26,10 +26,10 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vitcompress.errors import PruneError
-from vitcompress.passes.base import PassConfig
+from vitcompress.passes.base import PassConfig, fraction_or_count
 
 if TYPE_CHECKING:
     import torch
@@ -79,10 +79,12 @@ class PruneConfig(PassConfig):
         Scope.uniform, description="uniform: same fraction per block; global: ranked across blocks."
     )
     target_macs: float | None = Field(
-        None, gt=0, description="Instead of fractions: MACs to keep, a fraction (<1) or an absolute count."
+        None,
+        description="Instead of fractions: MACs to keep, a fraction in (0, 1) or an absolute count (integer > 1).",
     )
     target_params: float | None = Field(
-        None, gt=0, description="Instead of fractions: parameters to keep, a fraction (<1) or a count."
+        None,
+        description="Instead of fractions: parameters to keep, a fraction in (0, 1) or a count (integer > 1).",
     )
     structures: list[Structure] = Field(
         default_factory=lambda: [Structure.heads, Structure.mlp],
@@ -103,6 +105,11 @@ class PruneConfig(PassConfig):
     )
     calibration_batches: int = Field(8, ge=1, description="Batches of data for taylor/hessian importance.")
     batch_size: int = Field(32, ge=1, description="Batch size for the importance batches.")
+
+    @field_validator("target_macs", "target_params")
+    @classmethod
+    def _target_range(cls, value: float | None) -> float | None:
+        return fraction_or_count(value)
 
     @model_validator(mode="after")
     def _one_goal(self) -> PruneConfig:
@@ -817,6 +824,49 @@ def _removal_target(
     return removed
 
 
+def smallest_shape(cfg: PruneConfig, shape: Shape, allowed: Callable[[Structure, int], bool]) -> Shape:
+    """The smallest model the planner may reach: every allowed structure cut to its floor (min_heads
+    heads, one `round_to` chunk of head size, MLP and embedding width)."""
+    r, enabled = cfg.round_to, cfg.enabled()
+
+    def floor(width: int) -> int:
+        return width - max(0, width // r - 1) * r
+
+    out = shape.copy()
+    for i, b in enumerate(out.blocks):
+        if Structure.heads in enabled and allowed(Structure.heads, i):
+            b.heads = min(b.heads, cfg.min_heads)
+        if Structure.head_dim in enabled and allowed(Structure.head_dim, i):
+            b.head_dim = floor(b.head_dim)
+        if Structure.mlp in enabled and allowed(Structure.mlp, i):
+            b.mlp = floor(b.mlp)
+    if Structure.embed in enabled and allowed(Structure.embed, -1):
+        out.embed = floor(out.embed)
+    return out
+
+
+def _check_reachable(
+    cfg: PruneConfig,
+    costs: CostModel,
+    shape: Shape,
+    goal: float,
+    allowed: Callable[[Structure, int], bool],
+) -> None:
+    """Refuse a target the allowed structures cannot reach, before any importance is scored."""
+    assert cfg.target is not None
+    name, value = cfg.target
+    metric = costs.macs if name == "target_macs" else costs.params
+    total0, best = metric(shape), metric(smallest_shape(cfg, shape, allowed))
+    if best - goal > cfg.tolerance * total0:
+        raise PruneError(
+            f"{name}={value:g} cannot be reached: with structures {', '.join(s.value for s in cfg.enabled())} "
+            f"the model goes at best to {best / total0:.1%} of the original "
+            f"({best:,.0f} {'MACs' if name == 'target_macs' else 'params'}), goal {goal / total0:.1%}",
+            hint="add structures (heads, head_dim, mlp, embed), lower min_heads or round_to, "
+            f"unprotect modules, or ask for at least {best / total0:.2f}",
+        )
+
+
 def _batches(data: Dataset | None, cfg: PruneConfig, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if not cfg.importance.needs_data:
         return []
@@ -853,7 +903,6 @@ def prune_model(
             hint="put the prune pass before the lowrank pass in the recipe",
         )
     torch.manual_seed(seed)
-    batches = _batches(data, cfg, seed)
     protected = _protected_owners(loaded, cfg)
     enabled = cfg.enabled()
     nblocks = len(loaded.adapter.blocks())
@@ -898,6 +947,9 @@ def prune_model(
             raise PruneError(
                 f"{name}={value:g} is not below the model's {total0:,} ({'MACs' if name == 'target_macs' else 'params'})"
             )
+    if goal_total is not None:
+        _check_reachable(cfg, costs, shape0, goal_total, allowed)
+    batches = _batches(data, cfg, seed)
     # original channel ids still present, to report what was kept
     kept: dict[str, list[int]] = {}
     for b in loaded.adapter.blocks():
