@@ -3,11 +3,17 @@
 A recipe names the model, run settings, the passes in order (a discriminated union on `kind`) and
 the budgets that gate the result. Errors come back one line each with file:line, the section, the
 bad value and the fix; an unknown key names the closest valid key of its section.
+
+Recipes are bounded before they are trusted: the file size (MAX_RECIPE_BYTES) is checked before it is
+read, and YAML is composed by a loader that refuses deep nesting (MAX_RECIPE_DEPTH) and documents
+that expand, aliases counted in full, to more than MAX_RECIPE_NODES nodes ("billion laughs").
 """
 
 from __future__ import annotations
 
 import copy
+import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -30,6 +36,9 @@ from vitcompress.passes import PASS_CONFIGS, PASSES, Needs
 from vitcompress.passes.base import PassConfig
 
 RECIPE_VERSION = 1
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB; the ready recipes are about 1 KB
+MAX_RECIPE_DEPTH = 64  # nesting of mappings and lists; a recipe needs about 6
+MAX_RECIPE_NODES = 10_000  # YAML nodes after expanding every alias; a recipe needs a few hundred
 
 if TYPE_CHECKING:
     AnyPass = PassConfig
@@ -38,7 +47,7 @@ else:  # the discriminated union of every registered pass config
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -87,6 +96,7 @@ class Budgets(_Section):
     max_top1_drop: float | None = Field(
         None,
         ge=0,
+        le=100,
         description="Top-1 drop against the fp32 baseline on data.eval, in points (needs validate).",
     )
 
@@ -127,7 +137,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _pass_order(self) -> Recipe:
-        has_onnx, stale = False, False
+        # The first pass that produces the ONNX model (label, step name): from there on, the passes
+        # work on that file, and a pass that changes the PyTorch model would not reach it.
+        exported: tuple[str, str] | None = None
         names: set[str] = set()
         for index, cfg in enumerate(self.passes):
             spec = PASSES[cfg.kind]
@@ -142,17 +154,16 @@ class Recipe(_Section):
                 raise ValueError(
                     f"{label} needs data (importance/calibration): add data.calibration or data.train"
                 )
-            if spec.needs is Needs.onnx and not has_onnx:
+            if spec.needs is Needs.onnx and exported is None:
                 raise ValueError(f"{label} needs an ONNX model: put an export pass before it")
-            if spec.needs is Needs.onnx and stale:
+            if spec.changes_model and exported is not None:
+                export_label, export_step = exported
                 raise ValueError(
-                    f"{label} would see an ONNX file that misses earlier model changes: "
-                    "put an export pass after the last pass that changes the model"
+                    f"{label} changes the PyTorch model after {export_label} exported it, so the ONNX "
+                    f"model would ship without that change: move step {step_name!r} before {export_step!r}"
                 )
-            if spec.changes_model and has_onnx:
-                stale = True
-            if spec.produces_onnx:
-                has_onnx, stale = True, False
+            if spec.produces_onnx and exported is None:
+                exported = label, step_name
         return self
 
     def resolved(self) -> dict[str, Any]:
@@ -207,12 +218,20 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return current
 
 
-def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Line (1-based) of the YAML node at `loc`, found by composing (not constructing) the document."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
+def _compose(text: str | None) -> yaml.Node | None:
+    """The document's node tree (not constructed), or None when it cannot be read within the limits."""
+    if not text:
         return None
+    try:
+        _check_brackets(text)
+        return yaml.compose(text, Loader=_BoundedLoader)
+    except (yaml.YAMLError, _LimitExceeded, RecursionError):
+        return None
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at `loc` in a composed document (see _compose)."""
+    node = root
     line = None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
@@ -226,8 +245,18 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+_STEP = re.compile(r"passes\[(\d+)\] ")
+
+# A bad value is echoed in the error, but never at length: a shared (aliased) structure or a long
+# string would otherwise fill the terminal.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
 def format_validation_error(err: ValidationError, text: str | None, source: str) -> list[str]:
     lines = []
+    root = _compose(text)
     # A misspelt required key also reports the real key as missing; the "did you mean" line says both.
     meant: set[tuple[tuple[Any, ...], str]] = set()
     for item in err.errors():
@@ -241,7 +270,8 @@ def format_validation_error(err: ValidationError, text: str | None, source: str)
         loc = tuple(item["loc"])
         if item["type"] == "missing" and (loc[:-1], loc[-1]) in meant:
             continue
-        where = f"{source}:{_line_of(text, loc)}" if text and _line_of(text, loc) else source
+        line = _line_of(root, loc)
+        where = f"{source}:{line}" if line else source
         path = _label(loc)
         if item["type"] == "extra_forbidden":
             section, key = _section_at(loc), str(loc[-1])
@@ -256,7 +286,12 @@ def format_validation_error(err: ValidationError, text: str | None, source: str)
             lines.append(f"{where}: {path}: a pass needs a 'kind'; valid: {', '.join(PASSES)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            shown = "" if item["type"] == "missing" or not loc else f" (got {item.get('input')!r})"
+            step = _STEP.match(message) if not loc else None
+            if step:  # a pass-order error of the whole recipe: point at the pass it names
+                line = _line_of(root, ("passes", int(step.group(1))))
+                lines.append(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+                continue
+            shown = "" if item["type"] == "missing" or not loc else f" (got {_SHORT.repr(item.get('input'))})"
             lines.append(f"{where}: {path}: {message}{shown}")
     return lines
 
@@ -271,10 +306,16 @@ def parse_assignment(text: str, many: bool = False) -> tuple[str, Any]:
         example = "passes.prune.target_macs=0.25,0.5" if many else "passes.prune.target_macs=0.5"
         raise RecipeError(f"{text!r} is not PATH=VALUE", hint=f"e.g. {example}")
     try:
-        parsed = yaml.safe_load(f"[{value}]" if many else value)
+        parsed = _load_yaml(f"[{value}]" if many else value)
+    except (_LimitExceeded, RecursionError) as err:
+        problem = err.message if isinstance(err, _LimitExceeded) else "is nested too deeply to read"
+        raise RecipeError(
+            f"{_SHORT.repr(text)}: the value {problem.removeprefix('recipe ')}",
+            hint=err.hint if isinstance(err, _LimitExceeded) else _DEPTH_HINT,
+        ) from None
     except yaml.YAMLError:
         raise RecipeError(
-            f"{text!r}: cannot read {value!r} as YAML", hint="quote strings with commas"
+            f"{_SHORT.repr(text)}: cannot read {_SHORT.repr(value)} as YAML", hint="quote strings with commas"
         ) from None
     return path.strip(), parsed
 
@@ -335,23 +376,139 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 # --------------------------------------------------------------------------- loading
 
 
-def read_recipe_data(text: str, source: str = "<recipe>") -> dict[str, Any]:
-    """Parse recipe YAML into raw data (a mapping), with file:line:column errors."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as err:
-        mark = err.problem_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+_ALIAS_HINT = "anchors and aliases are for repeating a few settings"
+_DEPTH_HINT = "check the brackets and indentation: a recipe needs a few levels"
+
+
+class _LimitExceeded(Exception):
+    """A recipe over one of the limits; read_recipe_data turns it into a RecipeError naming the file."""
+
+    def __init__(self, message: str, mark: Any, hint: str) -> None:  # mark: a yaml Mark or None
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+        self.hint = hint
+
+
+def _check_brackets(text: str) -> None:
+    """Refuse flow nesting ([ and {) deeper than MAX_RECIPE_DEPTH from the raw text, before the YAML
+    scanner sees it (it slows down quadratically on long runs of open brackets). Brackets in quoted
+    strings and comments count too: only text no recipe has can reach the limit that way."""
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        if match.group() in "[{":
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                start = match.start()
+                line = text.count("\n", 0, start)
+                column = start - (text.rfind("\n", 0, start) + 1)
+                raise _LimitExceeded(
+                    f"recipe is nested deeper than {MAX_RECIPE_DEPTH} levels, the limit for a recipe",
+                    yaml.Mark("<recipe>", start, line, column, None, 0),
+                    _DEPTH_HINT,
+                )
+        elif depth:
+            depth -= 1
+
+
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses nesting deeper than MAX_RECIPE_DEPTH and documents that expand,
+    aliases counted in full, to more than MAX_RECIPE_NODES nodes.
+
+    A node's expanded size (1 + its children's; an alias counts as the whole node it names) is known as
+    soon as the node is composed, so an alias bomb is refused at the first level that crosses the cap,
+    before anything is constructed: time and memory stay proportional to the text.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> expanded size; nodes live as long as the loader
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            named = self.anchors.get(event.anchor)
+            if named is not None and id(named) not in self._sizes:  # the alias is inside its own anchor
+                raise _LimitExceeded(
+                    f"recipe has alias *{event.anchor} inside the node it names: an endless expansion",
+                    event.start_mark,
+                    _ALIAS_HINT,
+                )
+            named = super().compose_node(parent, index)  # the anchored node (or the undefined-alias error)
+            assert named is not None
+            return named
+        self._depth += 1
+        try:
+            if self._depth > MAX_RECIPE_DEPTH:
+                raise _LimitExceeded(
+                    f"recipe is nested deeper than {MAX_RECIPE_DEPTH} levels, the limit for a recipe",
+                    event.start_mark,
+                    _DEPTH_HINT,
+                )
+            composed = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        assert composed is not None
+        node: yaml.Node = composed
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._sizes[id(child)] for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(self._sizes[id(key)] + self._sizes[id(value)] for key, value in node.value)
+        if size > MAX_RECIPE_NODES:
+            raise _LimitExceeded(
+                f"recipe expands to more than {MAX_RECIPE_NODES:,} YAML nodes with its aliases expanded, "
+                "the limit for a recipe",
+                event.start_mark,
+                _ALIAS_HINT,
+            )
+        self._sizes[id(node)] = size
+        return node
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load within the limits (raises _LimitExceeded, yaml.YAMLError or RecursionError)."""
+    _check_brackets(text)
+    return yaml.load(text, Loader=_BoundedLoader)
+
+
+def _at(source: str, mark: Any) -> str:
+    return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+
+
+def _check_size(size: int, source: str) -> None:
+    if size > MAX_RECIPE_BYTES:
         raise RecipeError(
-            f"{where}: {err.problem}",
+            f"{source}: recipe is {size:,} bytes, over the limit of {MAX_RECIPE_BYTES:,} bytes (1 MiB)",
+            hint="a recipe is a page of settings; keep data and weights in their own files",
+        )
+
+
+def read_recipe_data(text: str, source: str = "<recipe>") -> dict[str, Any]:
+    """Parse recipe YAML into raw data (a mapping), with file:line:column errors, within the limits."""
+    _check_size(len(text.encode("utf-8", "surrogatepass")), source)
+    try:
+        data = _load_yaml(text)
+    except _LimitExceeded as err:
+        raise RecipeError(f"{_at(source, err.mark)}: {err.message}", hint=err.hint) from None
+    except RecursionError:
+        raise RecipeError(
+            f"{source}: recipe nested too deeply to read (the limit is {MAX_RECIPE_DEPTH} levels)"
+        ) from None
+    except yaml.constructor.ConstructorError as err:
+        raise RecipeError(
+            f"{_at(source, err.problem_mark)}: {err.problem}",
             hint="recipes are plain data: YAML tags such as !!python/object are not allowed",
         ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(
-            f"{where}: malformed YAML: {problem}", hint="check the indentation and quoting"
+            f"{_at(source, mark)}: malformed YAML: {problem}", hint="check the indentation and quoting"
         ) from None
     if not isinstance(data, dict):
         raise RecipeError(
@@ -377,14 +534,19 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict[str, Any] 
 
 
 def read_recipe_text(path: Path) -> str:
+    """A recipe file's text; a file over MAX_RECIPE_BYTES is refused before it is read."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist", hint="ready recipes are in recipes/")
     try:
-        text = path.read_text(encoding="utf-8")
+        _check_size(path.stat().st_size, str(path))
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_RECIPE_BYTES + 1)  # the file may have grown since stat
+        _check_size(len(raw), str(path))
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"cannot read recipe {path}: {err}") from None
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
 
 
 def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> Recipe:

@@ -18,7 +18,8 @@ def validate(
         bool, typer.Option("--resolved", help="Print the recipe with every default filled in.")
     ] = False,
 ) -> None:
-    """Check a recipe without running it: YAML syntax (line and column), every key and value, pass order."""
+    """Check a recipe without running it: limits (1 MiB, 64 levels of nesting, 10,000 YAML nodes with
+    aliases expanded), YAML syntax (line and column), every key and value, pass order. Writes nothing."""
     from vitcompress.recipe import dump_recipe, load_recipe
 
     parsed = load_recipe(recipe)

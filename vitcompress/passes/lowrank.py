@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.base import PassConfig
+from vitcompress.passes.base import PassConfig, fraction_or_count
 
 if TYPE_CHECKING:
     import torch
@@ -68,10 +68,11 @@ class LowRankConfig(PassConfig):
         None, gt=0, le=1, description="Keep this fraction of each layer's spectral energy."
     )
     target_params: float | None = Field(
-        None, gt=0, description="Parameters of the whole model to keep: a fraction (<1) or a count."
+        None,
+        description="Parameters of the whole model to keep: a fraction in (0, 1) or a count (integer > 1).",
     )
     target_macs: float | None = Field(
-        None, gt=0, description="MACs of the whole model to keep: a fraction (<1) or a count."
+        None, description="MACs of the whole model to keep: a fraction in (0, 1) or a count (integer > 1)."
     )
     tolerance: float = Field(
         0.02, gt=0, lt=0.5, description="How close to a target, as a fraction of the original."
@@ -85,10 +86,21 @@ class LowRankConfig(PassConfig):
         "none", description="comcat: per-head low rank of the query-key and value-output products (COMCAT)."
     )
     attention_rank: float = Field(
-        0.5, gt=0, description="COMCAT head size: a fraction of the head size (<=1) or an absolute size (>1)."
+        0.5,
+        description="COMCAT head size: a fraction of the head size in (0, 1] or an absolute size (integer > 1).",
     )
     calibration_batches: int = Field(8, ge=1, description="Batches of data for whitened/auto.")
     batch_size: int = Field(32, ge=1, description="Batch size of the calibration batches.")
+
+    @field_validator("target_params", "target_macs")
+    @classmethod
+    def _target_range(cls, value: float | None) -> float | None:
+        return fraction_or_count(value)
+
+    @field_validator("attention_rank")
+    @classmethod
+    def _attention_rank_range(cls, value: float) -> float:
+        return fraction_or_count(value, whole=True) or value
 
     @model_validator(mode="after")
     def _one_rule(self) -> LowRankConfig:
