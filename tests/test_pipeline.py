@@ -31,10 +31,12 @@ def test_compress_writes_ledger_reports_and_resolved_recipe(cli, tmp_path):
     result = cli("compress", "--recipe", recipe, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
+        ".vitcompress.lock",
         "model.onnx",
         "recipe.resolved.yaml",
         "report.json",
         "report.md",
+        "run.json",
     ]
     report = json.loads((out / "report.json").read_text())
     ledger = {r["name"]: r for r in report["ledger"]}

@@ -69,6 +69,10 @@ class PruneError(VitcompressError):
     """A pruning request that cannot be met on this model (zero heads left, unreachable target)."""
 
 
+class OutputDirError(VitcompressError):
+    """An output directory that is a file, not writable, in use by another run, or holds another run."""
+
+
 class MissingDependencyError(VitcompressError):
     """An optional package that a feature needs is not installed."""
 

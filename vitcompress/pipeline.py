@@ -98,30 +98,61 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every generator a pass may draw from (random init of a hub-less timm model, a distill
+    pass's feature projections, numpy shuffles), so a recipe with `run.seed` is reproducible."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def run_recipe(
     recipe: Recipe,
     out_dir: Path,
     on_pass: Callable[[int, str], None] | None = None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run every pass of `recipe`, writing artifacts and reports to `out_dir`.
 
     on_pass(index, name) is called before each step (index 0 is loading the model). Reports are
     written before budgets are checked, so a failed gate (BudgetExceededError) still leaves them.
+    `out_dir` is held by this run alone (see rundir.py): a directory holding another recipe's run is
+    refused unless `overwrite`; one holding this recipe's earlier run is resumed.
     """
-    from vitcompress.models import load_model
-    from vitcompress.models.stats import count_macs
-    from vitcompress.report import write_reports
+    from vitcompress.rundir import claim_run_dir, recipe_fingerprint
 
-    out_dir = Path(out_dir)
+    resolved = dump_recipe(recipe)
     # Under torchrun every rank runs the PyTorch passes (training is data-parallel; pruning is
     # deterministic), but only rank 0 writes: the others work in a private scratch directory and
     # skip export, ONNX passes and reports.
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:
-        out_dir = Path(tempfile.mkdtemp(prefix=f"vitcompress-rank{rank}-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "recipe.resolved.yaml", dump_recipe(recipe))
+        scratch = Path(tempfile.mkdtemp(prefix=f"vitcompress-rank{rank}-"))
+        return _run(recipe, resolved, scratch, rank, on_pass, progress)
+    with claim_run_dir(Path(out_dir), recipe_fingerprint(resolved), overwrite=overwrite) as claimed:
+        return _run(recipe, resolved, claimed, rank, on_pass, progress)
+
+
+def _run(
+    recipe: Recipe,
+    resolved: str,
+    out_dir: Path,
+    rank: int,
+    on_pass: Callable[[int, str], None] | None,
+    progress: Callable[[str, int, int, dict[str, float]], None] | None,
+) -> RunResult:
+    from vitcompress.models import load_model
+    from vitcompress.models.stats import count_macs
+    from vitcompress.report import write_reports
+
+    write_text(out_dir / "recipe.resolved.yaml", resolved)
+    seed_everything(recipe.run.seed)
 
     if on_pass:
         on_pass(0, "load")
@@ -163,6 +194,9 @@ def run_recipe(
         spec = PASSES[cfg.kind]
         if rank > 0 and (spec.produces_onnx or spec.needs is Needs.onnx):
             continue
+        # each pass draws from its own seeded stream: what it does does not depend on how many
+        # random numbers the passes before it happened to draw
+        seed_everything(recipe.run.seed * 1_000 + index)
         state = spec.runner()(state, cfg)
         if spec.changes_model:
             state = replace(state, model_changed=True)

@@ -187,14 +187,30 @@ def run_sweep(
     runs: int = 50,
     on_variant: Callable[[int, int, Variant], None] | None = None,
     on_bench: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> SweepResult:
     """Run every variant, then bench the baseline and all finished variants in one interleaved run,
-    and write sweep.json, sweep.md and pareto.png to `out_dir`."""
+    and write sweep.json, sweep.md and pareto.png to `out_dir` (held by this sweep alone; a sweep of
+    the same variants resumes there, another one needs `overwrite`)."""
+    from vitcompress.recipe import dump_recipe
+    from vitcompress.rundir import claim_run_dir, recipe_fingerprint
+
+    plan = "\n---\n".join(f"{v.out_dir.name}\n{dump_recipe(v.recipe)}" for v in variants)
+    with claim_run_dir(out_dir, recipe_fingerprint(plan), overwrite=overwrite):
+        return _run_sweep(variants, out_dir, runs, on_variant, on_bench)
+
+
+def _run_sweep(
+    variants: Sequence[Variant],
+    out_dir: Path,
+    runs: int,
+    on_variant: Callable[[int, int, Variant], None] | None,
+    on_bench: Callable[[int], None] | None,
+) -> SweepResult:
     from vitcompress.bench import bench_models
     from vitcompress.pipeline import run_recipe
     from vitcompress.runtime import onnx_size
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     first = variants[0].recipe
     provider = _provider(first)
     for number, variant in enumerate(variants):

@@ -74,6 +74,14 @@ JsonOpt = Annotated[
 ]
 
 
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Empty OUT first when it holds another run. Without it such a directory is refused; "
+        "rerunning the same recipe into it resumes.",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -149,6 +157,7 @@ def run_single_pass(
     bench: bool = False,
     status: str | None = None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
+    overwrite: bool = False,
 ) -> tuple[RunResult, PassRecord]:
     """Run one pass as a one-pass recipe (plus export and validate with `bench`): what a pass command
     does, so it runs the same code as `compress`. Returns the run and the pass's ledger record."""
@@ -175,10 +184,10 @@ def run_single_pass(
         passes=passes,
     )
     if status is None:
-        result = run_recipe(recipe, out, progress=progress)
+        result = run_recipe(recipe, out, progress=progress, overwrite=overwrite)
     else:
         with err_console.status(status):
-            result = run_recipe(recipe, out, progress=progress)
+            result = run_recipe(recipe, out, progress=progress, overwrite=overwrite)
     return result, next(r for r in result.ledger if r.kind == cfg.kind)
 
 

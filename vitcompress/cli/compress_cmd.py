@@ -7,6 +7,7 @@ import typer
 
 from vitcompress.cli.common import (
     JsonOpt,
+    OverwriteOpt,
     SetOpt,
     err_console,
     ledger_table,
@@ -20,6 +21,7 @@ def compress(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for artifacts and reports.")],
     sets: SetOpt = None,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe: load the model, run its passes in order, print the per-pass ledger.
@@ -53,7 +55,7 @@ def compress(
         def on_progress(name: str, done: int, total: int, metrics: dict[str, float]) -> None:
             progress.update(task, description=f"{name}: step {done}/{total}, loss {metrics['loss']:.4f}")
 
-        result = run_recipe(parsed, out, on_pass=on_pass, progress=on_progress)
+        result = run_recipe(parsed, out, on_pass=on_pass, progress=on_progress, overwrite=overwrite)
     if json_out:
         print_json(
             {

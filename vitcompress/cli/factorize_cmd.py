@@ -13,6 +13,7 @@ from vitcompress.cli.common import (
     JsonOpt,
     ModelArg,
     NumClassesOpt,
+    OverwriteOpt,
     TrustOpt,
     build_config,
     ledger_table,
@@ -76,6 +77,7 @@ def factorize(
     img_size: ImgSizeOpt = None,
     in_chans: InChansOpt = None,
     trust_checkpoint: TrustOpt = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Replace linear layers by two thin ones from a truncated SVD (W ~= B @ A, rank r).
@@ -134,6 +136,7 @@ def factorize(
         trust_checkpoint=trust_checkpoint,
         bench=bench,
         status=f"factorizing {model}",
+        overwrite=overwrite,
     )
     if json_out:
         print_run_json(out, result, record)

@@ -13,6 +13,7 @@ from vitcompress.cli.common import (
     JsonOpt,
     ModelArg,
     NumClassesOpt,
+    OverwriteOpt,
     TrustOpt,
     build_config,
     ledger_table,
@@ -89,6 +90,7 @@ def prune(
     img_size: ImgSizeOpt = None,
     in_chans: InChansOpt = None,
     trust_checkpoint: TrustOpt = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Prune attention heads, head size, MLP width or embedding width for real (tensors shrink).
@@ -146,6 +148,7 @@ def prune(
         trust_checkpoint=trust_checkpoint,
         bench=bench,
         status=f"pruning {model}",
+        overwrite=overwrite,
     )
     if json_out:
         print_run_json(out, result, record)

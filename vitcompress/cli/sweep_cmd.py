@@ -5,7 +5,15 @@ from typing import Annotated, Any
 
 import typer
 
-from vitcompress.cli.common import JsonOpt, SetOpt, err_console, out_console, parse_sets, print_json
+from vitcompress.cli.common import (
+    JsonOpt,
+    OverwriteOpt,
+    SetOpt,
+    err_console,
+    out_console,
+    parse_sets,
+    print_json,
+)
 
 VaryOpt = Annotated[
     list[str] | None,
@@ -28,6 +36,7 @@ def sweep(
         int | None,
         typer.Option(min=5, help="Timed runs per model in the final benchmark (default: sweep.runs or 50)."),
     ] = None,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe over a grid of settings; measure accuracy, latency, size and MACs of every
@@ -85,7 +94,7 @@ def sweep(
         def on_bench(done: int) -> None:
             progress.update(task, completed=len(variants), description="benchmark, all variants interleaved")
 
-        result = run_sweep(variants, out, total_runs, on_variant, on_bench)
+        result = run_sweep(variants, out, total_runs, on_variant, on_bench, overwrite=overwrite)
     if json_out:
         print_json(result.to_dict())
         return

@@ -114,6 +114,7 @@ class QuantizeConfig(PassConfig):
     max_top1_drop: float | None = Field(
         None,
         ge=0,
+        le=100,
         description="Accuracy gate: top-1 drop vs float on data.eval, in points; falls back layer by layer.",
     )
     fallback_time_limit_s: float = Field(
@@ -531,6 +532,9 @@ def _quantize_one(
     }
 
 
+AUTO_SCRATCH = ".quantize-auto-"  # + pid: scratch of auto mode beside the target
+
+
 def quantize_model(
     source: Path,
     target: Path,
@@ -540,6 +544,30 @@ def quantize_model(
     threads: int = 2,
 ) -> dict[str, Any]:
     """Quantize `source` into `target` as `cfg` says: what the pass and the command both run.
+
+    Every candidate is built and gated under a temporary name; `target` appears (one rename) only
+    once the accuracy gate has decided, so a kill at any point never leaves an ungated model under
+    the final name. Scratch that killed runs left beside `target` is removed first.
+    """
+    from vitcompress.fileio import atomic_path
+    from vitcompress.rundir import clean_dead_scratch
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_dead_scratch(target.parent, target.name)
+    with atomic_path(target) as staged:
+        return _quantize_staged(source, staged, cfg, calibration, eval_data, threads)
+
+
+def _quantize_staged(
+    source: Path,
+    target: Path,
+    cfg: QuantizeConfig,
+    calibration: Dataset | None,
+    eval_data: Dataset | None,
+    threads: int,
+) -> dict[str, Any]:
+    """quantize_model's work, into a staging path.
 
     In auto mode, static (calibrated QDQ) and dynamic INT8 are both built, each through the gate,
     and timed against each other on this machine (ONNX Runtime CPU, batch 1, interleaved); the
@@ -555,7 +583,7 @@ def quantize_model(
     if cfg.mode is not Mode.auto:
         return _quantize_one(source, target, cfg, calibration, eval_data)
     built: dict[Mode, tuple[Path, dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize-auto-") as scratch:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f"{AUTO_SCRATCH}{os.getpid()}-") as scratch:
         for mode in (Mode.static, Mode.dynamic):
             path = Path(scratch) / f"{mode.value}.onnx"
             one = cfg.model_copy(update={"mode": mode})
