@@ -1,10 +1,16 @@
-"""Atomic file writes: a kill at any point leaves either the old file or the new one, never half of one."""
+"""Atomic file writes: a kill at any point leaves either the old file or the new one, never half of one.
+
+`atomic_path` writes one file; `atomic_dir` several files into an existing folder, each replaced on
+its own; `atomic_tree` a whole directory as one unit (a training checkpoint, a model artifact).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -56,6 +62,79 @@ def atomic_dir(path: Path) -> Iterator[Path]:
                 os.fsync(fh.fileno())
             os.replace(item, path / item.name)
         _fsync_dir(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{kind}-{path.name}-{secrets.token_hex(4)}"
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    """Siblings `.KIND-NAME-xxxxxxxx` that `atomic_tree` left beside `path`, newest first."""
+    pattern = re.compile(rf"\.{kind}-{re.escape(path.name)}-[0-9a-f]{{8}}")
+    if not path.parent.is_dir():
+        return []
+    found = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def recover_tree(path: Path, clean: bool = False) -> None:
+    """Bring `path` back to a complete state after an `atomic_tree` write was killed.
+
+    A write renames the old directory to `.old-NAME-x`, the new one from `.tmp-NAME-y` to NAME, then
+    deletes the old one. Killed between the two renames, NAME is missing and `.old-NAME-x` is the
+    complete old directory: it is renamed back. With `clean`, leftovers of killed writes (`.tmp-*`
+    and `.old-*` while NAME exists) are deleted too; only a writer should ask for that.
+    """
+    path = Path(path)
+    if not path.exists():
+        olds = _leftovers(path, "old")
+        if olds:
+            try:
+                os.rename(olds[0], path)
+            except OSError:
+                if not path.exists():  # not another process (a torchrun rank) restoring it first
+                    raise
+            _fsync_dir(path.parent)
+    if clean and path.exists():
+        for stale in _leftovers(path, "old") + _leftovers(path, "tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _subdirs, files in os.walk(root):
+        for name in files:
+            with open(Path(directory) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(directory))
+
+
+@contextlib.contextmanager
+def atomic_tree(path: Path) -> Iterator[Path]:
+    """Yield an empty directory beside `path`; on success it replaces `path` as a whole.
+
+    Whatever `path` held before is gone afterwards (use it where the directory is one unit). A kill
+    at any point leaves, once `recover_tree` ran (every read and write of a checkpoint does), either
+    the complete old directory or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_tree(path, clean=True)
+    tmp = _sibling(path, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = _sibling(path, "old") if path.exists() else None
+        if old is not None:
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            trash = _sibling(path, "tmp")  # a `.tmp-*` is garbage by definition, even half-deleted
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -116,6 +116,14 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
     lines += ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|" + "---|" * len(LEDGER_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in ledger_rows(result.ledger)]
     lines.append("")
+    if any(r.top1 is not None or "agreement" in r.details for r in result.ledger):
+        from vitcompress.evaluate import EVAL_BATCH_SIZE
+
+        lines += [
+            f"Accuracy: top-1 on data.eval, every pass scored the same way (ONNX Runtime or PyTorch, "
+            f"batches of {EVAL_BATCH_SIZE} images).",
+            "",
+        ]
     if env:
         e, s = env["environment"], env["settings"]
         isa = " ".join(k for k, v in e["isa"].items() if v) or "none detected"

@@ -217,7 +217,7 @@ def test_pipeline_gate_failure_exits_3_after_writing_reports_and_the_model(
     monkeypatch.setattr(
         q,
         "agreement",
-        lambda a, b, d, batch_size=64: {
+        lambda a, b, d: {
             "top1_agreement": 0.9,
             "max_abs_diff": 1.0,
             "float_top1": 0.9,
@@ -330,3 +330,16 @@ def test_auto_mode_builds_both_int8_forms_and_keeps_the_faster(trained_onnx, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["auto.int8.onnx"]  # the other candidate is gone
     with pytest.raises(QuantizeError, match="mode auto is resolved by quantize_model"):
         quantize_file(path, tmp_path / "x.onnx", QuantizeConfig(mode="auto"), calibration)
+
+
+def test_the_gate_and_validate_score_a_dynamic_int8_file_alike(trained_onnx, tmp_path):
+    """One protocol per run: dynamic INT8 scales activations per batch, so the gate (quantize row)
+    and validate (validate row) must batch alike or one report shows two top-1s for one file."""
+    from vitcompress.evaluate import evaluate_onnx
+
+    path, _, test = trained_onnx
+    target = tmp_path / "dyn.onnx"
+    details = q.quantize_model(path, target, QuantizeConfig(mode="dynamic", max_top1_drop=100), None, test)
+    validated = evaluate_onnx(target, test)
+    assert details["agreement"]["samples"] == validated.samples == len(test)
+    assert details["agreement"]["quantized_top1"] == validated.top1

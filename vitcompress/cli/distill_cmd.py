@@ -15,6 +15,7 @@ from vitcompress.cli.common import (
     JsonOpt,
     ModelArg,
     NumClassesOpt,
+    OverwriteOpt,
     TrustOpt,
     build_config,
     err_console,
@@ -39,8 +40,28 @@ def distill(
         ),
     ],
     eval_data: Annotated[
-        str | None, typer.Option(help="Held-out data for evaluation and the best checkpoint (same forms).")
+        str | None,
+        typer.Option(help="Test data (same forms), scored once at the end with the weights kept."),
     ] = None,
+    val_data: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation data (same forms) the best weights are chosen on. Default: --val-fraction "
+            "of --data held out (not trained on)."
+        ),
+    ] = None,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="Without --val-data: the fraction of --data held out for validation (at most "
+            "--eval-limit images); 0 keeps the last weights.",
+        ),
+    ] = 0.1,
+    eval_limit: Annotated[
+        int, typer.Option(min=1, help="At most this many validation and test images (stratified).")
+    ] = 2000,
     data_limit: Annotated[
         int | None, typer.Option(min=1, help="Train on this many samples (stratified).")
     ] = None,
@@ -70,7 +91,7 @@ def distill(
     feature: Annotated[float, typer.Option(help="Weight of feature KD on block outputs.")] = 0.0,
     augment: Annotated[str, typer.Option(help="none, shift or shift-flip.")] = "none",
     eval_every: Annotated[
-        int | None, typer.Option(help="Evaluate every N steps (default: each epoch).")
+        int | None, typer.Option(help="Evaluate on the validation data every N steps (default: each epoch).")
     ] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 100,
     cache_teacher: Annotated[
@@ -85,10 +106,13 @@ def distill(
     img_size: ImgSizeOpt = None,
     in_chans: InChansOpt = None,
     trust_checkpoint: TrustOpt = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a compressed model (the student) against its teacher: labels, soft KD, DeiT, feature KD.
 
+    The best weights are chosen on validation data: --val-data, or by default a held-out part of
+    --data that is not trained on; --eval-data is the test data, scored once at the end.
     Rerunning the same command after an interruption resumes from the last checkpoint in OUT exactly.
     Runs the same code as a one-pass recipe with `kind: distill`. Scale out with PyTorch's own engine:
     `torchrun --nproc-per-node 2 -m vitcompress distill ...` (gloo on CPU, nccl on GPU; rank 0 writes).
@@ -123,6 +147,8 @@ def distill(
         feature=feature,
         augment=augment,
         eval_every=eval_every,
+        eval_limit=eval_limit,
+        val_fraction=val_fraction,
         checkpoint_every=checkpoint_every,
         cache_teacher=cache_teacher,
         resume=not no_resume,
@@ -130,6 +156,7 @@ def distill(
     section = DataSection(
         train=DataSpec.parse(data, limit=data_limit, seed=seed),
         eval=DataSpec.parse(eval_data) if eval_data else None,
+        val=DataSpec.parse(val_data) if val_data else None,
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -151,7 +178,7 @@ def distill(
                 description=name,
                 loss=f"{metrics['loss']:.4f}",
                 speed=f"{metrics['images_per_s']:.0f} img/s" if "images_per_s" in metrics else "",
-                top1=f"eval top-1 {metrics['top1']:.2%}" if "top1" in metrics else "",
+                top1=f"val top-1 {metrics['top1']:.2%}" if "top1" in metrics else "",
             )
 
         result, record = run_single_pass(
@@ -166,6 +193,7 @@ def distill(
             in_chans=in_chans,
             trust_checkpoint=trust_checkpoint,
             progress=progress,
+            overwrite=overwrite,
         )
     if int(os.environ.get("RANK", "0")) > 0:
         return  # under torchrun only rank 0 reports
@@ -174,9 +202,14 @@ def distill(
         return
     details = record.details
     evals = details["evals"]
-    best = f", best eval top-1 {record.top1:.2%}" if record.top1 is not None else ""
+    best = (
+        f", best val top-1 {details['val_top1']:.2%} at step {details['best_step']}"
+        if details.get("val_top1") is not None
+        else ""
+    )
+    test = f", test top-1 {record.top1:.2%}" if record.top1 is not None else ""
     out_console.print(
         f"{details['steps']} steps (resumed from {details['resumed_from']}): loss {details['first_loss']:.4f} -> "
-        f"{details['last_loss']:.4f}{best}; {details['images_per_s']:.0f} images/s; "
-        f"{len(evals)} evaluations; artifact {record.artifact}"
+        f"{details['last_loss']:.4f}{best}{test}; weights chosen on {details['selected_on']}; "
+        f"{details['images_per_s']:.0f} images/s; {len(evals)} evaluations; artifact {record.artifact}"
     )

@@ -18,6 +18,7 @@ from vitcompress.cli.common import (
     out_console,
     print_json,
 )
+from vitcompress.evaluate import EVAL_BATCH_SIZE
 from vitcompress.runtime import Provider
 
 
@@ -39,7 +40,14 @@ def evaluate(
     data_limit: Annotated[
         int | None, typer.Option(min=1, help="Evaluate this many samples (class-stratified).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 256,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Images per batch. The default is what compress's validate and quantize's gate score "
+            "with, so the numbers compare (dynamic INT8 results depend on the batch).",
+        ),
+    ] = EVAL_BATCH_SIZE,
     provider: Annotated[
         Provider, typer.Option(help="ONNX Runtime provider (ONNX files only).")
     ] = Provider.cpu,

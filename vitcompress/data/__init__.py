@@ -2,7 +2,7 @@
 
 One `DataSpec` names a source (Fashion-MNIST IDX files, scikit-learn digits, an image folder, or
 synthetic noise for smoke tests), a split and a class-stratified limit. Recipes declare their splits
-once under `data:` (train / eval / calibration); every pass that needs data (Taylor pruning,
+once under `data:` (train / eval / val / calibration); every pass that needs data (Taylor pruning,
 data-aware SVD, calibration, distillation, eval) reads from there.
 
 Images are kept raw (uint8) and turned into the model's input per batch: scaled to [0, 1], channels
@@ -114,6 +114,11 @@ class DataSection(BaseModel):
 
     train: DataSpec | None = Field(None, description="Training data (distillation, fine-tuning).")
     eval: DataSpec | None = Field(None, description="Held-out data for accuracy (eval, budgets).")
+    val: DataSpec | None = Field(
+        None,
+        description="Validation data on which training keeps its best weights (default: a part of "
+        "train held out); data.eval is only scored once at the end.",
+    )
     calibration: DataSpec | None = Field(
         None, description="A few batches for importance scores and calibration (default: train)."
     )
@@ -366,9 +371,19 @@ class Dataset:
     raw: RawData
     preprocess: Preprocess
     spec: DataSpec
+    indices: np.ndarray | None = None  # a subset: its samples' positions in the split `spec` loads
 
     def __len__(self) -> int:
         return len(self.raw)
+
+    def subset(self, indices: np.ndarray, description: str) -> Dataset:
+        """The samples at `indices` (positions in this dataset), same preprocessing."""
+        import numpy as np
+
+        indices = np.asarray(indices, dtype=np.int64)
+        raw = RawData(self.raw.images[indices], self.raw.labels[indices], self.raw.classes, description)
+        origin = indices if self.indices is None else self.indices[indices]
+        return Dataset(raw, self.preprocess, self.spec, origin)
 
     @property
     def num_classes(self) -> int:
@@ -405,6 +420,24 @@ class Dataset:
             idx = order[start : start + batch_size]
             images = torch.from_numpy(np.ascontiguousarray(self.raw.images[idx]))
             yield self.preprocess(images), torch.from_numpy(self.raw.labels[idx])
+
+
+def holdout(data: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset]:
+    """(rest, held_out): `count` samples held out of `data`, stratified over classes and chosen from
+    `seed`, and every other sample; the two never share a sample."""
+    import numpy as np
+
+    if not 0 < count < len(data):
+        raise DataError(f"cannot hold out {count} of {len(data)} samples of {data.raw.description}")
+    held = _stratified(data.raw.labels, count, seed)
+    keep = np.ones(len(data), dtype=bool)
+    keep[held] = False
+    rest = np.flatnonzero(keep)
+    desc = data.raw.description
+    return (
+        data.subset(rest, f"{desc} without {count} held out"),
+        data.subset(held, f"{desc}, {count} held out"),
+    )
 
 
 def _overridden(input_spec: InputSpec, spec: DataSpec) -> InputSpec:

@@ -18,7 +18,7 @@ from torch import nn
 
 from vitcompress import __version__
 from vitcompress.errors import CheckpointError
-from vitcompress.fileio import atomic_dir
+from vitcompress.fileio import atomic_dir, atomic_tree, recover_tree
 from vitcompress.models.adapters import adapter_for
 from vitcompress.models.checkpoint import check_finite
 from vitcompress.models.layers import EDITS, model_edits
@@ -62,10 +62,15 @@ def save_artifact(
         "history": history or [],
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
-    with atomic_dir(Path(directory)) as tmp:
+    directory = Path(directory)
+    # The directory is one unit (replaced whole: weights and manifest always match) unless it holds
+    # something else too, which must survive: then the two files are replaced one by one.
+    own = {ARTIFACT_WEIGHTS, ARTIFACT_MANIFEST}
+    alone = not directory.is_dir() or {p.name for p in directory.iterdir()} <= own
+    with (atomic_tree if alone else atomic_dir)(directory) as tmp:
         save_file(tensors, str(tmp / ARTIFACT_WEIGHTS), metadata={"format": FORMAT})
         (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return Path(directory)
+    return directory
 
 
 def _build_base(source: dict[str, Any], path: Path) -> nn.Module:
@@ -116,6 +121,7 @@ def load_artifact(directory: Path) -> LoadedModel:
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    recover_tree(directory)  # a kill between the two renames of a save left the complete old one aside
     manifest_path = directory / ARTIFACT_MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())

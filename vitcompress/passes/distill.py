@@ -8,9 +8,13 @@ teacher); and feature KD (FitNets, Romero et al. 2015): MSE between student bloc
 teacher's at the same relative depth, through learned projections where the widths differ.
 
 The loop: AdamW, linear warm-up then cosine decay, gradient clipping, autocast on GPU, evaluation
-every N steps keeping the best weights. Checkpoints are written atomically every N steps and hold
-everything a resumed run needs to continue exactly (weights, projections, optimizer, step, RNG state,
-loss history); the data order is a function of (seed, epoch), so the position is the step. Under
+every N steps on a validation split keeping the best weights. The validation split is data.val, or by
+default a stratified part of data.train held out (and not trained on); data.eval, the split the
+result is reported on, is scored once, at the end, so it never chooses the weights it grades.
+Checkpoints are written every N steps, each a directory replaced as one unit, and hold everything a
+resumed run needs to continue exactly (weights, projections, optimizer, step, RNG state, loss
+history, and the digest of the weights they go with); the data order is a function of (seed, epoch),
+so the position is the step. No checkpoint is written from weights that hold a NaN or Inf. Under
 `torchrun` the student is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU): each global
 batch is split across ranks, so N processes at batch B follow the single-process run at batch N*B.
 Only rank 0 writes.
@@ -18,6 +22,7 @@ Only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from vitcompress.errors import VitcompressError
+from vitcompress.evaluate import EVAL_BATCH_SIZE
 from vitcompress.passes.base import PassConfig
 
 if TYPE_CHECKING:
@@ -93,10 +99,20 @@ class DistillConfig(PassConfig):
         "none", description="Random shift by up to 1/14 of the size; shift-flip adds horizontal flips."
     )
     eval_every: int | None = Field(
-        None, gt=0, description="Evaluate on data.eval every N steps (default: each epoch)."
+        None, gt=0, description="Evaluate on the validation split every N steps (default: each epoch)."
     )
     eval_limit: int | None = Field(
-        2000, gt=0, description="Images of data.eval used during training (stratified)."
+        2000,
+        gt=0,
+        description="At most this many images (stratified) of the validation split, and of data.eval "
+        "(scored once at the end).",
+    )
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Without data.val, hold this fraction of data.train out (at most eval_limit images, "
+        "stratified, from the run's seed) to choose the best weights on; 0: keep the last weights.",
     )
     checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
     cache_teacher: bool = Field(
@@ -218,8 +234,11 @@ def _student_module(loaded: LoadedModel, teacher: LoadedModel | None, feature: b
 class DistillResult:
     steps: int
     losses: list[float]  # per step, as logged (mean over processes under torchrun)
-    evals: list[dict[str, float]] = field(default_factory=list)  # step, top1, loss
-    best_top1: float | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)  # on the validation split: step, top1, loss
+    best_top1: float | None = None  # best top-1 on the validation split: the weights kept
+    best_step: int | None = None
+    test_top1: float | None = None  # on the test data, scored once with the weights kept
+    test_loss: float | None = None
     wall_s: float = 0.0
     images_per_s: float = 0.0
     resumed_from: int = 0
@@ -249,45 +268,108 @@ def _augment(x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     return x
 
 
-def _fingerprint(cfg: DistillConfig, student: LoadedModel, data: Dataset) -> str:
-    """Identifies a run: a checkpoint from another config, model or data set is not resumed."""
+def _data_id(data: Dataset | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    indices = data.indices
+    return {
+        "spec": data.spec.model_dump(mode="json"),
+        "n": len(data),
+        "indices": None if indices is None else hashlib.sha256(indices.tobytes()).hexdigest()[:16],
+    }
+
+
+def _fingerprint(cfg: DistillConfig, student: LoadedModel, data: Dataset, val: Dataset | None = None) -> str:
+    """Identifies a run: a checkpoint from another config, model, data set or validation split is
+    not resumed."""
     parts = {
         "cfg": cfg.model_dump(mode="json", exclude={"resume", "checkpoint_every", "name"}),
         "structure": student.adapter.structure(),
-        "data": data.spec.model_dump(mode="json"),
-        "n": len(data),
+        "data": _data_id(data),
+        "val": _data_id(val),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+WEIGHTS_FILE, STATE_FILE = "weights.safetensors", "train_state.pt"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def non_finite(module: nn.Module) -> list[str]:
+    """Names of the floating tensors of `module` (parameters, buffers) that hold a NaN or Inf."""
+    import torch
+
+    tensors = [(k, v) for k, v in module.state_dict().items() if v.is_floating_point()]
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).cpu()  # one sync on GPU
+    return [k for (k, _), ok in zip(tensors, finite.tolist(), strict=True) if not ok]
+
+
 def _save_checkpoint(directory: Path, module: nn.Module, state: dict[str, Any]) -> None:
+    """Write weights and state as one directory, replaced whole (never half old, half new)."""
     import torch
     from safetensors.torch import save_file
 
-    from vitcompress.fileio import atomic_dir
+    from vitcompress.fileio import atomic_tree
 
-    with atomic_dir(directory) as tmp:
+    bad = non_finite(module)
+    if bad:  # callers check first; this is the last line of defence of what resume reads
+        raise DistillError(f"refusing to write checkpoint {directory}: NaN/Inf in {', '.join(bad[:3])}")
+    with atomic_tree(directory) as tmp:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-            str(tmp / "weights.safetensors"),
+            str(tmp / WEIGHTS_FILE),
         )
-        torch.save(state, tmp / "train_state.pt")
+        torch.save({**state, "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}, tmp / STATE_FILE)
 
 
 def _load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Weights and state of a checkpoint, checked: complete, matching each other, finite."""
     import torch
     from safetensors.torch import load_file
 
-    weights, state = directory / "weights.safetensors", directory / "train_state.pt"
-    if not (weights.is_file() and state.is_file()):
+    from vitcompress.fileio import recover_tree
+
+    recover_tree(directory)  # a write killed between its renames: bring the complete old one back
+    weights, state_file = directory / WEIGHTS_FILE, directory / STATE_FILE
+    if not (weights.is_file() and state_file.is_file()):
         return None
+    fix = f"delete {directory} to start over"
     try:
-        return load_file(str(weights)), torch.load(state, weights_only=True)
+        tensors, state = load_file(str(weights)), torch.load(state_file, weights_only=True)
     except Exception as err:
         raise DistillError(
-            f"checkpoint {directory} is unreadable: {str(err).splitlines()[0]}",
-            hint="delete it or set resume: false",
+            f"checkpoint {directory} is unreadable: {str(err).splitlines()[0]}", hint=fix
         ) from err
+    step = state.get("step", "?")
+    if "weights_sha256" not in state:
+        raise DistillError(
+            f"checkpoint {directory} (step {step}) was written by an earlier vitcompress, without the "
+            "digest that ties its weights to its state",
+            hint=fix,
+        )
+    if state["weights_sha256"] != _sha256(weights):
+        raise DistillError(
+            f"checkpoint {directory} is inconsistent: {WEIGHTS_FILE} is not the file its {STATE_FILE} "
+            f"(step {step}) was written with",
+            hint=fix,
+        )
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DistillError(
+            f"checkpoint {directory} (step {step}) has NaN/Inf weights in {len(bad)} of {len(tensors)} "
+            f"tensors, e.g. {bad[0]}: resuming would only diverge again",
+            hint=fix + "; then lower lr or raise clip_grad",
+        )
+    return tensors, state
 
 
 def teacher_logits_cache(teacher: LoadedModel, data: Dataset, path: Path, batch_size: int) -> torch.Tensor:
@@ -297,7 +379,7 @@ def teacher_logits_cache(teacher: LoadedModel, data: Dataset, path: Path, batch_
     from safetensors.torch import load_file, save_file
 
     key = hashlib.sha256(
-        json.dumps([data.spec.model_dump(mode="json"), len(data), teacher.label], default=str).encode()
+        json.dumps([_data_id(data), teacher.label], default=str).encode()
         + b"".join(p.detach().float().numpy().tobytes()[:4096] for p in teacher.model.parameters())
     ).hexdigest()[:16]
     if path.is_file():
@@ -311,9 +393,57 @@ def teacher_logits_cache(teacher: LoadedModel, data: Dataset, path: Path, batch_
             x, _ = data.take(np.arange(start, min(len(data), start + batch_size)))
             chunks.append(teacher.model(x).float())
     logits = torch.cat(chunks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"logits_{key}": logits}, str(path))
+    from vitcompress.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({f"logits_{key}": logits}, str(tmp))
     return logits
+
+
+def score(
+    model: nn.Module, data: Dataset, device: torch.device, batch_size: int = EVAL_BATCH_SIZE
+) -> tuple[float, float]:
+    """(top-1, mean cross-entropy) of `model` on `data`, run on `device`."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    hits, loss, n = 0, 0.0, 0
+    try:
+        with torch.no_grad():
+            for x, y in data.batches(batch_size):
+                logits = model(x.to(device)).double().cpu()
+                hits += int((logits.argmax(1) == y).sum())
+                loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                n += len(y)
+    finally:
+        model.train(was_training)
+    return hits / max(1, n), loss / max(1, n)
+
+
+def split_validation(
+    train: Dataset, cfg: DistillConfig, seed: int, val: Dataset | None = None
+) -> tuple[Dataset, Dataset | None, str]:
+    """(train, validation split, what chose the weights): `val` when given, else a stratified
+    `cfg.val_fraction` of `train` (at most `cfg.eval_limit` images) held out of what is trained on."""
+    from vitcompress.data import holdout
+
+    if val is not None:
+        return train, val, f"val (data.val: {val.spec.describe()}, {len(val)} images)"
+    count = round(cfg.val_fraction * len(train))
+    if cfg.eval_limit is not None:
+        count = min(count, cfg.eval_limit)
+    if count < 1 or count >= len(train):
+        if cfg.val_fraction > 0:
+            log.warning(
+                "%d training images: too few to hold out %g%% for validation; keeping the last weights",
+                len(train),
+                100 * cfg.val_fraction,
+            )
+        return train, None, "last step (no validation split)"
+    rest, held = holdout(train, count, seed)
+    return rest, held, f"val ({100 * count / len(train):.0f}% of train, {count} images)"
 
 
 def distill_model(
@@ -321,18 +451,22 @@ def distill_model(
     teacher: LoadedModel | None,
     cfg: DistillConfig,
     train: Dataset,
-    eval_data: Dataset | None,
+    val_data: Dataset | None,
     workdir: Path,
     seed: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
     progress_metrics: dict[str, float] | None = None,
+    test_data: Dataset | None = None,
 ) -> DistillResult:
-    """Train `student.model` in place; checkpoints in `workdir` (rank 0 only)."""
+    """Train `student.model` in place; checkpoints in `workdir` (rank 0 only).
+
+    `val_data` (if any) is evaluated every `cfg.eval_every` steps and the best weights on it are kept;
+    it must not overlap `train` (see `split_validation`). `test_data` is scored once, at the end, with
+    the weights kept: it chooses nothing.
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
-
-    from vitcompress.evaluate import evaluate_torch
 
     rank, world_size = world()
     device = (
@@ -376,10 +510,11 @@ def distill_model(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
     )
-    fingerprint = _fingerprint(cfg, student, train)
+    fingerprint = _fingerprint(cfg, student, train, val_data)
     result = DistillResult(steps=total, losses=[])
-    start_step, best_state = 0, None
-    checkpoint_dir = workdir / "checkpoint"
+    start_step = 0
+    checkpoint_dir, best_dir = workdir / "checkpoint", workdir / "best"
+    good: int | None = None  # step of the newest checkpoint this run wrote or resumed from
     if cfg.resume:
         loaded_ckpt = _load_checkpoint(checkpoint_dir)
         if loaded_ckpt is not None:
@@ -396,10 +531,14 @@ def distill_model(
             result.losses = list(state["losses"])
             result.evals = list(state["evals"])
             result.best_top1 = state["best_top1"]
-            result.resumed_from = start_step
+            result.best_step = state.get("best_step")
+            result.resumed_from = good = start_step
             log.info("resuming %s at step %d/%d", checkpoint_dir, start_step, total)
-    if rank == 0 and (workdir / "best").is_dir():
-        best_state = _load_checkpoint(workdir / "best")
+
+    def last_good() -> str:
+        if good is None:
+            return "no good checkpoint was written: there is none to resume from"
+        return f"the last good checkpoint is step {good} in {checkpoint_dir}"
 
     train_module: nn.Module = module
     if world_size > 1:
@@ -423,18 +562,20 @@ def distill_model(
     amp = cfg.amp and device.type == "cuda"
 
     def evaluate(step: int) -> None:
-        if eval_data is None or rank != 0:
+        if val_data is None or rank != 0:
             return
         if distilled:
             student.model.set_distilled_training(False)  # type: ignore[operator]
-        measured = evaluate_torch(student, eval_data, batch_size=256)
+        top1, val_loss = score(student.model, val_data, device)
         if distilled:
             student.model.set_distilled_training(True)  # type: ignore[operator]
-        result.evals.append({"step": step, "top1": measured.top1, "loss": measured.loss})
-        log.info("step %d: eval top-1 %.2f%%, loss %.4f", step, 100 * measured.top1, measured.loss)
-        if result.best_top1 is None or measured.top1 > result.best_top1:
-            result.best_top1 = measured.top1
-            _save_checkpoint(workdir / "best", student.model, {"step": step, "top1": measured.top1})
+        result.evals.append({"step": step, "top1": top1, "loss": val_loss})
+        log.info("step %d: val top-1 %.2f%%, loss %.4f", step, 100 * top1, val_loss)
+        if result.best_top1 is None or top1 > result.best_top1:
+            result.best_top1, result.best_step = top1, step
+            _save_checkpoint(
+                best_dir, student.model, {"step": step, "top1": top1, "fingerprint": fingerprint}
+            )
 
     eval_every = cfg.eval_every or steps_per_epoch
     started, images = time.perf_counter(), 0
@@ -483,7 +624,7 @@ def distill_model(
             if not torch.isfinite(loss):
                 raise DistillError(
                     f"loss is {loss.item()} at step {step}",
-                    hint=f"lower lr (now {cfg.lr:g}) or raise clip_grad; the last good checkpoint is in {checkpoint_dir}",
+                    hint=f"lower lr (now {cfg.lr:g}) or raise clip_grad; {last_good()}",
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -505,22 +646,37 @@ def distill_model(
                 progress_metrics["images_per_s"] = images / max(1e-9, time.perf_counter() - started)
                 if result.evals:
                     progress_metrics["top1"] = result.evals[-1]["top1"]
-            if done % eval_every == 0 or done == total:
+            evaluating = done % eval_every == 0 or done == total
+            checkpointing = done % cfg.checkpoint_every == 0 or done == total
+            if evaluating or checkpointing:
+                # The loss was computed before this step's update: the weights can blow up while it
+                # is finite. Every rank checks (their weights are equal) so that all stop together.
+                bad = non_finite(module)
+                if bad:
+                    raise DistillError(
+                        f"weights hold NaN/Inf after step {done} ({len(bad)} tensors, e.g. {bad[0]}) "
+                        f"although the loss was finite ({result.losses[-1]:.4g})",
+                        hint=f"lower lr (now {cfg.lr:g}) or raise clip_grad; {last_good()}",
+                    )
+            if evaluating:
                 evaluate(done)
-            if rank == 0 and (done % cfg.checkpoint_every == 0 or done == total):
-                _save_checkpoint(
-                    checkpoint_dir,
-                    module,
-                    {
-                        "fingerprint": fingerprint,
-                        "step": done,
-                        "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "losses": result.losses,
-                        "evals": result.evals,
-                        "best_top1": result.best_top1,
-                    },
-                )
+            if checkpointing:
+                if rank == 0:
+                    _save_checkpoint(
+                        checkpoint_dir,
+                        module,
+                        {
+                            "fingerprint": fingerprint,
+                            "step": done,
+                            "optimizer": optimizer.state_dict(),
+                            "rng": torch.get_rng_state(),
+                            "losses": result.losses,
+                            "evals": result.evals,
+                            "best_top1": result.best_top1,
+                            "best_step": result.best_step,
+                        },
+                    )
+                good = done
     finally:
         for taps in (taps_s, taps_t):
             if taps is not None:
@@ -533,27 +689,51 @@ def distill_model(
             teacher.model.cpu()
     result.wall_s = time.perf_counter() - started
     result.images_per_s = images / result.wall_s if result.wall_s > 0 else 0.0
-    if rank == 0 and eval_data is not None:
-        best_state = _load_checkpoint(workdir / "best")
-        if best_state is not None:
+    if rank == 0 and val_data is not None:
+        best_state = _load_checkpoint(best_dir)
+        if best_state is not None and best_state[1].get("fingerprint") == fingerprint:
             student.model.load_state_dict(best_state[0])
+            result.best_top1, result.best_step = best_state[1]["top1"], best_state[1]["step"]
             log.info(
-                "kept the best weights: top-1 %.2f%% at step %d",
-                100 * best_state[1]["top1"],
-                best_state[1]["step"],
+                "kept the best weights on the validation split: top-1 %.2f%% at step %d",
+                100 * result.best_top1,
+                result.best_step,
             )
+        elif best_state is not None:
+            log.warning("%s is from another run: kept the last weights", best_dir)
+    if rank == 0 and test_data is not None:  # once, with the weights kept: the test data chose nothing
+        result.test_top1, result.test_loss = score(student.model, test_data, torch.device("cpu"))
+        log.info("test top-1 %.2f%%, loss %.4f", 100 * result.test_top1, result.test_loss)
     return result
 
 
 def run(state: ModelState, cfg: DistillConfig) -> ModelState:
+    from vitcompress.data import load_dataset
     from vitcompress.models import ModelRef, load_model
     from vitcompress.models.artifact import save_artifact
     from vitcompress.state import PassRecord
 
     start = time.perf_counter()
     train = state.load_split("train", cfg.step_name)
-    eval_data = state.load_split("eval", cfg.step_name, cfg.eval_limit) if state.data_spec("eval") else None
+    test_data = state.load_split("eval", cfg.step_name, cfg.eval_limit) if state.data_spec("eval") else None
     student = state.model
+    val_spec = state.settings.data.val if state.settings.data is not None else None
+    val_data = None
+    if val_spec is not None:
+        if cfg.eval_limit is not None:
+            val_spec = val_spec.model_copy(
+                update={"limit": min(val_spec.limit or cfg.eval_limit, cfg.eval_limit)}
+            )
+        val_data = load_dataset(val_spec, student.input, student.num_classes)
+        test_spec = state.data_spec("eval")
+        if test_spec is not None and val_spec.model_copy(update={"limit": None}) == test_spec.model_copy(
+            update={"limit": None}
+        ):
+            log.warning(
+                "data.val is data.eval: the weights are chosen on the test data, its top-1 is optimistic"
+            )
+    train, val_data, selected_on = split_validation(train, cfg, state.settings.seed, val_data)
+    log.info("%s: best weights chosen on %s", cfg.step_name, selected_on)
     teacher = state.teacher
     if cfg.teacher is not None:
         t = cfg.teacher
@@ -576,6 +756,11 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
 
         teacher = copy.deepcopy(student)
     workdir = state.settings.out_dir / cfg.step_name
+    # Training state lives beside the artifact, not in it: the artifact directory is replaced whole.
+    train_dir = state.settings.out_dir / f"{cfg.step_name}.train"
+    if not train_dir.exists() and (workdir / "train").is_dir():  # a run directory of an earlier version
+        with contextlib.suppress(OSError):  # under torchrun another rank may have moved it first
+            os.rename(workdir / "train", train_dir)
     progress = state.settings.progress
 
     metrics: dict[str, float] = {}
@@ -590,11 +775,12 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
         teacher,
         cfg,
         train,
-        eval_data,
-        workdir / "train",
+        val_data,
+        train_dir,
         seed=state.settings.seed,
         on_step=on_step,
         progress_metrics=metrics,
+        test_data=test_data,
     )
     if world()[0] == 0:
         save_artifact(
@@ -605,7 +791,7 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
         kind=cfg.kind,
         params=sum(p.numel() for p in student.model.parameters()),
         macs=state.records[-1].macs if state.records else None,
-        top1=result.best_top1,
+        top1=result.test_top1,
         wall_s=time.perf_counter() - start,
         artifact=str(workdir),
         details={
@@ -613,6 +799,12 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
             "resumed_from": result.resumed_from,
             "first_loss": result.losses[0] if result.losses else None,
             "last_loss": result.losses[-1] if result.losses else None,
+            "selected_on": selected_on,
+            "train_images": len(train),
+            "best_step": result.best_step,
+            "val_top1": result.best_top1,
+            "test_top1": result.test_top1,
+            "test_loss": result.test_loss,
             "evals": result.evals,
             "images_per_s": result.images_per_s,
             "train_wall_s": result.wall_s,

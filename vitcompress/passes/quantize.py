@@ -482,17 +482,19 @@ def _to_fp16(source: Path, target: Path) -> None:
     onnx.checker.check_model(str(target), full_check=True)
 
 
-def agreement(float_path: Path, quant_path: Path, data: Dataset, batch_size: int = 64) -> dict[str, float]:
-    """Top-1 agreement and max |Δlogit| of the quantized model against the float one on real data."""
+def agreement(float_path: Path, quant_path: Path, data: Dataset) -> dict[str, float]:
+    """Top-1 agreement and max |Δlogit| of the quantized model against the float one on real data,
+    in batches of the run's one evaluation batch size (what validate scores with too)."""
     import numpy as np
 
+    from vitcompress.evaluate import EVAL_BATCH_SIZE
     from vitcompress.runtime import OnnxRunner
 
     a, b = OnnxRunner(float_path), OnnxRunner(quant_path)
     same = total = 0
     worst = 0.0
     correct_a = correct_b = 0
-    for x, y in data.batches(batch_size):
+    for x, y in data.batches(EVAL_BATCH_SIZE):
         la, lb = a.run(x.numpy()), b.run(x.numpy())
         same += int((la.argmax(1) == lb.argmax(1)).sum())
         correct_a += int((la.argmax(1) == y.numpy()).sum())

@@ -42,7 +42,6 @@ class ValidateConfig(PassConfig):
         True,
         description="With data.eval in the recipe: top-1 of the model and of the baseline (ONNX Runtime).",
     )
-    eval_batch_size: int = Field(256, ge=1, description="Batch size of the accuracy evaluation.")
 
 
 def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
@@ -91,11 +90,11 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
         from vitcompress.evaluate import evaluate_onnx
 
         data = state.load_split("eval", cfg.step_name)
-        result = evaluate_onnx(state.onnx_path, data, cfg.provider, threads, cfg.eval_batch_size)
+        result = evaluate_onnx(state.onnx_path, data, cfg.provider, threads)
         top1 = result.top1
         details["accuracy"] = result.to_dict()
         if len(paths) == 2:
-            base = evaluate_onnx(paths[0], data, cfg.provider, threads, cfg.eval_batch_size)
+            base = evaluate_onnx(paths[0], data, cfg.provider, threads)
             details["baseline_top1"] = base.top1
             details["top1_drop_points"] = 100 * (base.top1 - result.top1)
         log.info("top-1 %.2f%% on %s", 100 * result.top1, result.data)
