@@ -27,18 +27,74 @@ ORT_PROVIDERS: dict[Provider, tuple[str, ...]] = {
 }
 
 
+# A declared input with more values per image than this cannot be run by anyone (4 GB in fp32).
+MAX_INPUT_VALUES = 10**9
+
+
+def _load_proto(path: Path) -> Any:
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise OnnxModelError(f"{path} is not a readable ONNX model: {str(err).splitlines()[0]}") from err
+
+
 def check_external_data(path: Path) -> set[Path]:
     """Reject external-data references that escape the model's folder (CVE-2024-27318).
 
     Returns the external data files the model uses, each checked to be a plain file beside it.
     """
-    import onnx
+    return _external_files(_load_proto(path), path)
+
+
+def declared_inputs(model: Any) -> list[tuple[str, list[int | str | None]]]:
+    """The graph inputs (initializers excluded) and their declared dims: int, symbolic name or None."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        dims: list[int | str | None] = []
+        if value.type.tensor_type.HasField("shape"):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value"):
+                    dims.append(int(dim.dim_value))
+                else:
+                    dims.append(dim.dim_param or None)
+        inputs.append((value.name, dims))
+    return inputs
+
+
+def check_input_dims(path: Path, name: str, dims: list[int | str | None], what: str = "input") -> None:
+    """Refuse a declared input no one can run: a dimension of 0 or less, or more than
+    MAX_INPUT_VALUES values per image (the first dimension is the batch)."""
+    shown = "x".join("?" if d is None else str(d) for d in dims)
+    bad = [(i, d) for i, d in enumerate(dims) if isinstance(d, int) and d <= 0]
+    if bad:
+        axis, value = bad[0]
+        raise OnnxModelError(
+            f"{path} declares its {what} {name!r} as {shown}: dimension {axis} is {value}, not a positive "
+            "size, so the model cannot be run",
+            hint="the file's input shape is broken; re-export the model (vitcompress export) at its real "
+            "resolution",
+        )
+    per_image = 1
+    for d in dims[1:]:
+        if isinstance(d, int):
+            per_image *= d
+    if per_image > MAX_INPUT_VALUES:
+        raise OnnxModelError(
+            f"{path} declares its {what} {name!r} as {shown}: {per_image:,} values per image (the limit "
+            f"is {MAX_INPUT_VALUES:,}), so the model is not runnable",
+            hint="the file's input shape is broken or absurd; re-export the model (vitcompress export) at "
+            "its real resolution",
+        )
+
+
+def _external_files(model: Any, path: Path) -> set[Path]:
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise OnnxModelError(f"{path} is not a readable ONNX model: {str(err).splitlines()[0]}") from err
     base = path.parent.resolve()
     files: set[Path] = set()
     for tensor in _get_all_tensors(model):
@@ -76,7 +132,10 @@ def check_onnx_file(path: Path) -> None:
         raise OnnxModelError(
             f"ONNX model {path} does not exist", hint="check the path; export one with `vitcompress export`"
         )
-    check_external_data(path)
+    model = _load_proto(path)
+    _external_files(model, path)
+    for name, dims in declared_inputs(model):
+        check_input_dims(path, name, dims)
 
 
 def require_provider(provider: Provider) -> list[str]:

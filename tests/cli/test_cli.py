@@ -44,7 +44,9 @@ def test_inspect_json_numbers(cli):
 
 
 def test_inspect_checkpoint_and_hf(cli, tmp_path, hf_deit_dir):
-    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224", num_classes=5))
+    loaded = load_model(
+        tiny_ref("timm:vit_tiny_patch16_224", num_classes=5, kwargs={"depth": 2, "patch_size": 16})
+    )
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(path))
     result = cli("inspect", "timm:vit_tiny_patch16_224", "--checkpoint", path, "--img-size", "32", "--json")
@@ -120,3 +122,36 @@ def test_unexpected_errors_exit_1_with_hint(cli, monkeypatch):
     assert result.exit_code == 1
     assert "internal error: RuntimeError: kaboom" in result.stderr
     assert "--debug" in result.stderr
+
+
+def test_full_or_read_only_disk_is_a_user_error_other_os_errors_are_bugs(cli, monkeypatch):
+    import errno
+
+    import vitcompress.models.stats as stats
+
+    def wrapped(_loaded):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError("writer failed") from err  # a library wrapping the OS error
+
+    monkeypatch.setattr(stats, "model_stats", wrapped)
+    full = cli("inspect", *TINY)
+    assert full.exit_code == 2, full.output
+    assert "disk full" in full.stderr and "free space or choose another --out" in full.stderr
+
+    def read_only(_loaded):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/report.json")
+
+    monkeypatch.setattr(stats, "model_stats", read_only)
+    ro = cli("inspect", *TINY)
+    assert ro.exit_code == 2
+    assert "not writable while writing /mnt/ro/report.json" in ro.stderr
+
+    def missing(_loaded):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
+
+    monkeypatch.setattr(stats, "model_stats", missing)
+    bug = cli("inspect", *TINY)
+    assert bug.exit_code == 1
+    assert "internal error: FileNotFoundError" in bug.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import fractions
 import os
+import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,13 @@ from vitcompress.errors import CheckpointError
 from vitcompress.models.checkpoint import load_state_dict
 
 WEIGHTS = {"blocks.0.weight": torch.arange(6.0).reshape(2, 3), "head.bias": torch.ones(2)}
+
+
+class TrainerConfig:
+    """A custom class a training script might store beside its weights."""
+
+    def __init__(self) -> None:
+        self.lr = 0.1
 
 
 class CanaryPayload:
@@ -161,3 +170,72 @@ def test_old_torch_refuses_pickles_without_trust(tmp_path, monkeypatch):
     sfile = tmp_path / "w.safetensors"
     save_file(WEIGHTS, str(sfile))
     _assert_same(load_state_dict(sfile))  # safetensors always loads
+
+
+def _load_quietly(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Load with every warning turned into an error: none may reach the console."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return load_state_dict(path, trust=trust)
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        lambda obj, path: torch.save(obj, path),
+        lambda obj, path: torch.save(obj, path, pickle_protocol=4),
+        lambda obj, path: torch.save(obj, path, _use_new_zipfile_serialization=False, pickle_protocol=4),
+        lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=5)),
+    ],
+    ids=["zip-protocol-2", "zip-protocol-4", "legacy-protocol-4", "plain-pickle-5"],
+)
+def test_custom_class_is_refused_for_safety_not_called_corrupt(tmp_path, save):
+    path = tmp_path / "train.pth"
+    save({"model": dict(WEIGHTS), "cfg": TrainerConfig()}, path)
+    with pytest.raises(CheckpointError) as info:
+        _load_quietly(path)
+    message, hint = info.value.message, info.value.hint or ""
+    assert "refusing to load" in message and "for safety" in message
+    assert "TrainerConfig" in message  # the offending global, found without unpickling
+    assert "corrupt" not in message and "Unsupported operand" not in message
+    assert "weights_only=False" in hint and "safetensors.torch.save_file" in hint
+    assert "train.safetensors" in hint and "--trust-checkpoint" in hint
+    assert str(path) in message
+
+
+def test_protocol_4_pickle_of_plain_weights_is_refused_with_its_protocol(tmp_path):
+    path = tmp_path / "p4.pth"
+    torch.save(dict(WEIGHTS), path, pickle_protocol=4)
+    with pytest.raises(CheckpointError, match="pickled with protocol 4") as info:
+        _load_quietly(path)
+    assert "--trust-checkpoint" in (info.value.hint or "")
+    _assert_same(_load_quietly(path, trust=True))
+
+
+def test_truncated_protocol_4_pickle_is_still_corrupt(tmp_path):
+    path = tmp_path / "cut.pth"
+    path.write_bytes(pickle.dumps({"model": dict(WEIGHTS), "cfg": TrainerConfig()}, protocol=5)[:120])
+    with pytest.raises(CheckpointError, match="corrupt or incomplete checkpoint"):
+        _load_quietly(path)
+
+
+def test_trusted_but_damaged_pickle_is_corrupt_not_a_crash(tmp_path):
+    path = tmp_path / "page.pth"
+    path.write_text("<html>Sign in</html>")
+    with pytest.raises(CheckpointError, match="corrupt or incomplete checkpoint"):
+        _load_quietly(path, trust=True)
+
+
+@pytest.mark.parametrize("name", ["weights.pth", "weights.bin", "weights.ckpt", "weights.data"])
+def test_safetensors_is_recognised_by_its_header_whatever_the_extension(tmp_path, name):
+    path = tmp_path / name
+    save_file(WEIGHTS, str(path))
+    _assert_same(_load_quietly(path))
+
+
+def test_damaged_safetensors_named_pth_is_corrupt(tmp_path):
+    path = tmp_path / "cut.pth"
+    path.write_bytes(_safetensors_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="corrupt or incomplete checkpoint") as info:
+        load_state_dict(path)
+    assert "Unsupported operand" not in info.value.message  # read as safetensors, not as a pickle

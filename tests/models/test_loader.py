@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from tests.conftest import tiny_ref
 from vitcompress.errors import (
     CheckpointError,
+    InputShapeError,
     MissingDependencyError,
     ModelNotFoundError,
     UnsupportedModelError,
@@ -115,8 +116,78 @@ def test_missing_and_unexpected_keys_are_listed_and_fatal(tmp_path):
 def test_checkpoint_of_another_width_is_a_shape_mismatch(tmp_path):
     small = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
     path = _save_weights(small, tmp_path / "w.safetensors")
-    with pytest.raises(CheckpointError, match=r"shape mismatch \(\d+\): .*\(192,?.*vs model \(384"):
+    with pytest.raises(CheckpointError) as info:
         load_model(tiny_ref("timm:vit_small_patch16_224", checkpoint=path))
+    message = info.value.message
+    assert "pos_embed is (1, 17, 192) in the checkpoint, the model expects (1, 17, 384)" in message
+    assert "embedding width 192 vs 384" in message
+    assert "embed_dim 192" in (info.value.hint or "")
+
+
+def test_checkpoint_of_another_patch_size_names_the_tensor_and_the_kwarg(tmp_path, caplog):
+    patch8 = load_model(tiny_ref("timm:vit_tiny_patch16_224"))  # 8x8 patches on 32x32
+    path = _save_weights(patch8, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as info:
+        load_model(tiny_ref("timm:vit_tiny_patch16_224", checkpoint=path, kwargs={"depth": 2}))
+    message = info.value.message
+    assert "patch_embed.proj.weight is (192, 3, 8, 8) in the checkpoint" in message
+    assert "the model expects (192, 3, 16, 16)" in message and "8x8 patches vs 16x16" in message
+    assert "patch_size=8" in (info.value.hint or "")
+    assert "resampled" not in caplog.text  # no resampling before the refusal
+
+
+def test_distilled_checkpoint_into_plain_vit_names_the_prefix_tokens(tmp_path):
+    deit = load_model(tiny_ref("timm:deit_tiny_distilled_patch16_224"))
+    path = _save_weights(deit, tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tiny_ref("timm:vit_tiny_patch16_224", checkpoint=path))
+    assert "pos_embed is (1, 18, 192) in the checkpoint, the model expects (1, 17, 192)" in info.value.message
+    assert "dist_token" in info.value.message and "deit_*_distilled_*" in (info.value.hint or "")
+
+
+def test_position_grid_that_is_not_square_is_refused_not_resampled_to_nothing(tmp_path):
+    original = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    weights = {k: v.contiguous() for k, v in original.model.state_dict().items()}
+    weights["pos_embed"] = weights["pos_embed"][:, :13]  # 12 patch positions: no square grid
+    path = tmp_path / "w.safetensors"
+    save_file(weights, str(path))
+    with pytest.raises(CheckpointError) as info:
+        load_model(tiny_ref("timm:vit_tiny_patch16_224", img_size=48, checkpoint=path))
+    assert "pos_embed is (1, 13, 192) in the checkpoint, the model expects (1, 37, 192)" in info.value.message
+    assert "--img-size" in (info.value.hint or "")
+
+
+def test_image_smaller_than_one_patch_is_a_user_error(tmp_path):
+    original = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    path = _save_weights(original, tmp_path / "w.safetensors")
+    for ref in (
+        tiny_ref("timm:vit_tiny_patch16_224", img_size=4),
+        tiny_ref("timm:vit_tiny_patch16_224", img_size=4, checkpoint=path),
+    ):
+        with pytest.raises(InputShapeError, match="empty 0x0 patch grid") as info:
+            load_model(ref)
+        assert "--img-size of at least 8" in (info.value.hint or "")
+
+
+def test_resolution_change_without_img_size_says_which_flag_keeps_it(tmp_path, caplog):
+    original = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    path = _save_weights(original, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING):
+        bigger = load_model(
+            tiny_ref(
+                "timm:vit_tiny_patch16_224",
+                img_size=None,
+                checkpoint=path,
+                kwargs={"depth": 2, "patch_size": 8, "img_size": 48},
+            )
+        )
+    assert "4x4 to 6x6 patches" in caplog.text
+    assert bigger.input.shape == (3, 48, 48)
+    with caplog.at_level(logging.WARNING):
+        load_model(
+            ModelRef("timm:vit_tiny_patch16_224", checkpoint=path, kwargs={"depth": 2, "patch_size": 8})
+        )
+    assert "the checkpoint is for 32 px; --img-size 32 keeps it" in caplog.text
 
 
 def test_hf_vit_folder_loads_and_matches_transformers(hf_vit_dir):

@@ -7,9 +7,12 @@ Exit codes: 0 ok, 1 internal error (rerun with --debug), 2 bad input, 3 budget/l
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -17,7 +20,7 @@ from typer.core import TyperGroup
 
 from vitcompress import __version__
 from vitcompress.cli.common import err_console
-from vitcompress.errors import VitcompressError
+from vitcompress.errors import EXIT_BAD_INPUT, VitcompressError
 
 
 class _ErrorFunnel(TyperGroup):
@@ -35,6 +38,10 @@ class _ErrorFunnel(TyperGroup):
             err_console.print("interrupted")
             raise typer.Exit(130) from None
         except Exception as err:
+            storage = _storage_error(err, ctx)
+            if storage is not None:
+                _show(ctx, err, f"error: {storage[0]}", storage[1])
+                raise typer.Exit(EXIT_BAD_INPUT) from None
             _show(
                 ctx,
                 err,
@@ -42,6 +49,127 @@ class _ErrorFunnel(TyperGroup):
                 "rerun with --debug for the traceback",
             )
             raise typer.Exit(1) from None
+
+
+# errno -> what went wrong, for the OS errors that mean "this place cannot be written", not a bug.
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# A path that runs through an existing file, or names a folder where a file is meant.
+_PATH_ERRNOS = {
+    errno.ENOTDIR: "not a directory",
+    errno.EEXIST: "exists already",
+    errno.EISDIR: "is a directory",
+}
+_PATH_LOCALS = ("filename", "path", "file", "fname", "out", "target", "dest")
+
+
+def _errno_in_text(text: str) -> int | None:
+    """The errno of an OS error that a library (safetensors' Rust writer) turned into text."""
+    for code in _STORAGE_ERRNOS:
+        if f"os error {code})" in text or f"code: {code}," in text or os.strerror(code) in text:
+            return code
+    return None
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [err]
+    while todo and len(seen) < 16:
+        item = todo.pop(0)
+        if item is None or any(item is s for s in seen):
+            continue
+        seen.append(item)
+        todo += [item.__cause__, item.__context__]
+    return seen
+
+
+def _path_in_traceback(err: BaseException) -> str | None:
+    """The file a failed write was writing: a path-like local of the innermost frame that has one."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for name in _PATH_LOCALS:
+            value = frame.f_locals.get(name)
+            if isinstance(value, str | os.PathLike) and str(value):
+                return str(value)
+    return None
+
+
+# Staging names of the atomic writers: `.tmp-NAME-xxxx` and `.NAME.xxxx.tmp` stand for NAME, a bare
+# `.tmp-xxxx` folder for its parent.
+_STAGED = re.compile(r"\.tmp-(?P<tree>.+)-[0-9a-f]{8}|\.tmp-[a-z0-9_]{8}|\.(?P<file>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _final_path(path: str) -> str:
+    """The path a user asked for, not the staging name an atomic write was filling."""
+    parts = []
+    for part in Path(path).parts:
+        staged = _STAGED.fullmatch(part)
+        if staged is None:
+            parts.append(part)
+        elif staged.group("tree") or staged.group("file"):
+            parts.append(staged.group("tree") or staged.group("file"))
+    return str(Path(*parts)) if parts else path
+
+
+def _out_option(ctx: typer.Context) -> str | None:
+    args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+    for i, arg in enumerate(args):
+        if arg in ("--out", "-o") and i + 1 < len(args):
+            return str(args[i + 1])
+        if arg.startswith("--out="):
+            return arg[len("--out=") :]
+    return None
+
+
+def _storage_error(err: BaseException, ctx: typer.Context) -> tuple[str, str] | None:
+    """A message and hint when `err` (or what caused it) is a full, read-only or unwritable disk,
+    or a path through an existing file: the user's to fix, so exit 2, not an internal error."""
+    for item in _chain(err):
+        code: int | None = None
+        path: str | None = None
+        if isinstance(item, OSError) and item.errno in {*_STORAGE_ERRNOS, *_PATH_ERRNOS}:
+            code = item.errno
+            path = item.filename if item.filename is not None else None
+            path = str(path) if path is not None else None
+        elif isinstance(item, OSError) or "safetensor" in type(item).__name__.lower():
+            code = _errno_in_text(str(item))
+        if code is None:
+            continue
+        path = path or _path_in_traceback(item) or _out_option(ctx)
+        if path:
+            path = _final_path(path)
+        where = f" while writing {path}" if path else ""
+        if code in _PATH_ERRNOS:
+            if code != errno.EISDIR and path and os.path.isfile(path):
+                what = f"{path} is an existing file, not a directory: nothing can be written under it"
+            else:
+                what = f"{path or 'a path'}: {_PATH_ERRNOS[code]} ({os.strerror(code)})"
+            return (
+                what,
+                "the path runs through an existing file or names a folder where a file goes; "
+                "choose another --out (or fix the path given)",
+            )
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"{_STORAGE_ERRNOS[code]}{where}: {os.strerror(code)}",
+                "free space or choose another --out",
+            )
+        if code == errno.EROFS:
+            return (f"not writable{where}: {os.strerror(code)}", "choose another --out")
+        return (
+            f"{_STORAGE_ERRNOS[code]} on {path or 'a file'}: not writable (or not readable) by this user",
+            "choose another --out, or fix the permissions of that path",
+        )
+    return None
 
 
 def _show(ctx: typer.Context, err: BaseException, message: str, hint: str | None) -> None:

@@ -4,15 +4,22 @@
 `torch.load(weights_only=True)`, which refuses any global that is not plain data: a malicious pickle
 (CVE-2025-32434 class) fails before its payload runs, and it is never retried unsafely. Unsafe
 loading exists only behind an explicit trust flag, and the file's hash is logged when it is used.
+A file is recognised by its content where that is unambiguous: a safetensors file named `.pth` loads
+as safetensors.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import logging
+import pickletools
 import re
-from collections.abc import Mapping
+import struct
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -62,10 +69,146 @@ def _load_safetensors(path: Path) -> StateDict:
         raise _corrupt(path, str(err).splitlines()[0]) from err
 
 
+def is_safetensors_file(path: Path) -> bool:
+    """True when the file starts like safetensors: an 8-byte little-endian header length, then JSON."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 2 <= length <= size - 8 and head[8:9] == b"{"
+
+
+_STRING_OPS = {
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "UNICODE",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+}
+# The first pickle of torch's legacy (pre-zip) format is this magic number.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _pickle_ops(stream: io.BytesIO) -> Iterator[tuple[str, object]]:
+    for op, arg, _pos in pickletools.genops(stream):
+        yield op.name, arg
+
+
+def _scan_pickle(stream: io.BytesIO, found: list[str]) -> tuple[int, object]:
+    """Read one pickle without running it: append the globals it imports to `found`.
+
+    Returns its protocol and its first argument (the legacy magic number, when it is one). Raises
+    ValueError when the bytes are not a complete pickle.
+    """
+    protocol, first, seen = 2, None, False
+    memo: dict[int, object] = {}
+    top: object = None
+    strings: list[str] = []
+    for name, arg in _pickle_ops(stream):
+        if name == "PROTO":
+            protocol = int(arg)  # type: ignore[call-overload]
+            continue
+        if not seen and name != "FRAME":
+            first, seen = arg, True
+        if name in _STRING_OPS:
+            top = arg.decode("latin-1") if isinstance(arg, bytes) else arg
+            strings.append(str(top))
+        elif name == "MEMOIZE":
+            memo[len(memo)] = top
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = top  # type: ignore[call-overload]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            top = memo.get(int(arg))  # type: ignore[call-overload]
+            if isinstance(top, str):
+                strings.append(top)
+        elif name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            found.append(f"{module}.{attr}")
+            top = None
+        elif name == "STACK_GLOBAL":
+            if len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            top = None
+        elif name != "FRAME":
+            top = None
+    return protocol, first
+
+
+def _pickle_globals(path: Path) -> tuple[int, list[str]]:
+    """The pickle protocol and the globals a checkpoint imports, read without unpickling anything.
+
+    Raises ValueError, saying why, when the file is not a complete pickle (in a torch zip, torch's
+    legacy format, or plain): then it is damaged, not merely refused.
+    """
+    found: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    raise ValueError("a zip file without the data.pkl of a torch checkpoint")
+                data = archive.read(name)
+            return _scan_pickle(io.BytesIO(data), found)[0], found
+        raw = path.read_bytes()
+        if raw[:1] != b"\x80":
+            raise ValueError(f"not a pickle nor a zip file (it starts with {raw[:16]!r})")
+        stream = io.BytesIO(raw)
+        protocol, first = _scan_pickle(stream, found)
+        if first == _LEGACY_MAGIC:  # magic, protocol version, system info, then the object itself
+            for _ in range(3):
+                protocol = _scan_pickle(stream, found)[0]
+        return protocol, found
+    except (OSError, zipfile.BadZipFile, EOFError, struct.error) as err:
+        raise ValueError(str(err) or type(err).__name__) from err
+
+
+def _allowed_globals() -> set[str]:
+    allowed = {"argparse.Namespace"}
+    try:
+        from torch import _weights_only_unpickler
+
+        allowed |= set(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):  # a private helper; without it every global is named
+        pass
+    for obj in torch.serialization.get_safe_globals():
+        target = obj[0] if isinstance(obj, tuple) else obj
+        allowed.add(f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}")
+    return allowed
+
+
+def _refused(path: Path, reason: str) -> CheckpointError:
+    converted = path.with_suffix(".safetensors")
+    return CheckpointError(
+        f"refusing to load {path} for safety: {reason} (unpickling it could run code)",
+        hint="if you trust the file, convert it once in a trusted Python: "
+        f"sd = torch.load('{path}', weights_only=False); safetensors.torch.save_file(sd, '{converted}') "
+        "(use sd['model'] or sd['state_dict'] if the weights are nested) and pass the .safetensors "
+        "file; or pass --trust-checkpoint only if you made the file yourself",
+    )
+
+
+def _torch_load(path: Path, weights_only: bool) -> object:
+    # torch warns about pickle protocols and weights_only defaults; the errors below say it better.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def _load_pickle(path: Path, trust: bool) -> object:
     if trust:
         log.warning("unsafe load of trusted checkpoint %s (sha256 %s)", path, file_sha256(path))
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return _torch_load(path, weights_only=False)
+        except Exception as err:  # the file is trusted but may still be damaged
+            text = str(err).strip()
+            raise _corrupt(path, text.splitlines()[0] if text else type(err).__name__) from err
     if _torch_version() < MIN_SAFE_TORCH:
         raise CheckpointError(
             f"refusing to unpickle {path} with torch {torch.__version__}: weights_only loading is not "
@@ -75,20 +218,40 @@ def _load_pickle(path: Path, trust: bool) -> object:
     try:
         # argparse.Namespace is plain data; timm's train.py stores its arguments as one.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _torch_load(path, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         text = str(err)
         found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found or ("Weights only load failed" in text and "Unsupported operand" not in text):
-            offending = found.group(1) if found else "an object that is not plain data"
-            raise CheckpointError(
-                f"refusing to load {path}: it contains {offending}, which a weights-only load does not "
-                "allow (a pickle can run code)",
-                hint="convert it to .safetensors in a trusted environment, or pass --trust-checkpoint "
-                "only if you made the file yourself",
+        if found:
+            raise _refused(
+                path, f"it contains {found.group(1)}, which a weights-only load does not allow"
             ) from err
-        operand = re.search(r"Unsupported operand \d+", text)
-        detail = operand.group(0) if operand else (text.strip().splitlines()[0] if text.strip() else "")
+        operand = re.search(r"Unsupported operand (\d+)", text)
+        if operand:
+            # torch's safe unpickler stops at opcodes it does not implement (e.g. FRAME of protocol
+            # 4+): a complete pickle is refused, bytes that are no pickle at all are damaged.
+            try:
+                protocol, globals_ = _pickle_globals(path)
+            except ValueError as scan:
+                raise _corrupt(path, str(scan).splitlines()[0]) from err
+            allowed = _allowed_globals()
+            bad = sorted(dict.fromkeys(g for g in globals_ if g not in allowed))
+            if bad:
+                shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+                raise _refused(
+                    path, f"it contains {shown}, which a weights-only load does not allow"
+                ) from err
+            raise _refused(
+                path,
+                f"it was pickled with protocol {protocol}, whose opcode {operand.group(1)} a weights-only "
+                "load does not read",
+            ) from err
+        if "Weights only load failed" in text:
+            raise _refused(
+                path, "it contains an object that is not plain data, which a weights-only load does not allow"
+            ) from err
+        detail = text.strip().splitlines()[0] if text.strip() else ""
+        detail = detail.split(". ")[0]  # torch's messages go on with advice that does not apply here
         raise _corrupt(path, detail or f"{type(err).__name__} while reading") from err
 
 
@@ -142,6 +305,9 @@ def load_state_dict(path: Path, trust: bool = False) -> StateDict:
         )
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
+        state_dict = _load_safetensors(path)
+    elif is_safetensors_file(path):
+        log.info("%s is a safetensors file (by its header); loading it as one", path)
         state_dict = _load_safetensors(path)
     elif suffix in PICKLE_SUFFIXES:
         state_dict = unwrap_state_dict(_load_pickle(path, trust), path)

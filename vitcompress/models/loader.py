@@ -10,6 +10,7 @@ Loading always returns the model in eval mode with a forward that maps images to
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 
 from vitcompress.errors import (
     CheckpointError,
+    InputShapeError,
     MissingDependencyError,
     ModelNotFoundError,
     UnsupportedModelError,
@@ -108,13 +110,136 @@ def _head_keys(state_dict: StateDict) -> list[str]:
     return [k for k in state_dict if k.split(".")[0] in ("head", "head_dist") and k.endswith("weight")]
 
 
-def _fit_timm_state_dict(model: nn.Module, state_dict: StateDict) -> StateDict:
-    """Handle the mismatches that have a well-defined fix, explicitly and with a log line each."""
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
+
+
+def _misfit(
+    path: Path, tensor: str, found: torch.Tensor, expected: torch.Tensor, why: str, fix: str
+) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} does not fit the model: {tensor} is {_shape(found)} in the checkpoint, "
+        f"the model expects {_shape(expected)} ({why})",
+        hint=fix,
+    )
+
+
+PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
+
+
+def _prefix_count(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(int(tensors[k].shape[1]) for k in PREFIX_TOKENS if k in tensors and tensors[k].ndim == 3)
+
+
+def _check_timm_geometry(model: nn.Module, state_dict: StateDict, path: Path) -> tuple[int, int] | None:
+    """Refuse a checkpoint of another width, patch size or token layout, naming the tensor and the fix.
+
+    Returns the checkpoint's patch grid when its position embedding needs resampling to the model's
+    (a resolution change, the one mismatch with a well-defined fix), else None.
+    """
+    own = model.state_dict()
+    vit: Any = model
+    conv = "patch_embed.proj.weight"
+    theirs_pos, own_pos = state_dict.get("pos_embed"), own.get("pos_embed")
+    width = (
+        int(own_pos.shape[-1]) if own_pos is not None else int(own[conv].shape[0]) if conv in own else None
+    )
+    for key in ("pos_embed", "cls_token", conv):
+        if key in state_dict and key in own and width is not None:
+            found = state_dict[key]
+            their_width = int(found.shape[0] if key == conv else found.shape[-1])
+            if their_width != width:
+                raise _misfit(
+                    path,
+                    key,
+                    found,
+                    own[key],
+                    f"embedding width {their_width} vs {width}: another model size",
+                    f"use the timm model the checkpoint was trained as (one with embed_dim {their_width}), "
+                    f"or set embed_dim: {their_width} (and its depth/num_heads) in the recipe's model kwargs",
+                )
+    if conv in state_dict and conv in own and state_dict[conv].ndim == 4:
+        their_patch, our_patch = _shape(state_dict[conv])[2:], _shape(own[conv])[2:]
+        if their_patch != our_patch:
+            raise _misfit(
+                path,
+                conv,
+                state_dict[conv],
+                own[conv],
+                f"{their_patch[0]}x{their_patch[1]} patches vs {our_patch[0]}x{our_patch[1]}",
+                f"build the model with patch_size={their_patch[0]}: a timm name with patch{their_patch[0]}, "
+                f"or patch_size: {their_patch[0]} in the recipe's model kwargs",
+            )
+    if theirs_pos is None or own_pos is None or _shape(theirs_pos) == _shape(own_pos):
+        return None
+    if theirs_pos.ndim != 3 or own_pos.ndim != 3:
+        raise _misfit(
+            path,
+            "pos_embed",
+            theirs_pos,
+            own_pos,
+            "another position embedding layout",
+            "use the timm model the checkpoint was trained as",
+        )
+    their_tokens, our_tokens = _prefix_count(state_dict), _prefix_count(own)
+    if their_tokens != our_tokens:
+        names = ", ".join(k for k in PREFIX_TOKENS if k in state_dict) or "none"
+        ours = ", ".join(k for k in PREFIX_TOKENS if k in own) or "none"
+        raise _misfit(
+            path,
+            "pos_embed",
+            theirs_pos,
+            own_pos,
+            f"{their_tokens} prefix token(s) in the checkpoint ({names}) vs {our_tokens} in the model ({ours})",
+            "a checkpoint with dist_token is a distilled DeiT: use timm:deit_*_distilled_* for it, "
+            "and a plain ViT/DeiT name for one without",
+        )
+    prefix = 0 if getattr(vit, "no_embed_class", False) else int(vit.num_prefix_tokens)
+    positions = int(theirs_pos.shape[1]) - prefix
+    side = math.isqrt(positions) if positions > 0 else 0
+    grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+    if side < 1 or side * side != positions:
+        raise _misfit(
+            path,
+            "pos_embed",
+            theirs_pos,
+            own_pos,
+            f"{positions} patch position(s), not a square grid to resample to the model's "
+            f"{grid[0]}x{grid[1]}",
+            "build the model at the checkpoint's resolution with --img-size (or img_size in the recipe's "
+            "model kwargs), with the same model name it was trained as",
+        )
+    return side, side
+
+
+def _check_grid(model: nn.Module, name: str) -> None:
+    """An input smaller than one patch leaves no tokens: refuse it before anything runs the model."""
+    embed: Any = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "grid_size", None) is None:
+        return
+    grid = tuple(int(g) for g in embed.grid_size)
+    if min(grid) < 1:
+        size = "x".join(str(int(s)) for s in embed.img_size)
+        patch = "x".join(str(int(p)) for p in embed.patch_size)
+        raise InputShapeError(
+            f"timm:{name} built for {size} input has an empty {grid[0]}x{grid[1]} patch grid: "
+            f"its patches are {patch}",
+            hint=f"pass --img-size of at least {int(embed.patch_size[0])} (a multiple of it), or a smaller "
+            "patch_size in the recipe's model kwargs",
+        )
+
+
+def _fit_timm_state_dict(
+    model: nn.Module, state_dict: StateDict, path: Path, img_size_given: bool
+) -> StateDict:
+    """Handle the mismatches that have a well-defined fix, explicitly and with a log line each;
+    refuse, naming the tensor and the fix, those that have none."""
     from timm.layers import resample_abs_pos_embed
     from timm.models import adapt_input_conv
 
     own = model.state_dict()
     state_dict = dict(state_dict)
+    old_grid = _check_timm_geometry(model, state_dict, path)
     heads = [k for k in _head_keys(state_dict) if k in own and own[k].shape != state_dict[k].shape]
     if heads:
         log.warning(
@@ -125,17 +250,27 @@ def _fit_timm_state_dict(model: nn.Module, state_dict: StateDict) -> StateDict:
         for key in heads:
             state_dict.pop(key)
             state_dict.pop(key[: -len("weight")] + "bias", None)
-    if "pos_embed" in state_dict and state_dict["pos_embed"].shape != own["pos_embed"].shape:
+    if old_grid is not None:
         vit: Any = model
         prefix = 0 if getattr(vit, "no_embed_class", False) else int(vit.num_prefix_tokens)
-        grid = list(vit.patch_embed.grid_size)
+        grid = [int(g) for g in vit.patch_embed.grid_size]
+        patch = int(vit.patch_embed.patch_size[0])
         log.warning(
-            "position embedding resampled from %s to %s for --img-size",
-            tuple(state_dict["pos_embed"].shape),
-            tuple(own["pos_embed"].shape),
+            "position embedding resampled from (%s) to (%s), %dx%d to %dx%d patches%s",
+            ", ".join(map(str, state_dict["pos_embed"].shape)),
+            ", ".join(map(str, own["pos_embed"].shape)),
+            *old_grid,
+            *grid,
+            " for --img-size"
+            if img_size_given
+            else f": the checkpoint is for {old_grid[0] * patch} px; --img-size {old_grid[0] * patch} keeps it",
         )
         state_dict["pos_embed"] = resample_abs_pos_embed(
-            state_dict["pos_embed"], new_size=grid, num_prefix_tokens=prefix, verbose=False
+            state_dict["pos_embed"],
+            new_size=grid,
+            old_size=list(old_grid),
+            num_prefix_tokens=prefix,
+            verbose=False,
         )
     conv = "patch_embed.proj.weight"
     if conv in state_dict and state_dict[conv].shape[1] != own[conv].shape[1]:
@@ -194,10 +329,11 @@ def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
             kwargs["in_chans"] = int(conv.shape[1])
     model = build_timm(name, kwargs)
     adapter = adapter_for(model)
+    _check_grid(model, name)
     allow_missing: tuple[str, ...] = ()
     if state_dict is not None:
         assert ref.checkpoint is not None
-        state_dict = _fit_timm_state_dict(model, state_dict)
+        state_dict = _fit_timm_state_dict(model, state_dict, ref.checkpoint, "img_size" in kwargs)
         if any(k not in state_dict for k in (f"{h}.weight" for h in adapter.head_names)):
             allow_missing = tuple(f"{h}." for h in adapter.head_names)
         load_strict(model, state_dict, ref.checkpoint, allow_missing)
