@@ -86,7 +86,8 @@ def test_bench_cli_json_fields_and_gate_exit_code(cli, onnx_pair):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"environment", "settings", "results", "gate"}
+    assert set(data) == {"environment", "settings", "results", "gate", "noisy", "noise_reasons"}
+    assert data["noisy"] == bool(data["noise_reasons"])
     assert set(data["environment"]) == {"cpu_model", "cpu_count", "isa", "machine", "versions"}
     assert data["settings"] == {
         "provider": "cpu",
@@ -165,3 +166,84 @@ def test_bench_profile_breaks_time_down_by_kernel_type(cli, onnx_pair):
     assert [r["share"] for r in profile] == sorted((r["share"] for r in profile), reverse=True)
     table = cli("bench", onnx_pair[0], "--threads", "1", "--runs", "5", "--warmup", "1", "--profile")
     assert "time per kernel type" in table.stdout and "MatMul" in table.stdout
+
+
+# --------------------------------------------------------------------------- noisy measurements
+
+
+def _latency(p50: float, p99: float, model: str = "m.onnx", batch: int = 1):
+    from vitcompress.bench import Latency
+
+    return Latency(model, batch, 20, p50, p50, p99, p50, p50 * 0.9, batch * 1e3 / p50, 1.0)
+
+
+def test_noise_rule_on_synthetic_numbers():
+    from vitcompress.bench import noise_reasons
+
+    assert noise_reasons([_latency(1.0, 1.5), _latency(2.0, 3.9)]) == []
+    assert noise_reasons([_latency(1.0, 2.0)]) == []  # exactly 2x: still clean
+    (tail,) = noise_reasons([_latency(1.0, 1.2), _latency(1.0, 3.1, "dir/b.onnx", 4)])
+    assert tail == "b.onnx at batch 4: p99 3.10 ms is 3.1x its p50 1.00 ms (more than 2x)"
+    assert noise_reasons([_latency(1.0, 2.5)], max_tail_ratio=3.0) == []
+    # the GEMM peak against the least this CPU reaches
+    assert noise_reasons(peak_gmacs=60.0, expected_gmacs=83.0) == []
+    (peak,) = noise_reasons(peak_gmacs=39.0, expected_gmacs=83.0)
+    assert peak.startswith("the measured GEMM peak, 39 GMAC/s, is 47% of the 83 GMAC/s this CPU reaches")
+    assert noise_reasons(peak_gmacs=1.0, expected_gmacs=None) == []  # unknown CPU: no verdict
+    assert len(noise_reasons([_latency(1.0, 9.0)], peak_gmacs=1.0, expected_gmacs=80.0)) == 2
+
+
+def test_expected_gemm_peak_is_a_low_bound_from_clock_cores_and_isa(monkeypatch):
+    import vitcompress.bench as bench
+
+    env = bench.Environment("cpu", 8, {f: False for f in bench.ISA_FLAGS}, "x86_64", {})
+    isa = dict(env.isa, avx2=True, fma=True)
+    avx2 = bench.Environment("cpu", 8, isa, "x86_64", {})
+    avx512 = bench.Environment("cpu", 8, dict(isa, avx512f=True, avx512_vnni=True), "x86_64", {})
+    monkeypatch.setattr(bench, "_cpu_facts", lambda: (2500.0, 4))  # 4 physical cores, 8 threads
+    assert bench.expected_gemm_peak("fp32", 2, env) is None  # no vector ISA known
+    assert bench.expected_gemm_peak("fp32", 2, avx2) == pytest.approx(2 * 8 * 2.5)
+    assert bench.expected_gemm_peak("int8", 2, avx2) == pytest.approx(2 * 8 * 2.5)  # no VNNI
+    assert bench.expected_gemm_peak("fp32", 8, avx512) == pytest.approx(4 * 16 * 2.5)  # cores, not SMT
+    assert bench.expected_gemm_peak("int8", 1, avx512) == pytest.approx(1 * 32 * 2.5)
+    monkeypatch.setattr(bench, "_cpu_facts", lambda: (None, None))
+    assert bench.expected_gemm_peak("fp32", 2, avx2) is None
+    # this machine: a real CPU's GEMM comes out above half of it (unless the machine is busy)
+    monkeypatch.undo()
+    expected = bench.expected_gemm_peak("fp32", 1)
+    assert expected is None or expected > 1.0
+
+
+def test_compute_floor_reads_the_right_way_round():
+    from vitcompress.bench import ComputeFloor
+
+    floor = ComputeFloor(19_600_000, "fp32", 218.0, 0.09, 0.27, p50_ms=0.333)
+    text = floor.describe()
+    assert text == (
+        "p50 0.33 ms runs at 27% of its compute floor (floor 0.090 ms: 19.6 MMACs at 218 GMAC/s, "
+        "this CPU's measured fp32 GEMM peak)"
+    )
+    assert "p50 is 27%" not in text
+    assert set(floor.to_dict()) >= {"macs", "floor_ms", "fraction", "noisy", "noise_reasons"}
+
+
+def test_bench_cli_warns_when_its_measurement_is_noisy(cli, onnx_pair, monkeypatch):
+    import vitcompress.bench as bench
+
+    def jittery(calls, warmup, runs, on_step=None, block=1):
+        return [[1.0] * (runs - 1) + [5.0] for _ in calls]  # one call in runs took 5x the median
+
+    monkeypatch.setattr(bench, "time_interleaved", jittery)
+    small = onnx_pair[1]
+    result = cli("bench", small, "--threads", "1", "--runs", "5", "--warmup", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["noisy"] is True and "p99" in data["noise_reasons"][0]
+    assert "noisy measurement: small.onnx at batch 1: p99" in result.stderr
+    gated = cli("bench", small, "--threads", "1", "--runs", "5", "--max-p50-ms", "0.5")
+    assert gated.exit_code == 3
+    assert "latency gate failed" in gated.stderr and "the measurement was noisy" in gated.stderr
+
+    monkeypatch.setattr(bench, "time_interleaved", lambda calls, *a, **k: [[1.0] * 5 for _ in calls])
+    calm = cli("bench", small, "--threads", "1", "--runs", "5", "--json")
+    assert json.loads(calm.stdout)["noisy"] is False and "noisy" not in calm.stderr

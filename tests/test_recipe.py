@@ -172,3 +172,103 @@ def test_schema_and_validate_commands(cli, tmp_path):
     assert result.exit_code == 2
     assert f"{bad}:6: unknown key 'opsett' in passes[0] (export); did you mean 'opset'?" in result.stderr
     assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- ready recipes by name
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_ready_recipes_are_package_data_and_recipes_is_a_link_to_them():
+    from vitcompress.recipe import BUNDLED_RECIPES, bundled_recipes
+
+    assert BUNDLED_RECIPES == ROOT / "vitcompress" / "recipes"
+    assert (ROOT / "recipes").is_symlink() and (ROOT / "recipes").resolve() == BUNDLED_RECIPES.resolve()
+    assert {p.name for p in RECIPES} == {p.name for p in bundled_recipes().values()}
+    assert {"quickstart", "edge-cpu-int8"} <= set(bundled_recipes())
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["package-data"]["vitcompress"] == ["recipes/*.yaml"]
+
+
+def test_recipe_list_names_each_ready_recipe_and_what_it_is_for(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # from any directory
+    result = cli("recipe", "list")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(RECIPES)
+    edge = next(line for line in lines if line.startswith("edge-cpu-int8 "))
+    assert edge.split(None, 1)[1] == "Edge CPU, INT8 only: the lowest-risk win."
+    assert any(line.startswith("quickstart ") and "Quickstart" in line for line in lines)
+    listed = json.loads(cli("recipe", "list", "--json").stdout)
+    assert {item["name"] for item in listed} == {p.stem for p in RECIPES}
+    assert all(Path(item["path"]).is_file() and item["summary"] for item in listed)
+
+
+def test_a_bare_name_is_a_ready_recipe_from_any_directory(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ok = cli("recipe", "validate", "edge-cpu-int8")
+    assert ok.exit_code == 0, ok.output
+    assert "valid recipe" in ok.stdout and "export -> quantize -> validate" in ok.stdout
+    assert load_recipe(Path("quickstart")) == load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    # a file of that name here wins over the ready recipe
+    (tmp_path / "quickstart").write_text(HEAD + "passes:\n  - kind: export\n")
+    assert [p.kind for p in load_recipe(Path("quickstart")).passes] == ["export"]
+
+
+def test_an_unknown_recipe_name_lists_the_ready_ones_and_the_closest(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("compress", "--recipe", "edge-cpu-int9", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "no recipe 'edge-cpu-int9': not a file here, nor a ready recipe" in result.stderr
+    assert "ready: edge-cpu-int8, gpu-fp16" in result.stderr
+    assert "did you mean 'edge-cpu-int8'?" in result.stderr
+    sweep = cli("sweep", "--recipe", "qickstart", "--out", tmp_path / "s", "--vary", "run.seed=1,2")
+    assert sweep.exit_code == 2 and "did you mean 'quickstart'?" in sweep.stderr
+    missing = cli("recipe", "validate", "nowhere/r.yaml")  # a path, not a name: the file is missing
+    assert missing.exit_code == 2 and "recipe nowhere/r.yaml does not exist" in missing.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_ready_recipes_are_found_in_a_non_editable_install(tmp_path):
+    """Build a wheel from a copy of the sources, install it into a folder and use a recipe by name."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "vitcompress", source / "vitcompress", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {built.stderr[-300:]}")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    code = (
+        "import vitcompress, sys; from vitcompress.recipe import resolve_recipe, bundled_recipes; "
+        "print(vitcompress.__file__); print(resolve_recipe('edge-cpu-int8')); print(len(bundled_recipes()))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        timeout=120,
+        check=True,
+    )
+    module, recipe, count = run.stdout.split()
+    assert module.startswith(str(site))  # the installed copy, not this checkout
+    assert recipe == str(site / "vitcompress" / "recipes" / "edge-cpu-int8.yaml") and Path(recipe).is_file()
+    assert int(count) == len(RECIPES)

@@ -83,6 +83,85 @@ def test_set_path_ambiguous_kind_asks_for_a_name():
         set_path(raw, "passes.distill.steps", 5)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "passes.1.steps",
+        "passes[1].steps",
+        "passes[1] (distill).steps",  # as validation errors print a step
+        "passes[1] (kd).steps",
+        "passes.kd.steps",  # by name, as `steps are 0: prune, 1: kd, ...` and pass-order errors print it
+        "passes.distill.steps",  # by kind, when one step has it
+        "passes.-2.steps",
+    ],
+)
+def test_set_path_takes_every_form_the_errors_print(path):
+    out = apply_overrides(RAW, {path: 9})
+    assert out["passes"][1] == {"kind": "distill", "name": "kd", "steps": 9}
+
+
+def test_set_path_on_the_label_a_real_validation_error_prints():
+    import re
+
+    from vitcompress.recipe import validate_recipe
+
+    raw = {
+        "version": 1,
+        "model": {"source": "timm:vit_tiny_patch16_224"},
+        "passes": [{"kind": "export"}, {"kind": "validate", "batch_sizes": [1, 0]}],
+    }
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(raw, None, "r.yaml")
+    label = re.search(r"r\.yaml: (\S+ \(\w+\)\S*): ", err.value.message).group(1)
+    assert label == "passes[1] (validate).batch_sizes[1]"
+    fixed = validate_recipe(apply_overrides(raw, {label: 8}), None, "r.yaml")
+    assert fixed.passes[1].batch_sizes == [1, 8]
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("passes[1] (prune).steps", "passes[1] (prune): item 1 is 'kd' (distill), not 'prune'"),
+        ("passes[0]x", "'passes[0]x' is not a recipe path"),
+        ("passes..steps", "'passes..steps' is not a recipe path"),
+        ("model (prune).source", "model (prune): (prune) names a step of a list, and 'model' is a key"),
+    ],
+)
+def test_set_path_refuses_a_step_that_is_not_the_one_named(path, message):
+    with pytest.raises(RecipeError) as err:
+        apply_overrides(RAW, {path: 1})
+    assert err.value.message == message
+
+
+def test_plot_labels_every_point_with_its_settings_and_draws_the_frontier():
+    import matplotlib.pyplot as plt
+
+    from vitcompress.plot import ParetoPoint, pareto_figure
+    from vitcompress.sweep import Variant, point_labels
+
+    variants = [
+        Variant(i, {"passes.prune.target_macs": macs}, None, None)  # type: ignore[arg-type]
+        for i, macs in enumerate([0.25, 0.5, 0.75])
+    ]
+    labels = point_labels(variants)
+    assert labels == {0: "target_macs=0.25", 1: "target_macs=0.5", 2: "target_macs=0.75"}
+    two = [Variant(0, {"passes.prune.steps": 1, "passes.kd.steps": 5}, None, None)]  # type: ignore[arg-type]
+    assert point_labels(two) == {0: "prune.steps=1, kd.steps=5"}
+
+    points = [ParetoPoint("fp32 baseline", 10.0, 0.90, baseline=True)]
+    points += [ParetoPoint(labels[i], ms, top1) for i, (ms, top1) in enumerate([(4, 0.80), (6, 0.85), (7, 0.84)])]
+    fig, front = pareto_figure(points, "t")
+    try:
+        (ax,) = fig.axes
+        assert [t.get_text() for t in ax.texts] == [p.label for p in points]
+        assert front == [True, True, True, False]
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "Pareto frontier"]
+        xs = list(line.get_xdata())
+        assert xs[0] == 4 and xs[-1] == 10 and 7 not in xs  # through the frontier, fastest first
+    finally:
+        plt.close(fig)
+
+
 def test_parse_assignment_reads_yaml_values():
     assert parse_assignment("a.b=0.5") == ("a.b", 0.5)
     assert parse_assignment("a=[heads, mlp]") == ("a", ["heads", "mlp"])
@@ -133,7 +212,7 @@ def test_compress_set_overrides_the_recipe(cli, tmp_path, tiny_recipe):
     out = tmp_path / "out"
     result = cli(
         "compress", "--recipe", tiny_recipe, "--out", out, "--set", "passes.prune.mlp=0.75",
-        "--set", "passes.validate.runs=6", "--json",
+        "--set", "passes[2] (validate).runs=6", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     resolved = (out / "recipe.resolved.yaml").read_text()
@@ -160,7 +239,19 @@ def test_compress_set_with_a_bad_path_or_value_fails_fast(cli, tmp_path, tiny_re
     assert not (tmp_path / "o").exists()
 
 
-def test_sweep_runs_variants_measures_them_together_and_marks_the_frontier(cli, tmp_path, tiny_recipe):
+def test_sweep_runs_variants_measures_them_together_and_marks_the_frontier(
+    cli, tmp_path, tiny_recipe, monkeypatch
+):
+    import vitcompress.sweep as sweep_module
+
+    plotted = []
+    real_plot = sweep_module.plot_pareto
+
+    def spy(points, path, title):
+        plotted.append([p.label for p in points])
+        return real_plot(points, path, title)
+
+    monkeypatch.setattr(sweep_module, "plot_pareto", spy)
     out = tmp_path / "sweep"
     result = cli(
         "sweep", "--recipe", tiny_recipe, "--out", out, "--vary", "passes.prune.mlp=0.25,0.75",
@@ -188,12 +279,22 @@ def test_sweep_runs_variants_measures_them_together_and_marks_the_frontier(cli, 
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "sweep.md").read_text()
     assert table.count("\n| v0") == 4 and "![accuracy vs latency](pareto.png)" in table
+    # each point of the plot is labelled with its settings, by their shortest distinct keys
+    assert plotted == [
+        [
+            "fp32 baseline",
+            "mlp=0.25, importance=l1",
+            "mlp=0.25, importance=l2",
+            "mlp=0.75, importance=l1",
+            "mlp=0.75, importance=l2",
+        ]
+    ]
 
 
 def test_sweep_reports_a_failed_variant_and_goes_on(cli, tmp_path, tiny_recipe):
     out = tmp_path / "sweep"
     result = cli(
-        "sweep", "--recipe", tiny_recipe, "--out", out, "--vary", "passes.prune.target_macs=0.6,0.01",
+        "sweep", "--recipe", tiny_recipe, "--out", out, "-g", "passes.prune.target_macs=0.6,0.01",
         "--set", "passes.prune.mlp=0", "--runs", "5", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -8,6 +8,8 @@ the CPU model, its ISA flags (AVX-512 VNNI, AMX) and the library versions.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import time
@@ -20,6 +22,8 @@ import numpy as np
 
 from vitcompress.errors import BudgetExceededError, OnnxModelError
 from vitcompress.runtime import OnnxRunner, Provider
+
+log = logging.getLogger(__name__)
 
 ISA_FLAGS = (
     "avx2",
@@ -116,6 +120,8 @@ class BenchReport:
     environment: Environment
     settings: BenchSettings
     results: list[Latency] = field(default_factory=list)
+    noisy: bool = False  # the measurement itself looks disturbed (see noise_reasons)
+    noise_reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,21 +221,69 @@ def bench_models(
                 )
             )
     settings = BenchSettings(provider.value, threads, tuple(batch_sizes), warmup, runs, block)
-    return BenchReport(Environment.detect(), settings, results)
+    reasons = noise_reasons(results)
+    for reason in reasons:
+        log.warning("noisy measurement: %s", reason)
+    return BenchReport(Environment.detect(), settings, results, bool(reasons), reasons)
 
 
-def check_gate(latency: Latency, max_p50_ms: float | None, min_speedup: float | None) -> None:
-    """Raise BudgetExceededError (exit code 3) when a measured value is past its budget."""
+def check_gate(
+    latency: Latency, max_p50_ms: float | None, min_speedup: float | None, noise: Sequence[str] = ()
+) -> None:
+    """Raise BudgetExceededError (exit code 3) when a measured value is past its budget. `noise`
+    (noise_reasons of the measurement) goes into the hint: a gate on a disturbed run may be wrong."""
+    hint = (
+        f"the measurement was noisy ({noise[0]}): rerun on a quiet machine before trusting this verdict"
+        if noise
+        else None
+    )
     if max_p50_ms is not None and latency.p50_ms > max_p50_ms:
         raise BudgetExceededError(
             f"latency gate failed: {latency.model} p50 {latency.p50_ms:.2f} ms at batch {latency.batch_size} "
-            f"> budget {max_p50_ms:g} ms"
+            f"> budget {max_p50_ms:g} ms",
+            hint=hint,
         )
     if min_speedup is not None and latency.speedup_vs_first < min_speedup:
         raise BudgetExceededError(
             f"speed-up gate failed: {latency.model} is {latency.speedup_vs_first:.2f}x the baseline "
-            f"at batch {latency.batch_size}, budget {min_speedup:g}x"
+            f"at batch {latency.batch_size}, budget {min_speedup:g}x",
+            hint=hint,
         )
+
+
+# --------------------------------------------------------------------------- noise
+
+MAX_TAIL_RATIO = 2.0  # p99 / p50 above this: something else took the CPU during the measurement
+MIN_PEAK_FRACTION = 0.5  # a GEMM peak below this share of what the CPU surely reaches: disturbed
+
+
+def noise_reasons(
+    results: Sequence[Latency] = (),
+    peak_gmacs: float | None = None,
+    expected_gmacs: float | None = None,
+    *,
+    max_tail_ratio: float = MAX_TAIL_RATIO,
+    min_peak_fraction: float = MIN_PEAK_FRACTION,
+) -> list[str]:
+    """Why a measurement looks disturbed, one sentence per sign; empty when it looks clean.
+
+    Two signs: a latency tail (p99 over `max_tail_ratio` times p50: a model runs the same work every
+    call, so a long tail is the machine, not the model), and a measured GEMM peak under
+    `min_peak_fraction` of `expected_gmacs`, the least this CPU should reach (expected_gemm_peak)."""
+    reasons = []
+    for r in results:
+        if r.p50_ms > 0 and r.p99_ms > max_tail_ratio * r.p50_ms:
+            reasons.append(
+                f"{Path(r.model).name} at batch {r.batch_size}: p99 {r.p99_ms:.2f} ms is "
+                f"{r.p99_ms / r.p50_ms:.1f}x its p50 {r.p50_ms:.2f} ms (more than {max_tail_ratio:g}x)"
+            )
+    if peak_gmacs is not None and expected_gmacs and peak_gmacs < min_peak_fraction * expected_gmacs:
+        reasons.append(
+            f"the measured GEMM peak, {peak_gmacs:.0f} GMAC/s, is {peak_gmacs / expected_gmacs:.0%} of the "
+            f"{expected_gmacs:.0f} GMAC/s this CPU reaches at least (under {min_peak_fraction:.0%}): "
+            "other work shared the cores"
+        )
+    return reasons
 
 
 # --------------------------------------------------------------------------- compute floor
@@ -280,6 +334,58 @@ def gemm_peak(precision: str, threads: int, size: int = 1024, runs: int = 30) ->
     return size**3 / best
 
 
+def _cpu_facts() -> tuple[float | None, int | None]:
+    """(clock in MHz, physical cores) from /proc/cpuinfo; None where it does not say."""
+    mhz: float | None = None
+    cores: set[tuple[str, str]] = set()
+    physical = core = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key, value = key.strip().lower(), value.strip()
+                if key == "cpu mhz":
+                    with contextlib.suppress(ValueError):
+                        mhz = max(mhz or 0.0, float(value))
+                elif key == "physical id":
+                    physical = value
+                elif key == "core id":
+                    core = value
+                elif not key and core:  # the blank line after each processor
+                    cores.add((physical, core))
+                    physical = core = ""
+        if core:
+            cores.add((physical, core))
+    except OSError:
+        return None, None
+    return mhz or None, len(cores) or None
+
+
+# MACs per cycle per core a GEMM surely reaches: one FMA unit of the widest vector width. Real cores
+# often have two, and int8 dot-product instructions (VNNI, ARM dot product) do 4x the lanes; the
+# expectation stays low on purpose, so only a clearly disturbed measurement falls below half of it.
+def expected_gemm_peak(precision: str, threads: int, env: Environment | None = None) -> float | None:
+    """The GEMM rate (GMAC/s) this CPU reaches at least with `threads` threads, from its clock,
+    core count and ISA; None where /proc/cpuinfo does not give the clock or the ISA is unknown."""
+    env = env or Environment.detect()
+    mhz, physical = _cpu_facts()
+    if mhz is None:
+        return None
+    isa = env.isa
+    if isa.get("avx512f"):
+        lanes = 16
+    elif isa.get("avx2") and isa.get("fma"):
+        lanes = 8
+    elif isa.get("asimd"):
+        lanes = 4
+    else:
+        return None
+    if precision == "int8" and any(isa.get(f) for f in ("avx512_vnni", "avx_vnni", "asimddp", "i8mm")):
+        lanes *= 2
+    cores = min(threads, physical or env.cpu_count, env.cpu_count)
+    return cores * lanes * mhz / 1e3
+
+
 def model_precision(path: Path) -> str:
     """int8 when the graph holds integer-quantized ops, else fp32 (fp16 files count as fp32 here)."""
     import onnx
@@ -294,17 +400,38 @@ class ComputeFloor:
     precision: str
     peak_gmacs: float  # measured GEMM peak, GMAC/s
     floor_ms: float  # macs / peak: the time with every MAC at peak speed
-    fraction: float  # floor_ms / p50: how close the model runs to it
+    fraction: float  # floor_ms / p50: the share of the floor's speed the model runs at (<= 1)
+    p50_ms: float | None = None
+    expected_gmacs: float | None = None  # the least this CPU should reach (expected_gemm_peak)
+    noisy: bool = False  # the peak measured far below expected_gmacs: the floor is too slow
+    noise_reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One sentence, the right way round: the model runs at N% of its floor's speed (the floor
+        is the fastest it could run), e.g. "p50 0.33 ms runs at 27% of its compute floor (floor
+        0.090 ms: 19.6 MMACs at 218 GMAC/s, this CPU's measured fp32 GEMM peak)"."""
+        p50 = self.p50_ms if self.p50_ms is not None else self.floor_ms / self.fraction
+        return (
+            f"p50 {p50:.2f} ms runs at {self.fraction:.0%} of its compute floor (floor {self.floor_ms:.3f} ms: "
+            f"{self.macs / 1e6:.1f} MMACs at {self.peak_gmacs:.0f} GMAC/s, this CPU's measured "
+            f"{self.precision} GEMM peak)"
+        )
 
 
 def compute_floor(path: Path, macs: int, p50_ms: float, threads: int) -> ComputeFloor:
     precision = model_precision(path)
     peak = gemm_peak(precision, threads)
+    expected = expected_gemm_peak(precision, threads)
+    reasons = noise_reasons(peak_gmacs=peak / 1e9, expected_gmacs=expected)
+    for reason in reasons:
+        log.warning("noisy measurement: %s; the compute floor taken from it is too high", reason)
     floor_ms = macs / peak * 1e3
-    return ComputeFloor(macs, precision, peak / 1e9, floor_ms, floor_ms / p50_ms)
+    return ComputeFloor(
+        macs, precision, peak / 1e9, floor_ms, floor_ms / p50_ms, p50_ms, expected, bool(reasons), reasons
+    )
 
 
 # --------------------------------------------------------------------------- op profile

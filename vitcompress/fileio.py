@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,34 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+_umask: int | None = None
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask. Linux says it in /proc/self/status without changing it; elsewhere it is read
+    once, by setting it to 0 and putting it back at once, under a lock."""
+    global _umask
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _umask_lock:
+        if _umask is None:
+            _umask = os.umask(0)
+            os.umask(_umask)
+        return _umask
+
+
+def file_mode() -> int:
+    """The mode an ordinary new file gets (0o644 under umask 022): mkstemp makes 0o600 files."""
+    return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`, with
+    the mode a plain open() would have given it (the user's umask), not mkstemp's private 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,6 +65,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+            os.fchmod(fh.fileno(), file_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

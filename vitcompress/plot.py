@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -33,15 +37,14 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return front
 
 
-def plot_pareto(points: Sequence[ParetoPoint], path: Path, title: str) -> list[bool]:
-    """Scatter top-1 against p50 latency, draw the frontier as a step line, label every point and
-    write a PNG atomically. Returns the frontier flags, in the order of `points`."""
+def pareto_figure(points: Sequence[ParetoPoint], title: str) -> tuple[Figure, list[bool]]:
+    """Scatter top-1 against p50 latency, draw the frontier as a step line through its points and
+    label every point (its `label`: a sweep variant's settings, e.g. `target_macs=0.5`). Returns
+    the figure and the frontier flags, in the order of `points`."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
-
-    from vitcompress.fileio import atomic_path
 
     front = pareto_front([(p.p50_ms, p.top1) for p in points])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -79,7 +82,19 @@ def plot_pareto(points: Sequence[ParetoPoint], path: Path, title: str) -> list[b
     if len(on) > 1:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    return fig, front
+
+
+def plot_pareto(points: Sequence[ParetoPoint], path: Path, title: str) -> list[bool]:
+    """pareto_figure written as a PNG, atomically. Returns the frontier flags, in the order of `points`."""
+    from vitcompress.fileio import atomic_path
+
+    fig, front = pareto_figure(points, title)
+    import matplotlib.pyplot as plt  # after pareto_figure chose the Agg backend
+
+    try:
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return front

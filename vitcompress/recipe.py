@@ -320,41 +320,97 @@ def parse_assignment(text: str, many: bool = False) -> tuple[str, Any]:
     return path.strip(), parsed
 
 
-def _step_index(steps: list[Any], part: str, path: str) -> int:
-    """A list position by number, or a pass by its name or (when unique) its kind."""
+def _step_index(steps: list[Any], part: str, path: str, tag: str | None = None) -> int:
+    """A list position by number, or a pass by its name or (when unique) its kind. `tag` is the
+    `(kind)` errors print after an index, `passes[2] (prune)`: the step there must be that one."""
     if part.lstrip("-").isdigit():
         index = int(part)
         if not -len(steps) <= index < len(steps):
             raise RecipeError(f"{path}: index {index} is out of range (the list has {len(steps)} items)")
-        return index
-    named = [i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("name") == part]
-    kinds = [i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("kind") == part]
-    matches = named or kinds
-    if len(matches) == 1:
-        return matches[0]
-    known = [f"{i}: {s.get('name') or s.get('kind')}" for i, s in enumerate(steps) if isinstance(s, dict)]
-    if not matches:
-        raise RecipeError(f"{path}: no step {part!r}; steps are {', '.join(known)}")
-    raise RecipeError(
-        f"{path}: {len(matches)} steps are {part!r}; name them or use the index ({', '.join(known)})"
-    )
+    else:
+        named = [i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("name") == part]
+        kinds = [i for i, s in enumerate(steps) if isinstance(s, dict) and s.get("kind") == part]
+        matches = named or kinds
+        known = [f"{i}: {s.get('name') or s.get('kind')}" for i, s in enumerate(steps) if isinstance(s, dict)]
+        if not matches:
+            raise RecipeError(f"{path}: no step {part!r}; steps are {', '.join(known)}")
+        if len(matches) > 1:
+            raise RecipeError(
+                f"{path}: {len(matches)} steps are {part!r}; name them or use the index ({', '.join(known)})"
+            )
+        index = matches[0]
+    step = steps[index]
+    if tag and not (isinstance(step, dict) and tag in (step.get("kind"), step.get("name"))):
+        what = (
+            f"{step.get('name') or step.get('kind')!r}"
+            + (f" ({step['kind']})" if step.get("name") and step.get("kind") else "")
+            if isinstance(step, dict)
+            else repr(step)
+        )
+        raise RecipeError(f"{path}: item {index % len(steps)} is {what}, not {tag!r}")
+    return index
+
+
+# One step of a recipe path. Dotted keys (`data.eval.limit`) and list positions in every form the
+# error messages print: `passes.2`, `passes[2]`, `passes[2] (prune)`, `passes.prune`, `passes.kd`.
+_PATH_TOKEN = re.compile(
+    r"\[\s*(?P<index>-?\d+)\s*\]|\s*\((?P<tag>[^()]*)\)|(?P<dot>\.)|(?P<key>[^.\[\]()]+)"
+)
+
+
+def _path_parts(path: str) -> list[tuple[str, str | None, str]]:
+    """(key or index, the `(kind)` after it or None, the path up to here) for each step of `path`."""
+    parts: list[tuple[str, str | None, str]] = []
+    pos, after_dot = 0, True
+    for match in _PATH_TOKEN.finditer(path):
+        if match.start() != pos:
+            break
+        end = match.end()
+        if match.group("dot"):
+            if after_dot:
+                break  # an empty key: `a..b`, `.a`
+            after_dot = True
+        elif match.group("tag") is not None:
+            if not parts or parts[-1][1] is not None or after_dot or not match.group("tag").strip():
+                break
+            parts[-1] = (parts[-1][0], match.group("tag").strip(), path[:end])
+        elif match.group("index") is not None:
+            if not parts and after_dot:
+                break  # a path starts with a key
+            parts.append((match.group("index"), None, path[:end]))
+            after_dot = False
+        else:
+            key = match.group("key").strip()
+            if not key or not after_dot:
+                break
+            parts.append((key, None, path[:end].rstrip()))
+            after_dot = False
+        pos = end
+    if pos != len(path) or after_dot or not parts:
+        raise RecipeError(
+            f"{path!r} is not a recipe path",
+            hint="e.g. passes.prune.target_macs, passes.0.steps, passes[2] (prune).target_macs, data.eval.limit",
+        )
+    return parts
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> None:
-    """Set `value` at a dotted recipe path in raw recipe data: `passes.0.heads`, `passes.prune.mlp`
-    (a step by name, or by kind when one step has it), `data.eval.limit`. Missing sections are made."""
-    parts = path.split(".")
+    """Set `value` at a recipe path in raw recipe data: `passes.0.heads`, `passes.prune.mlp` (a step
+    by name, or by kind when one step has it), `passes[0] (prune).mlp` (as errors print it),
+    `data.eval.limit`. Missing sections are made."""
+    parts = _path_parts(path)
     node: Any = data
-    for depth, part in enumerate(parts):
+    for depth, (part, tag, where) in enumerate(parts):
         last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
-            index = _step_index(node, part, where)
+            index = _step_index(node, part, where, tag)
             if last:
                 node[index] = value
             else:
                 node = node[index]
         elif isinstance(node, dict):
+            if tag is not None:
+                raise RecipeError(f"{where}: ({tag}) names a step of a list, and {part!r} is a key")
             if last:
                 node[part] = value
             else:
@@ -362,7 +418,8 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
                     node[part] = {}
                 node = node[part]
         else:
-            raise RecipeError(f"{path}: {'.'.join(parts[:depth])} is a value ({node!r}), not a section")
+            above = parts[depth - 1][2] if depth else "the recipe"
+            raise RecipeError(f"{path}: {above} is a value ({node!r}), not a section")
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -533,11 +590,67 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: dict[str, Any] 
     return validate_recipe(data, text, source)
 
 
-def read_recipe_text(path: Path) -> str:
-    """A recipe file's text; a file over MAX_RECIPE_BYTES is refused before it is read."""
+# --------------------------------------------------------------------------- ready recipes
+
+BUNDLED_RECIPES = Path(__file__).parent / "recipes"  # package data; recipes/ in the repository
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """The ready recipes shipped with vitcompress, by name (file name without .yaml)."""
+    if not BUNDLED_RECIPES.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(BUNDLED_RECIPES.glob("*.yaml"))}
+
+
+def recipe_summary(path: Path) -> str:
+    """What a ready recipe is for: its opening comment's first line (each opens with one)."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if not stripped.startswith("#"):
+            break
+        text = stripped.lstrip("#").strip()
+        if text:
+            cut = text.find(". ")
+            if cut >= 0:
+                return text[: cut + 1]
+            return text if text.endswith(".") else text + " ..."
+    return ""
+
+
+def resolve_recipe(path: Path | str) -> Path:
+    """The recipe file `path` names: an existing file as given, or a ready recipe by its bare name
+    (`edge-cpu-int8`: no .yaml, no folder, no such file here). A name that is neither is refused
+    with the ready recipes listed and the closest one named."""
     path = Path(path)
+    if path.exists():
+        return path
+    text = str(path)
+    ready = bundled_recipes()
+    bare = path.suffix == "" and path.name == text and text not in (".", "..")
+    if bare and text in ready:
+        return ready[text]
+    if bare:
+        names = ", ".join(ready) or "none installed"
+        near = closest(text, ready)
+        raise RecipeError(
+            f"no recipe {text!r}: not a file here, nor a ready recipe (ready: {names})",
+            hint=(f"did you mean {near[0]!r}? " if near else "")
+            + "`vitcompress recipe list` says what each is for",
+        )
+    return path
+
+
+def read_recipe_text(path: Path) -> str:
+    """A recipe file's text (a ready recipe by name too, see resolve_recipe); a file over
+    MAX_RECIPE_BYTES is refused before it is read."""
+    path = resolve_recipe(path)
     if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist", hint="ready recipes are in recipes/")
+        raise RecipeError(
+            f"recipe {path} does not exist",
+            hint="ready recipes go by name: --recipe quickstart (`vitcompress recipe list`)",
+        )
     try:
         _check_size(path.stat().st_size, str(path))
         with path.open("rb") as stream:
@@ -550,7 +663,9 @@ def read_recipe_text(path: Path) -> str:
 
 
 def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, override (`path: value`, see set_path) and validate a recipe file."""
+    """Read, override (`path: value`, see set_path) and validate a recipe file (or a ready recipe
+    by name, see resolve_recipe)."""
+    path = resolve_recipe(path)
     return parse_recipe(read_recipe_text(path), str(path), overrides)
 
 

@@ -65,6 +65,16 @@ LEDGER_COLUMNS = [
 ]
 
 
+def md_cell(text: str) -> str:
+    """One Markdown table cell: a `|` in the text would end the cell, a newline the row."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def md_row(cells: list[str]) -> str:
+    """One Markdown table row, every cell escaped (the ledger header holds `max |Δlogit|`)."""
+    return "| " + " | ".join(md_cell(cell) for cell in cells) + " |"
+
+
 def _top1(r: PassRecord) -> str:
     if r.top1 is None:
         return "-"
@@ -76,7 +86,12 @@ def _environment(result: RunResult) -> dict[str, Any] | None:
     for record in reversed(result.ledger):
         bench = record.details.get("bench")
         if bench:
-            return {"environment": bench["environment"], "settings": bench["settings"]}
+            return {
+                "environment": bench["environment"],
+                "settings": bench["settings"],
+                "noisy": bool(bench.get("noisy")),
+                "noise_reasons": list(bench.get("noise_reasons") or []),
+            }
     return None
 
 
@@ -113,8 +128,8 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
     write_json(out / "report.json", data)
 
     lines = [f"# vitcompress report: {recipe.name or result.ledger[0].details.get('source', '')}", ""]
-    lines += ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|" + "---|" * len(LEDGER_COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in ledger_rows(result.ledger)]
+    lines += [md_row(LEDGER_COLUMNS), "|" + "---|" * len(LEDGER_COLUMNS)]
+    lines += [md_row(row) for row in ledger_rows(result.ledger)]
     lines.append("")
     if any(r.top1 is not None or "agreement" in r.details for r in result.ledger):
         from vitcompress.evaluate import EVAL_BATCH_SIZE
@@ -137,11 +152,21 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
         (r.details["compute_floor"] for r in reversed(result.ledger) if "compute_floor" in r.details), None
     )
     if floor:
+        from vitcompress.bench import ComputeFloor
+
+        known = set(ComputeFloor.__dataclass_fields__)
+        described = ComputeFloor(**{k: v for k, v in floor.items() if k in known}).describe()
         lines += [
-            f"Compute floor: {floor['floor_ms']:.3f} ms ({floor['macs'] / 1e6:.1f} MMACs at this CPU's measured "
-            f"{floor['precision']} GEMM peak of {floor['peak_gmacs']:.0f} GMAC/s); the final model's p50 "
-            f"is {floor['fraction']:.0%} of that speed. The rest is memory traffic, non-GEMM ops "
-            "(LayerNorm, Softmax, GELU, quantize/dequantize) and per-op overhead.",
+            f"Compute floor: the final model's {described}. The floor is the time with every MAC at "
+            "that peak; the rest is memory traffic, non-GEMM ops (LayerNorm, Softmax, GELU, "
+            "quantize/dequantize) and per-op overhead.",
+            "",
+        ]
+    noise = [*((env or {}).get("noise_reasons") or []), *((floor or {}).get("noise_reasons") or [])]
+    if noise:
+        lines += [
+            f"**Warning, noisy measurement:** {'; '.join(noise)}. The numbers above may be off; rerun on a "
+            "quiet machine before trusting them.",
             "",
         ]
     verdict = (

@@ -84,6 +84,30 @@ def _fmt(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def _shortest_keys(paths: Sequence[str]) -> dict[str, str]:
+    """Each path by its shortest tail that tells it apart from the others: `target_macs` for
+    passes.prune.target_macs, `prune.steps` and `distill.steps` when both vary."""
+    parts = {p: re.split(r"\.(?![^\[]*\])", p) for p in paths}
+    short: dict[str, str] = {}
+    for path, pieces in parts.items():
+        for n in range(1, len(pieces) + 1):
+            tail = pieces[-n:]
+            if all(other == path or parts[other][-n:] != tail for other in paths):
+                break
+        short[path] = ".".join(tail)
+    return short
+
+
+def point_labels(variants: Sequence[Variant]) -> dict[int, str]:
+    """A plot label per variant (by index): its settings, shortest unambiguous keys, e.g.
+    `target_macs=0.5` or `mlp=0.25, importance=l1`."""
+    keys = _shortest_keys(list(dict.fromkeys(k for v in variants for k in v.overrides)))
+    return {
+        v.index: ", ".join(f"{keys[k]}={_fmt(value)}" for k, value in v.overrides.items()) or f"v{v.index:02d}"
+        for v in variants
+    }
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60]
 
@@ -258,7 +282,8 @@ def _run_sweep(
         "size_bytes": onnx_size(baseline_path),
     }
     points = [ParetoPoint("fp32 baseline", base.p50_ms, baseline_top1, baseline=True)]
-    points += [ParetoPoint(f"v{v.index:02d}", v.p50_ms or 0.0, v.top1 or 0.0) for v in measured]
+    labels = point_labels(variants)
+    points += [ParetoPoint(labels[v.index], v.p50_ms or 0.0, v.top1 or 0.0) for v in measured]
     title = f"{first.name or first.model.source}: {len(measured)} variants, {report.environment.cpu_model}"
     front = plot_pareto(points, out_dir / "pareto.png", title)
     baseline["frontier"] = front[0]
@@ -325,11 +350,11 @@ def sweep_rows(result: SweepResult) -> list[list[str]]:
 
 
 def sweep_markdown(result: SweepResult) -> str:
+    from vitcompress.report import md_row
+
     lines = ["# vitcompress sweep", ""]
-    lines += ["| " + " | ".join(SWEEP_COLUMNS) + " |", "|" + "---|" * len(SWEEP_COLUMNS)]
-    lines += [
-        "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in sweep_rows(result)
-    ]
+    lines += [md_row(SWEEP_COLUMNS), "|" + "---|" * len(SWEEP_COLUMNS)]
+    lines += [md_row(row) for row in sweep_rows(result)]
     settings = (result.bench or {}).get("settings", {})
     env = (result.bench or {}).get("environment", {})
     lines += [

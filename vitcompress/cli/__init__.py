@@ -182,15 +182,42 @@ def _show(ctx: typer.Context, err: BaseException, message: str, hint: str | None
         err_console.print(f"hint: {hint}", markup=False, highlight=False, soft_wrap=True, style="dim")
 
 
+def _escape_markup(command: Any) -> None:
+    """Make help text literal for Typer's rich help: `[heads, mlp]` in an example would otherwise
+    be read as a rich markup tag and vanish. Walks the command, its parameters and subcommands."""
+    from rich.markup import escape
+
+    if getattr(command, "_vitcompress_escaped", False):
+        return
+    command._vitcompress_escaped = True
+    for attr in ("help", "short_help", "epilog"):
+        text = getattr(command, attr, None)
+        if isinstance(text, str):
+            setattr(command, attr, escape(text))
+    for param in getattr(command, "params", []):
+        if isinstance(getattr(param, "help", None), str):
+            param.help = escape(param.help)
+    for sub in (getattr(command, "commands", None) or {}).values():
+        _escape_markup(sub)
+
+
+class _App(_ErrorFunnel):
+    """The root group: the error funnel, and help text that rich prints as written (no markup)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _escape_markup(self)
+
+
 app = typer.Typer(
-    cls=_ErrorFunnel,
+    cls=_App,
     name="vitcompress",
     help="Compress vision transformers (ViT/DeiT) for a deployment target and prove it there: "
     "prune, factorize, distill, quantize; export ONNX; gate on measured latency.",
     epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, 3 budget or latency gate failed, "
     "4 export parity failed.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -206,22 +233,79 @@ def _version(value: bool) -> None:
 def root(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="More detail on stderr: debug messages, and what the libraries underneath say (ONNX "
+            "Runtime's INFO messages, Python warnings, transformers' loading bars).",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
+    if verbose and quiet:
+        raise typer.BadParameter("give one of --verbose and --quiet, not both", param_hint="'-v' / '-q'")
+    ctx.obj = {"debug": debug}
+    configure_output(verbose=verbose, quiet=quiet)
+
+
+# Libraries whose own log records are noise at the default verbosity, even their warnings.
+_NOISY_LOGGERS = ("torch", "timm", "onnxscript", "transformers", "onnx_ir", "httpx")
+# Environment switches read when a library is first imported: progress bars and log levels.
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+_env_set: set[str] = set()
+
+
+class _OwnOrImportant(logging.Filter):
+    """What reaches the console: vitcompress's own records at the chosen level; another library's
+    (ONNX Runtime's quantizer logs every tensor at INFO, through the root logger) from WARNING on,
+    or from INFO on with --verbose; Python warnings (`py.warnings`) only with --verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "vitcompress" or record.name.startswith("vitcompress."):
+            return True
+        if record.name == "py.warnings":
+            return self.verbose
+        return record.levelno >= (logging.INFO if self.verbose else logging.WARNING)
+
+
+def configure_output(verbose: bool = False, quiet: bool = False) -> None:
+    """One clean console: log records through one rich handler on stderr, third-party INFO, Python
+    warnings and progress bars (transformers' "Loading weights") hidden unless `verbose`."""
     from rich.logging import RichHandler
 
-    ctx.obj = {"debug": debug}
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_time=False, show_path=False, markup=False)],
-        force=True,
-    )
-    for noisy in ("torch", "timm", "onnxscript", "transformers", "onnx_ir", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    handler.addFilter(_OwnOrImportant(verbose))
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    logging.captureWarnings(False)  # re-arm: whoever replaced warnings.showwarning since (a test)
+    logging.captureWarnings(True)
+    for name in _NOISY_LOGGERS:  # their INFO is internals (torch's compile statistics): warnings at most
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+    for key, value in _QUIET_ENV.items():
+        if verbose and key in _env_set:
+            os.environ.pop(key, None)
+            _env_set.discard(key)
+        elif not verbose and key not in os.environ:
+            os.environ[key] = value
+            _env_set.add(key)
+    # Libraries imported already (a test process, `python -m` in one interpreter) read no environment
+    # again: switch them directly. Nothing is imported here: --help stays fast.
+    hub = sys.modules.get("huggingface_hub.utils")
+    if hub is not None:
+        (hub.enable_progress_bars if verbose else hub.disable_progress_bars)()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
+        hf_logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
 
 
 def _register() -> None:

@@ -59,6 +59,8 @@ def bench(
 
     Reports p50/p90/p99 and throughput per model and batch size, ratios against the first model
     (the baseline), and records the CPU model, ISA flags (AVX-512 VNNI, AMX), threads and versions.
+    A measurement that looks disturbed (p99 over 2x p50) is flagged: a warning on stderr, and
+    `noisy: true` with its reasons in --json; a gate that fails on it says so.
 
     Examples:
       vitcompress bench baseline.onnx compressed.onnx --threads 2 -b 1 -b 8
@@ -134,4 +136,4 @@ def bench(
             for op in ops:
                 breakdown.add_row(op.op_type, str(op.nodes), f"{op.ms_per_run:.3f}", f"{op.share:.1%}")
             out_console.print(breakdown)
-    check_gate(gated, max_p50_ms, min_speedup)
+    check_gate(gated, max_p50_ms, min_speedup, report.noise_reasons)

@@ -19,16 +19,21 @@ VaryOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--vary",
-        "-v",
-        help="PATH=V1,V2,... to try (repeatable; every combination runs). PATH is a recipe path: "
-        "passes.0.heads, passes.prune.target_macs (a step by name or kind), quantize.calibration, "
-        "data.calibration.limit. Values are YAML: 0.5, true, [heads, mlp].",
+        "-g",
+        help="PATH=V1,V2,... to try (repeatable; every combination runs, the grid). PATH is a recipe "
+        "path: passes.0.heads, passes.prune.target_macs (a step by name, kind or index, or as errors "
+        "name it: passes[0]), passes.quantize.calibration, data.calibration.limit. Values are YAML: 0.5, true, "
+        "[heads, mlp]. (-v is the root's --verbose.)",
     ),
 ]
 
 
 def sweep(
-    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")],
+    recipe: Annotated[Path, typer.Option(
+            "--recipe",
+            "-r",
+            help="Recipe YAML, or a ready recipe by name: quickstart, edge-cpu-int8, ... (`vitcompress recipe list`).",
+        )],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: one folder per variant.")],
     vary: VaryOpt = None,
     sets: SetOpt = None,
@@ -39,10 +44,9 @@ def sweep(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run a recipe over a grid of settings; measure accuracy, latency, size and MACs of every
-    variant; write a table and an accuracy-vs-latency plot with the Pareto frontier marked.
+    """Run a recipe over a grid of settings; plot accuracy against latency, the Pareto frontier marked.
 
-    The variants come from --vary options, or from the recipe's `sweep.vary` section when none is
+    Measures accuracy, latency, size and MACs of every variant and writes them as a table. The variants come from --vary options, or from the recipe's `sweep.vary` section when none is
     given. Each variant runs like `compress` into OUT/vNN-.../. Then the fp32 baseline and every
     variant's final ONNX are benchmarked together, interleaved, so the latency ratios come from one
     run. A variant that fails is listed with its error and the sweep goes on. Writes OUT/sweep.md,
@@ -60,10 +64,12 @@ def sweep(
         parse_assignment,
         read_recipe_data,
         read_recipe_text,
+        resolve_recipe,
         validate_recipe,
     )
     from vitcompress.sweep import SWEEP_COLUMNS, Variant, plan_variants, run_sweep, sweep_rows
 
+    recipe = resolve_recipe(recipe)
     text = read_recipe_text(recipe)
     data = apply_overrides(read_recipe_data(text, str(recipe)), parse_sets(sets))
     section = data.get("sweep")

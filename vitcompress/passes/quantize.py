@@ -19,8 +19,8 @@ top-1 agreement with the float model is measured on real data.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -346,8 +346,10 @@ def quantize_file(
                 if not cfg.quantize_outputs:
                     extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
                 extra["CalibStridedMinMax"] = 1  # one batch at a time: see DatasetReader
-                # ORT's histogram calibrators print progress to stdout, which belongs to --json
-                with contextlib.redirect_stdout(sys.stderr):
+                # ORT's histogram calibrators print progress to stdout, which belongs to --json:
+                # kept as debug messages (shown with --verbose)
+                chatter = io.StringIO()
+                with contextlib.redirect_stdout(chatter):
                     quantize_static(
                         str(prepared),
                         str(staged),
@@ -358,6 +360,9 @@ def quantize_file(
                         extra_options=extra,
                         **common,
                     )
+                for line in chatter.getvalue().splitlines():
+                    if line.strip():
+                        log.debug("onnxruntime: %s", line.strip())
         counts = op_counts(staged)
         quantized = quantized_counts(counts)
         if cfg.mode is not Mode.fp16 and not quantized:
