@@ -34,6 +34,8 @@ class _ErrorFunnel(TyperGroup):
         except VitcompressError as err:
             _show(ctx, err, f"error: {err.message}", err.hint)
             raise typer.Exit(err.exit_code) from None
+        except BrokenPipeError:  # the reader of our output went away (`... | head`): Click handles it
+            raise
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
@@ -340,5 +342,11 @@ _register()
 
 
 def main() -> None:
-    app(prog_name="vitcompress")
+    try:
+        app(prog_name="vitcompress")
+    except BrokenPipeError:
+        # the reader went away (`vitcompress --help | head`): not an error of ours; point stdout at
+        # /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     sys.exit(0)
