@@ -106,17 +106,30 @@ def test_checkpoint_for_224_into_an_input_smaller_than_a_patch(cli, tmp_path):
 
 def test_patch_size_mismatch_names_the_tensor_and_patch_size(cli, tmp_path):
     path = tmp_path / "w.safetensors"
-    save_file(_weights(), str(path))  # 8x8 patches
-    result = cli("inspect", *TINY, "--checkpoint", path)
-    _one_line_exit_2(result, "patch_embed.proj.weight", "(192, 3, 8, 8)", "(192, 3, 16, 16)", "patch_size=8")
+    save_file(_weights(), str(path))  # 8x8 patches: read from the checkpoint, unless a flag contradicts it
+    assert cli("inspect", *TINY, "--checkpoint", path).exit_code == 0
+    result = cli("inspect", *TINY, "--checkpoint", path, "--model-kwargs", "patch_size=16")
+    _one_line_exit_2(
+        result,
+        "patch_embed.proj.weight",
+        "(192, 3, 8, 8)",
+        "(192, 3, 16, 16)",
+        "patch_size=16",
+        "set it to 8",
+    )
 
 
 def test_embed_dim_mismatch_names_the_tensor_and_widths(cli, tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(_weights("timm:vit_small_patch16_224", kwargs={"depth": 2, "patch_size": 16}), str(path))
-    result = cli("inspect", *TINY, "--checkpoint", path)
+    result = cli("inspect", *TINY, "--checkpoint", path, "--model-kwargs", "embed_dim=192")
     _one_line_exit_2(
-        result, "pos_embed", "(1, 5, 384)", "(1, 5, 192)", "embedding width 384 vs 192", "embed_dim"
+        result,
+        "patch_embed.proj.weight",
+        "(384, 3, 16, 16)",
+        "(192, 3, 16, 16)",
+        "embed_dim=192",
+        "set it to 384",
     )
 
 
@@ -124,7 +137,7 @@ def test_plain_vit_checkpoint_into_distilled_deit(cli, tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(_weights(img_size=16, kwargs={"depth": 2, "patch_size": 16}), str(path))  # one patch
     result = cli("inspect", "timm:deit_tiny_distilled_patch16_224", "--checkpoint", path)
-    _one_line_exit_2(result, "pos_embed", "(1, 2, 192)", "(1, 198, 192)", "dist_token", "deit_*_distilled_*")
+    _one_line_exit_2(result, "pos_embed", "(1, 2, 192)", "(1, 3, 192)", "dist_token", "deit_*_distilled_*")
 
 
 # --------------------------------------------------------------------------- 4. absurd ONNX inputs

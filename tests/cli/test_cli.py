@@ -50,11 +50,133 @@ def test_inspect_checkpoint_and_hf(cli, tmp_path, hf_deit_dir):
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(path))
     result = cli("inspect", "timm:vit_tiny_patch16_224", "--checkpoint", path, "--img-size", "32", "--json")
-    assert result.exit_code == 2  # a depth-2 checkpoint vs the 12-block constructor: keys listed
-    assert "missing (" in result.stderr and "blocks.2." in result.stderr
+    assert result.exit_code == 0, result.output  # depth and patch size read from the checkpoint
+    data = json.loads(result.stdout)
+    assert len(data["blocks"]) == 2 and data["num_classes"] == 5 and data["input_shape"] == [3, 32, 32]
+    settings = {s["setting"]: s for s in data["settings"]}
+    assert settings["depth"] == {
+        "setting": "depth",
+        "value": 2,
+        "source": "checkpoint blocks.1.norm1.weight (192,)",
+    }
+    assert settings["img_size"] == {"setting": "img_size", "value": 32, "source": "--img-size"}
+    conflict = cli(
+        "inspect", "timm:vit_tiny_patch16_224", "--checkpoint", path, "--model-kwargs", "depth=12", "--json"
+    )
+    assert conflict.exit_code == 2  # an explicit depth the checkpoint contradicts: tensor and flag named
+    assert "blocks.2.norm1.weight is absent from the checkpoint" in conflict.stderr
+    assert "depth=12 expects (192,)" in conflict.stderr and "--model-kwargs depth=12" in conflict.stderr
     hf = cli("inspect", f"hf:{hf_deit_dir}", "--json")
     assert hf.exit_code == 0, hf.output
     assert json.loads(hf.stdout)["num_classes"] == 10
+    assert {"setting": "num_heads", "value": 4, "source": "config.json num_attention_heads"} in json.loads(
+        hf.stdout
+    )["settings"]
+
+
+def test_inspect_prints_what_was_inferred_and_from_where(cli, tmp_path):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    original = timm.create_model(
+        "vit_base_patch16_224",
+        embed_dim=96,
+        depth=3,
+        num_heads=4,
+        patch_size=8,
+        img_size=48,
+        qkv_bias=False,
+        num_classes=7,
+    ).eval()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(path))
+    args = ("timm:vit_base_patch16_224", "--checkpoint", path, "--num-heads", "4")
+    result = cli("inspect", *args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["input_shape"] == [3, 48, 48] and data["embed_dim"] == 96 and len(data["blocks"]) == 3
+    assert {b["num_heads"] for b in data["blocks"]} == {4}
+    settings = {s["setting"]: (s["value"], s["source"]) for s in data["settings"]}
+    assert settings["patch_size"] == (8, "checkpoint patch_embed.proj.weight (96, 3, 8, 8)")
+    assert settings["qkv_bias"] == (False, "checkpoint: no blocks.0.attn.qkv.bias")
+    assert settings["num_heads"] == (4, "--num-heads")
+    assert settings["img_size"] == (48, "checkpoint pos_embed (1, 37, 96), 6x6 patches of 8 px")
+    table = cli("inspect", *args)
+    assert table.exit_code == 0, table.output
+    assert "architecture: what was inferred and from where" in table.stdout
+    for needle in ("patch_size", "checkpoint patch_embed.proj.weight", "--num-heads", "qkv_bias"):
+        assert needle in table.stdout, needle
+    guessed = cli("inspect", "timm:vit_base_patch16_224", "--checkpoint", path, "--json")
+    assert guessed.exit_code == 0
+    assert "WARNING" in guessed.stderr and "num_heads=2 is a GUESS" in guessed.stderr
+    wrong = cli("inspect", *args, "--model-kwargs", "patch_size=16")
+    assert wrong.exit_code == 2
+    assert "patch_embed.proj.weight is (96, 3, 8, 8) in the checkpoint" in wrong.stderr
+    assert "(96, 3, 16, 16)" in wrong.stderr and "--model-kwargs patch_size=16" in wrong.stderr
+
+
+def test_every_model_command_takes_model_kwargs_and_num_heads(cli):
+    for command in ("inspect", "export", "eval", "prune", "factorize", "distill"):
+        result = cli(command, "--help")
+        assert result.exit_code == 0
+        assert "--model-kwargs" in result.stdout and "--num-heads" in result.stdout, command
+
+
+def test_model_kwargs_values_are_yaml_and_bad_ones_exit_2(cli):
+    from vitcompress.cli.common import parse_model_kwargs
+
+    assert parse_model_kwargs(["depth=2", "qkv_bias=false", "init_values=1e-5", "global_pool=avg"], 4) == {
+        "depth": 2,
+        "qkv_bias": False,
+        "init_values": 1e-5,
+        "global_pool": "avg",
+        "num_heads": 4,
+    }
+    for bad, message in (
+        ("depth", "--model-kwargs: 'depth' is not KEY=VALUE"),
+        ("a.b=1", "is not KEY=VALUE"),
+        ("x={a: 1}", "give a scalar or a flat list"),
+    ):
+        result = cli("inspect", *TINY, "--model-kwargs", bad)
+        assert result.exit_code == 2 and message in result.stderr, (bad, result.output)
+    clash = cli("inspect", *TINY, "--model-kwargs", "num_heads=2", "--num-heads", "3")
+    assert clash.exit_code == 2 and "--num-heads 3 and --model-kwargs num_heads=2 disagree" in clash.stderr
+
+
+def test_pass_commands_carry_model_kwargs_into_the_recipe(cli, tmp_path):
+    import timm
+    import torch
+    import yaml
+
+    torch.manual_seed(0)
+    original = timm.create_model(
+        "vit_base_patch16_224", embed_dim=64, depth=2, num_heads=2, patch_size=8, img_size=16, num_classes=3
+    ).eval()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(path))
+    out = tmp_path / "pruned"
+    args = (
+        "timm:vit_base_patch16_224",
+        "--checkpoint",
+        path,
+        "--num-heads",
+        "2",
+        "--model-kwargs",
+        "depth=2",
+    )
+    result = cli("prune", *args, "--mlp", "0.5", "--out", out)
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["model"]["kwargs"] == {"num_heads": 2, "depth": 2}
+    pruned = load_model(tiny_ref(str(out), num_classes=None, img_size=None, kwargs={}))
+    assert pruned.adapter.structure()[0] == {
+        "num_heads": 2,
+        "head_dim": 32,
+        "attn_dim": 64,
+        "mlp_hidden": 128,
+    }
+    assert pruned.input.shape == (3, 16, 16) and pruned.num_classes == 3
 
 
 def test_export_command_reports_parity(cli, tmp_path):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from vitcompress.errors import CheckpointError
-from vitcompress.models.checkpoint import load_state_dict
+from vitcompress.models.checkpoint import load_checkpoint, load_state_dict
 
 WEIGHTS = {"blocks.0.weight": torch.arange(6.0).reshape(2, 3), "head.bias": torch.ones(2)}
 
@@ -70,6 +70,29 @@ def test_training_checkpoints_yield_weights(tmp_path, wrap):
     path = tmp_path / "ckpt.pth"
     torch.save(wrap(dict(WEIGHTS)), path)
     _assert_same(load_state_dict(path))
+
+
+def test_timm_training_metadata_comes_back_with_the_weights(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    args = argparse.Namespace(
+        model="vit_base_patch16_224", model_kwargs={"num_heads": 4}, lr=0.1, img_size=None, mean=(0.5, 0.5)
+    )
+    torch.save({"arch": "vit_base_patch16_224", "state_dict": dict(WEIGHTS), "args": args, "epoch": 3}, path)
+    checkpoint = load_checkpoint(path)
+    _assert_same(checkpoint.state_dict)
+    assert checkpoint.metadata == {
+        "arch": "vit_base_patch16_224",
+        "args": {
+            "model": "vit_base_patch16_224",
+            "model_kwargs": {"num_heads": 4},
+            "lr": 0.1,
+            "img_size": None,
+            "mean": (0.5, 0.5),
+        },
+    }
+    plain = tmp_path / "w.safetensors"
+    save_file(WEIGHTS, str(plain))
+    assert load_checkpoint(plain).metadata == {}
 
 
 def test_malicious_pickle_is_refused_and_payload_never_runs(tmp_path):

@@ -113,26 +113,43 @@ def test_missing_and_unexpected_keys_are_listed_and_fatal(tmp_path):
     assert "unexpected (1): blocks.1.extra.weight" in message
 
 
-def test_checkpoint_of_another_width_is_a_shape_mismatch(tmp_path):
-    small = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
-    path = _save_weights(small, tmp_path / "w.safetensors")
+def test_checkpoint_of_another_width_builds_that_width_and_guesses_heads_loudly(tmp_path, caplog):
+    tiny = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    path = _save_weights(tiny, tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(ModelRef("timm:vit_small_patch16_224", checkpoint=path))
+    assert "num_heads=3 is a GUESS (64 channels per head)" in caplog.text and "--num-heads" in caplog.text
+    assert loaded.adapter.embed_dim == 192 and loaded.adapter.structure()[0]["num_heads"] == 3
+    settings = {s.name: s for s in loaded.settings}
+    assert settings["num_heads"].source.startswith("GUESS: 64 channels per head")
+    x = tiny.example_input(2)
+    torch.testing.assert_close(loaded.model(x), tiny.model(x), atol=1e-6, rtol=0)
+    # an explicit width the tensors contradict: the tensor, both shapes and the flag
     with pytest.raises(CheckpointError) as info:
-        load_model(tiny_ref("timm:vit_small_patch16_224", checkpoint=path))
+        load_model(ModelRef("timm:vit_small_patch16_224", checkpoint=path, kwargs={"embed_dim": 384}))
     message = info.value.message
-    assert "pos_embed is (1, 17, 192) in the checkpoint, the model expects (1, 17, 384)" in message
-    assert "embedding width 192 vs 384" in message
-    assert "embed_dim 192" in (info.value.hint or "")
+    assert "embed_dim=384 from --model-kwargs" in message
+    assert "patch_embed.proj.weight is (192, 3, 8, 8) in the checkpoint" in message
+    assert "the model built with embed_dim=384 expects (384, 3, 8, 8)" in message
+    assert "--model-kwargs embed_dim=384" in (info.value.hint or "") and "set it to 192" in (
+        info.value.hint or ""
+    )
 
 
-def test_checkpoint_of_another_patch_size_names_the_tensor_and_the_kwarg(tmp_path, caplog):
+def test_checkpoint_patch_size_is_read_and_an_explicit_other_one_is_refused(tmp_path, caplog):
     patch8 = load_model(tiny_ref("timm:vit_tiny_patch16_224"))  # 8x8 patches on 32x32
     path = _save_weights(patch8, tmp_path / "w.safetensors")
+    loaded = load_model(ModelRef("timm:vit_tiny_patch16_224", checkpoint=path))
+    assert loaded.source["kwargs"]["patch_size"] == 8 and loaded.input.shape == (3, 32, 32)
     with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as info:
-        load_model(tiny_ref("timm:vit_tiny_patch16_224", checkpoint=path, kwargs={"depth": 2}))
+        load_model(
+            tiny_ref("timm:vit_tiny_patch16_224", checkpoint=path, kwargs={"depth": 2, "patch_size": 16})
+        )
     message = info.value.message
     assert "patch_embed.proj.weight is (192, 3, 8, 8) in the checkpoint" in message
-    assert "the model expects (192, 3, 16, 16)" in message and "8x8 patches vs 16x16" in message
-    assert "patch_size=8" in (info.value.hint or "")
+    assert "the model built with patch_size=16 expects (192, 3, 16, 16)" in message
+    assert "drop --model-kwargs patch_size=16" in (info.value.hint or "")
+    assert "set it to 8" in (info.value.hint or "")
     assert "resampled" not in caplog.text  # no resampling before the refusal
 
 
@@ -169,7 +186,7 @@ def test_image_smaller_than_one_patch_is_a_user_error(tmp_path):
         assert "--img-size of at least 8" in (info.value.hint or "")
 
 
-def test_resolution_change_without_img_size_says_which_flag_keeps_it(tmp_path, caplog):
+def test_resolution_is_the_checkpoints_unless_img_size_resamples_it(tmp_path, caplog):
     original = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
     path = _save_weights(original, tmp_path / "w.safetensors")
     with caplog.at_level(logging.WARNING):
@@ -183,11 +200,14 @@ def test_resolution_change_without_img_size_says_which_flag_keeps_it(tmp_path, c
         )
     assert "4x4 to 6x6 patches" in caplog.text
     assert bigger.input.shape == (3, 48, 48)
-    with caplog.at_level(logging.WARNING):
-        load_model(
-            ModelRef("timm:vit_tiny_patch16_224", checkpoint=path, kwargs={"depth": 2, "patch_size": 8})
-        )
-    assert "the checkpoint is for 32 px; --img-size 32 keeps it" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # no --img-size: the checkpoint's own resolution
+        same = load_model(ModelRef("timm:vit_tiny_patch16_224", checkpoint=path))
+    assert "resampled" not in caplog.text
+    assert same.input.shape == (3, 32, 32)
+    assert {s.name: s.source for s in same.settings}["img_size"] == (
+        "checkpoint pos_embed (1, 17, 192), 4x4 patches of 8 px"
+    )
 
 
 def test_hf_vit_folder_loads_and_matches_transformers(hf_vit_dir):

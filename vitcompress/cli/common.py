@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+import yaml
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
@@ -61,6 +63,26 @@ ImgSizeOpt = Annotated[
     int | None, typer.Option(min=8, help="Input resolution; position embeddings are resampled.")
 ]
 InChansOpt = Annotated[int | None, typer.Option(min=1, help="Input channels (1 for grey images).")]
+ModelKwargsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-kwargs",
+        help="KEY=VALUE timm constructor argument (repeatable; VALUE is YAML: 8, false, avg). The "
+        "architecture is read from --checkpoint's tensors; these override it, and one that contradicts "
+        "the tensors is an error naming them.",
+        show_default=False,
+    ),
+]
+NumHeadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-heads",
+        min=1,
+        help="Attention heads of a timm model (no tensor shows them). Default: the named model's when the "
+        "checkpoint's width matches it, else 64 channels per head (a warned guess).",
+        show_default=False,
+    ),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -88,7 +110,8 @@ SetOpt = Annotated[
         "--set",
         "-s",
         help="PATH=VALUE overriding the recipe (repeatable): passes.0.steps=50, "
-        "passes.prune.target_macs=0.4 (a step by name or kind), data.eval.limit=500. VALUE is YAML.",
+        "passes.prune.target_macs=0.4 (a step by name or kind, or as errors print it: "
+        "'passes[0] (prune).target_macs=0.4'), data.eval.limit=500. VALUE is YAML.",
     ),
 ]
 
@@ -100,6 +123,46 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     return dict(parse_assignment(item) for item in items or [])
 
 
+_KWARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_model_kwargs(items: list[str] | None, num_heads: int | None = None) -> dict[str, Any]:
+    """`--model-kwargs KEY=VALUE` (VALUE a YAML scalar or flat list) and `--num-heads N` as kwargs."""
+    kwargs: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not _KWARG_KEY.match(key):
+            raise VitcompressError(
+                f"--model-kwargs: {item!r} is not KEY=VALUE", hint="e.g. --model-kwargs patch_size=8"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise VitcompressError(f"--model-kwargs {key}: {text!r} is not a YAML value ({err})") from None
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-5 as a string
+        if isinstance(value, dict) or (
+            isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)
+        ):
+            raise VitcompressError(
+                f"--model-kwargs {key}: give a scalar or a flat list, not {text!r}",
+                hint="nested settings belong in a recipe's model.kwargs",
+            )
+        if key in kwargs and kwargs[key] != value:
+            raise VitcompressError(f"--model-kwargs {key} is given twice ({kwargs[key]!r} and {value!r})")
+        kwargs[key] = value
+    if num_heads is not None:
+        if "num_heads" in kwargs and kwargs["num_heads"] != num_heads:
+            raise VitcompressError(
+                f"--num-heads {num_heads} and --model-kwargs num_heads={kwargs['num_heads']!r} disagree",
+                hint="give --num-heads only",
+            )
+        kwargs["num_heads"] = num_heads
+    return kwargs
+
+
 def model_ref(
     source: str,
     checkpoint: Path | None,
@@ -107,10 +170,11 @@ def model_ref(
     img_size: int | None,
     in_chans: int | None,
     trust: bool,
+    kwargs: dict[str, Any] | None = None,
 ) -> ModelRef:
     from vitcompress.models import ModelRef
 
-    return ModelRef(source, checkpoint, num_classes, img_size, in_chans, trust)
+    return ModelRef(source, checkpoint, num_classes, img_size, in_chans, trust, dict(kwargs or {}))
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -154,6 +218,7 @@ def run_single_pass(
     img_size: int | None = None,
     in_chans: int | None = None,
     trust_checkpoint: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
     bench: bool = False,
     status: str | None = None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
@@ -177,6 +242,7 @@ def run_single_pass(
             num_classes=num_classes,
             img_size=img_size,
             in_chans=in_chans,
+            kwargs=dict(model_kwargs or {}),
             trust_checkpoint=trust_checkpoint,
         ),
         run=RunSection(seed=seed),

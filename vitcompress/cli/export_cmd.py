@@ -11,12 +11,15 @@ from vitcompress.cli.common import (
     InChansOpt,
     JsonOpt,
     ModelArg,
+    ModelKwargsOpt,
     NumClassesOpt,
+    NumHeadsOpt,
     TrustOpt,
     build_config,
     err_console,
     model_ref,
     out_console,
+    parse_model_kwargs,
     print_json,
 )
 from vitcompress.passes.export import ExportConfig, Exporter
@@ -29,6 +32,8 @@ def export(
     num_classes: NumClassesOpt = None,
     img_size: ImgSizeOpt = None,
     in_chans: InChansOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    num_heads: NumHeadsOpt = None,
     trust_checkpoint: TrustOpt = False,
     exporter: Annotated[
         Exporter,
@@ -66,7 +71,17 @@ def export(
         rtol=rtol,
         filename=out.name,
     )
-    loaded = load_model(model_ref(model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint))
+    loaded = load_model(
+        model_ref(
+            model,
+            checkpoint,
+            num_classes,
+            img_size,
+            in_chans,
+            trust_checkpoint,
+            parse_model_kwargs(model_kwargs, num_heads),
+        )
+    )
     with err_console.status(f"exporting {loaded.label} with {cfg.exporter.value}, opset {cfg.opset}"):
         result = export_model(loaded, out, cfg, seed=seed)
     if json_out:

@@ -8,10 +8,13 @@ from vitcompress.cli.common import (
     InChansOpt,
     JsonOpt,
     ModelArg,
+    ModelKwargsOpt,
     NumClassesOpt,
+    NumHeadsOpt,
     TrustOpt,
     model_ref,
     out_console,
+    parse_model_kwargs,
     print_json,
 )
 
@@ -22,25 +25,42 @@ def inspect(
     num_classes: NumClassesOpt = None,
     img_size: ImgSizeOpt = None,
     in_chans: InChansOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    num_heads: NumHeadsOpt = None,
     trust_checkpoint: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show a ViT's structure: heads, head dim, MLP width, params and MACs (batch 1) per block.
+    """Show a ViT's structure: heads, head dim, MLP width, params and MACs (batch 1) per block,
+    and its architecture settings with where each came from (checkpoint tensor, flag, timm default).
+
+    A timm checkpoint's tensors set the patch size, width, depth, MLP ratio, biases, tokens, input
+    size and classes; the head count comes from --num-heads, the checkpoint's training args, or the
+    named model when the width matches (else a warned guess of 64 channels per head).
 
     Examples:
       vitcompress inspect timm:deit_small_patch16_224
       vitcompress inspect timm:vit_tiny_patch16_224 --checkpoint model.safetensors --json
+      vitcompress inspect timm:vit_base_patch16_224 --checkpoint small.safetensors --num-heads 4
       vitcompress inspect out/model      # a compressed artifact
     """
     from vitcompress.models import load_model
     from vitcompress.models.stats import model_stats
     from vitcompress.report import fmt_count
 
-    stats = model_stats(
-        load_model(model_ref(model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint))
+    loaded = load_model(
+        model_ref(
+            model,
+            checkpoint,
+            num_classes,
+            img_size,
+            in_chans,
+            trust_checkpoint,
+            parse_model_kwargs(model_kwargs, num_heads),
+        )
     )
+    stats = model_stats(loaded)
     if json_out:
-        print_json(stats.to_dict())
+        print_json({**stats.to_dict(), "settings": [s.to_dict() for s in loaded.settings]})
         return
     c, h, w = stats.input_shape
     table = Table(
@@ -62,3 +82,11 @@ def inspect(
     table.add_section()
     table.add_row("total", "", "", "", "", fmt_count(stats.params), fmt_count(stats.macs))
     out_console.print(table)
+    if loaded.settings:
+        settings = Table(title="architecture: what was inferred and from where")
+        for column in ("setting", "value", "source"):
+            settings.add_column(column, justify="left", overflow="fold")
+        for row in loaded.settings:
+            value = "x".join(map(str, row.value)) if isinstance(row.value, tuple) else str(row.value)
+            settings.add_row(row.name, value, row.source)
+        out_console.print(settings)

@@ -20,7 +20,9 @@ import struct
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -293,8 +295,46 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
         )
 
 
+def _plain(value: object, depth: int = 0) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if depth < 2 and isinstance(value, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in value)
+    if depth < 2 and isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def checkpoint_metadata(obj: object) -> dict[str, Any]:
+    """What a training checkpoint records beside its weights: timm's train.py stores the model name
+    (`arch`) and its arguments (`args`, an argparse.Namespace with `model`, `model_kwargs`, ...).
+    Only plain values are kept."""
+    if not isinstance(obj, Mapping):
+        return {}
+    meta: dict[str, Any] = {}
+    if isinstance(obj.get("arch"), str):
+        meta["arch"] = obj["arch"]
+    args = obj.get("args")
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if isinstance(args, Mapping):
+        meta["args"] = {str(k): v for k, v in args.items() if _plain(v)}
+    return meta
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state_dict: StateDict
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
 def load_state_dict(path: Path, trust: bool = False) -> StateDict:
     """Load the weights in `path` safely; raise CheckpointError with a fix for every failure."""
+    return load_checkpoint(path, trust).state_dict
+
+
+def load_checkpoint(path: Path, trust: bool = False) -> Checkpoint:
+    """The weights in `path`, loaded safely, and the training metadata stored beside them."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path")
@@ -304,17 +344,20 @@ def load_state_dict(path: Path, trust: bool = False) -> StateDict:
             hint="give a .safetensors/.pth file, or pass the directory itself as MODEL if it is an artifact",
         )
     suffix = path.suffix.lower()
+    metadata: dict[str, Any] = {}
     if suffix in SAFETENSORS_SUFFIXES:
         state_dict = _load_safetensors(path)
     elif is_safetensors_file(path):
         log.info("%s is a safetensors file (by its header); loading it as one", path)
         state_dict = _load_safetensors(path)
     elif suffix in PICKLE_SUFFIXES:
-        state_dict = unwrap_state_dict(_load_pickle(path, trust), path)
+        obj = _load_pickle(path, trust)
+        metadata = checkpoint_metadata(obj)
+        state_dict = unwrap_state_dict(obj, path)
     else:
         raise CheckpointError(
             f"unsupported checkpoint extension {suffix or '(none)'!r} for {path}",
             hint="use .safetensors (preferred) or .pth/.pt/.bin",
         )
     check_finite(state_dict, path)
-    return state_dict
+    return Checkpoint(state_dict, metadata)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from vitcompress.errors import (
     did_you_mean,
 )
 from vitcompress.models.adapters import ViTAdapter, adapter_for
-from vitcompress.models.checkpoint import StateDict, load_state_dict
+from vitcompress.models.checkpoint import StateDict, load_checkpoint
+from vitcompress.models.timm_layout import ModelSetting, resolve_timm_kwargs, timm_settings
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,13 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bicubic"
+    # How an image of any size becomes height x width (image folders; array data sets are resized
+    # whole): resize to size / crop_pct, then crop the centre (timm's crop_mode: center keeps the
+    # aspect ratio, squash stretches). Pixels are scaled to input_range ("0-1": /255, "0-255": as
+    # they are) before (x - mean) / std.
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
+    input_range: str = "0-1"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -66,7 +75,8 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}  # newer files' extras
+        return cls(**{**known, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
 
 
 @dataclass
@@ -77,6 +87,8 @@ class LoadedModel:
     input: InputSpec
     num_classes: int
     label: str  # how to name it to a person
+    # The architecture settings and where each came from (checkpoint tensor, flag, timm default, ...)
+    settings: tuple[ModelSetting, ...] = ()
 
     def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -99,10 +111,10 @@ def build_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise ModelNotFoundError(f"unknown timm model {name!r}", hint=did_you_mean(name, _timm_names()))
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as err:
+    except (TypeError, AssertionError, ValueError) as err:
         raise ModelNotFoundError(
-            f"timm model {name!r} rejected its arguments {kwargs}: {err}",
-            hint="check the model kwargs in the recipe",
+            f"timm model {name!r} rejected its arguments {kwargs}: {str(err).strip() or type(err).__name__}",
+            hint="check --model-kwargs / --num-heads (model.kwargs in a recipe)",
         ) from err
 
 
@@ -156,7 +168,7 @@ def _check_timm_geometry(model: nn.Module, state_dict: StateDict, path: Path) ->
                     own[key],
                     f"embedding width {their_width} vs {width}: another model size",
                     f"use the timm model the checkpoint was trained as (one with embed_dim {their_width}), "
-                    f"or set embed_dim: {their_width} (and its depth/num_heads) in the recipe's model kwargs",
+                    "or drop --model-kwargs embed_dim (model.kwargs in a recipe): the checkpoint sets it",
                 )
     if conv in state_dict and conv in own and state_dict[conv].ndim == 4:
         their_patch, our_patch = _shape(state_dict[conv])[2:], _shape(own[conv])[2:]
@@ -168,7 +180,7 @@ def _check_timm_geometry(model: nn.Module, state_dict: StateDict, path: Path) ->
                 own[conv],
                 f"{their_patch[0]}x{their_patch[1]} patches vs {our_patch[0]}x{our_patch[1]}",
                 f"build the model with patch_size={their_patch[0]}: a timm name with patch{their_patch[0]}, "
-                f"or patch_size: {their_patch[0]} in the recipe's model kwargs",
+                f"or --model-kwargs patch_size={their_patch[0]} (model.kwargs in a recipe)",
             )
     if theirs_pos is None or own_pos is None or _shape(theirs_pos) == _shape(own_pos):
         return None
@@ -225,7 +237,7 @@ def _check_grid(model: nn.Module, name: str) -> None:
             f"timm:{name} built for {size} input has an empty {grid[0]}x{grid[1]} patch grid: "
             f"its patches are {patch}",
             hint=f"pass --img-size of at least {int(embed.patch_size[0])} (a multiple of it), or a smaller "
-            "patch_size in the recipe's model kwargs",
+            "--model-kwargs patch_size (model.kwargs in a recipe)",
         )
 
 
@@ -309,31 +321,47 @@ def load_strict(
     model.load_state_dict(state_dict, strict=False)
 
 
+_WARNED_RANDOM: set[str] = set()
+
+
+def _warn_random_weights(name: str) -> None:
+    """Once per model name and process: a timm model without --checkpoint has random weights."""
+    if name in _WARNED_RANDOM:
+        return
+    _WARNED_RANDOM.add(name)
+    log.warning(
+        "timm:%s has RANDOM weights: no checkpoint was given and vitcompress downloads nothing. "
+        "Its accuracy means nothing; pass --checkpoint FILE (.safetensors preferred; model.checkpoint "
+        "in a recipe) for trained weights",
+        name,
+    )
+
+
 def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
-    state_dict = load_state_dict(ref.checkpoint, trust=ref.trust_checkpoint) if ref.checkpoint else None
-    kwargs = dict(ref.kwargs)
-    for key, value in (
-        ("num_classes", ref.num_classes),
-        ("img_size", ref.img_size),
-        ("in_chans", ref.in_chans),
-    ):
-        if value is not None:
-            kwargs[key] = value
+    if name not in set(_timm_names()):
+        raise ModelNotFoundError(f"unknown timm model {name!r}", hint=did_you_mean(name, _timm_names()))
+    checkpoint = load_checkpoint(ref.checkpoint, trust=ref.trust_checkpoint) if ref.checkpoint else None
+    state_dict = checkpoint.state_dict if checkpoint is not None else None
+    resolution = resolve_timm_kwargs(
+        name,
+        ref.kwargs,
+        {"num_classes": ref.num_classes, "img_size": ref.img_size, "in_chans": ref.in_chans},
+        state_dict,
+        checkpoint.metadata if checkpoint is not None else None,
+    )
+    kwargs = resolution.kwargs
     if state_dict is not None:
-        heads = _head_keys(state_dict)
-        if "num_classes" not in kwargs and heads:
-            kwargs["num_classes"] = int(state_dict[heads[0]].shape[0])
-            log.info("num_classes=%d taken from the checkpoint head", kwargs["num_classes"])
-        conv = state_dict.get("patch_embed.proj.weight")
-        if "in_chans" not in kwargs and conv is not None and conv.ndim == 4:
-            kwargs["in_chans"] = int(conv.shape[1])
+        inferred = {k: v for k, v in kwargs.items() if k not in ref.kwargs}
+        log.info("timm:%s built with %s (from the checkpoint and flags)", name, inferred or "its defaults")
     model = build_timm(name, kwargs)
     adapter = adapter_for(model)
     _check_grid(model, name)
     allow_missing: tuple[str, ...] = ()
-    if state_dict is not None:
+    if state_dict is None:
+        _warn_random_weights(name)
+    else:
         assert ref.checkpoint is not None
-        state_dict = _fit_timm_state_dict(model, state_dict, ref.checkpoint, "img_size" in kwargs)
+        state_dict = _fit_timm_state_dict(model, state_dict, ref.checkpoint, resolution.img_size_given)
         if any(k not in state_dict for k in (f"{h}.weight" for h in adapter.head_names)):
             allow_missing = tuple(f"{h}." for h in adapter.head_names)
         load_strict(model, state_dict, ref.checkpoint, allow_missing)
@@ -349,9 +377,19 @@ def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
         model=model,
         adapter=adapter,
         source={"kind": "timm", "name": name, "kwargs": kwargs},
-        input=InputSpec(channels, height, width, mean, std, str(cfg.get("interpolation", "bicubic"))),
+        input=InputSpec(
+            channels,
+            height,
+            width,
+            mean,
+            std,
+            str(cfg.get("interpolation", "bicubic")),
+            crop_pct=float(cfg.get("crop_pct") or 1.0),
+            crop_mode=str(cfg.get("crop_mode") or "center"),
+        ),
         num_classes=int(vit.num_classes),
         label=f"timm:{name}",
+        settings=timm_settings(model, name, resolution.sources, kwargs),
     )
 
 
@@ -407,16 +445,87 @@ def build_hf(config_dict: dict[str, Any]) -> nn.Module:
     return HFClassifier(getattr(transformers, architecture)(config))
 
 
+def _hf_preprocessing(processor: dict[str, Any], channels: int) -> dict[str, Any]:
+    """InputSpec fields from a Hugging Face image processor's settings (preprocessor_config.json):
+    mean/std (none when do_normalize is off), resample, the resize then centre crop, rescaling."""
+    mean = tuple(processor.get("image_mean", (0.5,) * channels))
+    std = tuple(processor.get("image_std", (0.5,) * channels))
+    if processor.get("do_normalize") is False:
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    # the image processor's `resample` is a PIL code: 0 nearest, 2 bilinear, 3 bicubic
+    resample = int(processor.get("resample", 2))
+    interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(resample, "bilinear")
+    size, crop = processor.get("size"), processor.get("crop_size")
+    side = size if isinstance(size, int) else (size or {}).get("shortest_edge") or (size or {}).get("height")
+    crop_side = crop if isinstance(crop, int) else (crop or {}).get("height")
+    crop_pct = 1.0
+    if processor.get("do_center_crop") and side and crop_side:
+        crop_pct = float(crop_side) / float(side)
+    # a {height, width} (or int) size resizes to exactly that (stretching); shortest_edge keeps the aspect
+    squash = not (isinstance(size, dict) and "shortest_edge" in size)
+    rescale = processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1.0
+    return {
+        "mean": mean,
+        "std": std,
+        "interpolation": interpolation,
+        "crop_pct": crop_pct,
+        "crop_mode": "squash" if squash else "center",
+        "input_range": "0-255" if abs(float(rescale) - 1.0) < 1e-9 else "0-1",
+    }
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _hf_not_a_folder(directory: Path) -> ModelNotFoundError:
+    text = str(directory)
+    if HUB_ID.match(text) and not directory.exists():
+        return ModelNotFoundError(
+            f"hf:{text} is not a local folder: Hugging Face hub ids need a local copy (vitcompress "
+            "never downloads; this machine may have no network)",
+            hint=f"on a machine with network run `huggingface-cli download {text} --local-dir DIR` (or "
+            f"from_pretrained('{text}').save_pretrained(DIR)), copy DIR here and pass hf:DIR",
+        )
+    if directory.exists():
+        return ModelNotFoundError(
+            f"hf:{text} is a file, not a Hugging Face model folder",
+            hint="pass the folder that holds config.json and model.safetensors",
+        )
+    return ModelNotFoundError(
+        f"Hugging Face model folder {directory} does not exist",
+        hint="check the path; a hub id (org/name) needs a local copy: huggingface-cli download ORG/NAME "
+        "--local-dir DIR on a machine with network",
+    )
+
+
+def _hf_settings(config: Any) -> tuple[ModelSetting, ...]:
+    """What config.json says about the architecture, for `inspect`."""
+    rows = [
+        ("patch_size", "patch_size"),
+        ("embed_dim", "hidden_size"),
+        ("depth", "num_hidden_layers"),
+        ("num_heads", "num_attention_heads"),
+        ("mlp_hidden", "intermediate_size"),
+        ("qkv_bias", "qkv_bias"),
+        ("img_size", "image_size"),
+        ("in_chans", "num_channels"),
+        ("num_classes", "num_labels"),
+    ]
+    return tuple(
+        ModelSetting(name, getattr(config, key), f"config.json {key}")
+        for name, key in rows
+        if getattr(config, key, None) is not None
+    )
+
+
 def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
     import json
 
     if not directory.is_dir():
-        raise ModelNotFoundError(
-            f"Hugging Face model folder {directory} does not exist", hint="check the path"
-        )
+        raise _hf_not_a_folder(directory)
     if ref.checkpoint or ref.img_size or ref.in_chans or ref.kwargs:
         raise CheckpointError(
-            "--checkpoint, --img-size, --in-chans and kwargs do not apply to hf: models",
+            "--checkpoint, --img-size, --in-chans, --model-kwargs and --num-heads do not apply to hf: models",
             hint="the folder's config.json and model.safetensors define the model",
         )
     config_path = directory / "config.json"
@@ -482,25 +591,20 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
             hint="re-save the model with save_pretrained",
         )
     wrapper = HFClassifier(net).eval()
-    mean, std = (0.5,) * config.num_channels, (0.5,) * config.num_channels
-    interpolation = "bilinear"
-    processor = directory / "preprocessor_config.json"
-    if processor.is_file():
-        data = json.loads(processor.read_text())
-        mean, std = tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
-        # the image processor's `resample` is a PIL code: 0 nearest, 2 bilinear, 3 bicubic
-        interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(
-            int(data.get("resample", 2)), "bilinear"
-        )
     size = int(config.image_size)
+    processor = directory / "preprocessor_config.json"
+    settings = _hf_preprocessing(
+        json.loads(processor.read_text()) if processor.is_file() else {}, int(config.num_channels)
+    )
     config_out = net.config.to_dict()
     return LoadedModel(
         model=wrapper,
         adapter=adapter_for(wrapper),
         source={"kind": "hf", "config": config_out},
-        input=InputSpec(int(config.num_channels), size, size, mean, std, interpolation),
+        input=InputSpec(int(config.num_channels), size, size, **settings),
         num_classes=int(net.config.num_labels),
         label=f"hf:{directory}",
+        settings=_hf_settings(net.config),
     )
 
 
@@ -539,9 +643,10 @@ def load_model(ref: ModelRef) -> LoadedModel:
     if path.is_dir() and not (path / ARTIFACT_MANIFEST).is_file() and (path / "report.json").is_file():
         path = _final_artifact(path)
     if path.is_dir() and (path / ARTIFACT_MANIFEST).is_file():
-        if ref.checkpoint or ref.num_classes or ref.img_size or ref.in_chans:
+        if ref.checkpoint or ref.num_classes or ref.img_size or ref.in_chans or ref.kwargs:
             raise CheckpointError(
-                f"{path} is a vitcompress artifact; --checkpoint/--num-classes/--img-size/--in-chans do not apply",
+                f"{path} is a vitcompress artifact; --checkpoint/--num-classes/--img-size/--in-chans/"
+                "--model-kwargs/--num-heads do not apply",
                 hint="drop those options",
             )
         from vitcompress.models.artifact import load_artifact
