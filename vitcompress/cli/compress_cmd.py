@@ -18,7 +18,14 @@ from vitcompress.cli.common import (
 
 
 def compress(
-    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")],
+    recipe: Annotated[
+        Path,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Recipe YAML, or a ready recipe by name: quickstart, edge-cpu-int8, ... (`vitcompress recipe list`).",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for artifacts and reports.")],
     sets: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -30,14 +37,16 @@ def compress(
     to OUT, each file atomically. Exit code 3 when a budget in the recipe fails (reports are still written).
 
     Examples:
+      vitcompress compress --recipe quickstart --out out/                 # a ready recipe, by name
       vitcompress compress --recipe recipes/quickstart.yaml --out out/
       vitcompress compress --recipe recipes/prune-kd-digits.yaml --set passes.prune.target_macs=0.4 --out out/
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from vitcompress.pipeline import run_recipe
-    from vitcompress.recipe import load_recipe
+    from vitcompress.recipe import load_recipe, resolve_recipe
 
+    recipe = resolve_recipe(recipe)
     parsed = load_recipe(recipe, parse_sets(sets))
     steps = ["load"] + [cfg.step_name for cfg in parsed.passes]
     with Progress(
