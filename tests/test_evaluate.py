@@ -96,9 +96,17 @@ passes:
 budgets:
   max_top1_drop: 100
 """
-    result = run_recipe(parse_recipe(text), tmp_path / "ok")
+    # a random-init baseline scores near chance: no drop measured against it can pass the gate
+    with pytest.raises(BudgetExceededError, match="max_top1_drop cannot be judged: the fp32 baseline"):
+        run_recipe(parse_recipe(text), tmp_path / "random")
+    report = json.loads((tmp_path / "random" / "report.json").read_text())
+    assert report["ledger"][-1]["details"]["sanity"]["ok"] is False
+    assert "near chance" in report["ledger"][-1]["details"]["sanity"]["problems"][0]
+    # the ledger's arithmetic, with the check off (the recipe's own choice)
+    unchecked = text.replace("    warmup: 1\n", "    warmup: 1\n    sanity: false\n")
+    result = run_recipe(parse_recipe(unchecked), tmp_path / "ok")
     record = result.ledger[-1]
-    assert record.top1 is not None and "baseline_top1" in record.details
+    assert record.top1 is not None and "baseline_top1" in record.details and "sanity" not in record.details
     assert record.details["top1_drop_points"] == pytest.approx(
         100 * (record.details["baseline_top1"] - record.top1)
     )

@@ -72,6 +72,15 @@ def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
             failures.append(
                 "max_top1_drop is set but no pass measured accuracy: add data.eval and a validate pass"
             )
+        elif not accuracy.details.get("sanity", {}).get("ok", True):
+            # a drop measured against a broken reference proves nothing, however small it is
+            sanity = accuracy.details["sanity"]
+            failures.append(
+                f"max_top1_drop cannot be judged: the {sanity['model']} it is measured against fails the "
+                f"sanity check ({'; '.join(sanity['problems'])}); the measured drop of "
+                f"{accuracy.details['top1_drop_points']:.2f} points compares two scores of data the model "
+                "is not fed correctly"
+            )
         elif accuracy.details["top1_drop_points"] > budgets.max_top1_drop:
             failures.append(
                 f"top-1 drop {accuracy.details['top1_drop_points']:.2f} points > max_top1_drop {budgets.max_top1_drop:g}"

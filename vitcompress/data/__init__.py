@@ -5,25 +5,49 @@ synthetic noise for smoke tests), a split and a class-stratified limit. Recipes 
 once under `data:` (train / eval / val / calibration); every pass that needs data (Taylor pruning,
 data-aware SVD, calibration, distillation, eval) reads from there.
 
-Images are kept raw (uint8) and turned into the model's input per batch: scaled to [0, 1], channels
-adapted (grey replicated to RGB, RGB reduced to luminance), resized with the model's own
-interpolation when the size differs (logged once), and normalized with the model's mean/std.
+The array sources are small and held as uint8; an image folder is listed, not read: its files are
+chosen first (the limit applies before any decoding) and decoded batch by batch by DataLoader worker
+processes (see folder.py). Either way the model's own preprocessing applies (preprocess.py): its
+input size, interpolation, crop, pixel range and mean/std, each overridable per data source, and
+the log says what the data really was (channel modes, sizes) and what was done to it.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from vitcompress.errors import DataError, did_you_mean
+from vitcompress.data.arrays import (
+    DIGITS_CLASSES,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+    RawData,
+    digits,
+    fashion_mnist,
+    stratified,
+    synthetic,
+)
+from vitcompress.data.folder import (
+    IMAGE_SUFFIXES,
+    FolderFiles,
+    FolderItems,
+    default_workers,
+    folder_classes,
+    list_folder,
+    raise_decode_errors,
+)
+from vitcompress.data.preprocess import (
+    FolderPreprocess,
+    Preprocess,
+    describe_input,
+    normalize,
+    resolve_input,
+)
+from vitcompress.data.spec import ARRAY_SOURCES, DataSection, DataSource, DataSpec
+from vitcompress.errors import DataError, VitcompressError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,369 +55,119 @@ if TYPE_CHECKING:
 
     from vitcompress.models.loader import InputSpec
 
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_FILES",
+    "IMAGE_SUFFIXES",
+    "DataSection",
+    "DataSource",
+    "DataSpec",
+    "Dataset",
+    "FolderFiles",
+    "FolderPreprocess",
+    "Preprocess",
+    "RawData",
+    "class_names",
+    "describe_input",
+    "holdout",
+    "load_dataset",
+    "load_raw",
+    "normalize",
+    "recipe_preprocessing",
+    "resolve_input",
+]
+
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
-
-class DataSource(str, Enum):
-    fashion_mnist = "fashion-mnist"
-    digits = "digits"
-    folder = "folder"
-    synthetic = "synthetic"
-
-
-class DataSpec(BaseModel):
-    """One split of one data set."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: DataSource = Field(..., description="fashion-mnist, digits, folder or synthetic.")
-    path: Path | None = Field(
-        None, description="Image folder (class/xxx.jpg), or the Fashion-MNIST directory (default: Debian's)."
-    )
-    split: Literal["train", "test"] = Field(
-        "train", description="Fashion-MNIST's own split; digits are split 80/20, stratified, seed 0."
-    )
-    limit: int | None = Field(None, gt=0, description="Keep this many samples, stratified over classes.")
-    seed: int = Field(0, description="Seed of the stratified subset and of the shuffling order.")
-    num_samples: int = Field(256, gt=0, description="Synthetic only: how many samples.")
-    num_classes: int | None = Field(None, gt=1, description="Synthetic only (default: the model's).")
-    resize: bool = Field(
-        True, description="Resize images to the model's input size; off: a mismatch is an error."
-    )
-    mean: list[float] | None = Field(
-        None, description="Override the model's normalization mean (per channel)."
-    )
-    std: list[float] | None = Field(None, description="Override the model's normalization std (per channel).")
-    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
-        None, description="Override the model's resize interpolation."
-    )
-
-    @model_validator(mode="after")
-    def _path_needed(self) -> DataSpec:
-        if self.source is DataSource.folder and self.path is None:
-            raise ValueError("source 'folder' needs path: the directory holding one sub-directory per class")
-        return self
-
-    @classmethod
-    def parse(cls, text: str, limit: int | None = None, seed: int = 0) -> DataSpec:
-        """The CLI form: `fashion-mnist[:train|test]`, `digits[:test]`, `synthetic`, or a folder path."""
-        name, _, rest = text.partition(":")
-        sources = {s.value for s in DataSource}
-        if name in sources and name != "folder":
-            split = rest or "train"
-            if split not in ("train", "test"):
-                raise DataError(f"--data {text!r}: unknown split {split!r}", hint="use :train or :test")
-            return cls(source=DataSource(name), split=split, limit=limit, seed=seed)  # type: ignore[arg-type]
-        path = Path(rest if name == "folder" else text)
-        if not path.is_dir():
-            raise DataError(
-                f"--data {text!r} is neither a known data set nor a directory",
-                hint=did_you_mean(name, sources) + " or give an image folder (class/xxx.jpg)",
-            )
-        return cls(source=DataSource.folder, path=path, limit=limit, seed=seed)
-
-    def describe(self) -> str:
-        where = f" {self.path}" if self.path else ""
-        return f"{self.source.value}{where} ({self.split}{f', {self.limit} samples' if self.limit else ''})"
-
-
-class DataSection(BaseModel):
-    """The recipe's data, declared once and shared by every pass that needs it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    train: DataSpec | None = Field(None, description="Training data (distillation, fine-tuning).")
-    eval: DataSpec | None = Field(None, description="Held-out data for accuracy (eval, budgets).")
-    val: DataSpec | None = Field(
-        None,
-        description="Validation data on which training keeps its best weights (default: a part of "
-        "train held out); data.eval is only scored once at the end.",
-    )
-    calibration: DataSpec | None = Field(
-        None, description="A few batches for importance scores and calibration (default: train)."
-    )
-
-    def for_calibration(self) -> DataSpec | None:
-        return self.calibration or self.train
-
-
-# --------------------------------------------------------------------------- raw sources
-
-
-@dataclass(frozen=True)
-class RawData:
-    """Images as uint8 (N, H, W) or (N, H, W, C), labels (N,), and the class names."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    classes: tuple[str, ...]
-    description: str
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.images.ndim == 3 else int(self.images.shape[3])
-
-
-def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    import numpy as np
-
-    if not path.is_file():
-        raise DataError(
-            f"Fashion-MNIST file {path} not found",
-            hint="install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
-            "or set data path to a directory with the IDX files",
-        )
-    try:
-        with gzip.open(path, "rb") as handle:
-            raw = handle.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path} is not a readable gzip IDX file: {err}") from err
-    magic = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else -1
-    if magic != expected_magic:
-        raise DataError(
-            f"{path} is not an IDX file of the expected kind (magic {magic:#x}, want {expected_magic:#x})"
-        )
-    dims = [struct.unpack(">I", raw[4 + 4 * i : 8 + 4 * i])[0] for i in range(expected_magic & 0xFF)]
-    offset = 4 + 4 * len(dims)
-    count = int(np.prod(dims))
-    if len(raw) - offset != count:
-        raise DataError(
-            f"{path} is truncated: header says {dims}, file holds {len(raw) - offset} bytes of data"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
-
-
-def _fashion_mnist(spec: DataSpec) -> RawData:
-    directory = spec.path or FASHION_MNIST_DIR
-    images_file, labels_file = FASHION_MNIST_FILES[spec.split]
-    images = _read_idx(directory / images_file, 0x803)
-    labels = _read_idx(directory / labels_file, 0x801)
-    if len(images) != len(labels):
-        raise DataError(f"Fashion-MNIST in {directory}: {len(images)} images but {len(labels)} labels")
-    return RawData(images, labels.astype("int64"), FASHION_MNIST_CLASSES, f"Fashion-MNIST {spec.split}")
-
-
-def _digits(spec: DataSpec) -> RawData:
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    labels = bunch.target.astype("int64")
-    # A fixed stratified 80/20 split, independent of the spec's seed, so train and test never overlap.
-    test = _stratified(labels, len(labels) // 5, seed=0)
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[test] = True
-    keep = mask if spec.split == "test" else ~mask
-    return RawData(images[keep], labels[keep], tuple(str(d) for d in range(10)), f"digits {spec.split}")
-
-
-def _folder(spec: DataSpec) -> RawData:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    root = spec.path
-    assert root is not None  # guaranteed by DataSpec's validator
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a directory")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(
-            f"image folder {root} has no class sub-directories", hint="lay it out as class/xxx.jpg"
-        )
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    skipped: list[str] = []
-    size: tuple[int, ...] | None = None
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as image:
-                    array = np.asarray(image.convert("RGB"))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                skipped.append(file.name)
-                continue
-            if size is None:
-                size = array.shape
-            if array.shape != size:  # images of several sizes: bring them to the first one's
-                array = np.asarray(
-                    Image.fromarray(array).resize((size[1], size[0]), Image.Resampling.BICUBIC)
-                )
-            images.append(array)
-            labels.append(label)
-    if skipped:
-        log.warning(
-            "image folder %s: skipped %d unreadable image(s), e.g. %s",
-            root,
-            len(skipped),
-            ", ".join(skipped[:3]),
-        )
-    if not images:
-        raise DataError(
-            f"image folder {root} holds no readable images",
-            hint=f"looked for {', '.join(sorted(IMAGE_SUFFIXES))} under {len(classes)} class folder(s)",
-        )
-    return RawData(np.stack(images), np.asarray(labels, dtype="int64"), tuple(classes), f"folder {root}")
-
-
-def _synthetic(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> RawData:
-    import numpy as np
-
-    classes = spec.num_classes or num_classes
-    rng = np.random.default_rng(spec.seed)
-    shape: tuple[int, ...] = (spec.num_samples, input_spec.height, input_spec.width)
-    if input_spec.channels != 1:
-        shape = (*shape, input_spec.channels)
-    images = rng.integers(0, 256, size=shape, dtype=np.uint8)
-    labels = np.arange(spec.num_samples, dtype="int64") % classes
-    return RawData(images, labels, tuple(str(c) for c in range(classes)), "synthetic")
-
-
-def _stratified(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """`limit` indices spread as evenly as the classes allow, chosen at random within each class."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(labels))
-    rank = np.zeros(len(labels), dtype=np.int64)
-    for cls in np.unique(labels):
-        members = order[labels[order] == cls]
-        rank[members] = np.arange(len(members))
-    # Round-robin over classes: every class's first pick, then every class's second, ...
-    picked = order[np.lexsort((labels[order], rank[order]))][:limit]
-    return np.sort(picked)
-
-
-def load_raw(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> RawData:
+def load_raw(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> RawData | FolderFiles:
+    """The split's samples: arrays for the in-memory sources, a file list (nothing decoded) for a folder."""
+    if spec.source is DataSource.folder:
+        return list_folder(spec)  # the limit is applied inside, before any header is read
     if spec.source is DataSource.fashion_mnist:
-        raw = _fashion_mnist(spec)
+        raw = fashion_mnist(spec)
     elif spec.source is DataSource.digits:
-        raw = _digits(spec)
-    elif spec.source is DataSource.folder:
-        raw = _folder(spec)
+        raw = digits(spec)
     else:
-        raw = _synthetic(spec, input_spec, num_classes)
+        raw = synthetic(spec, input_spec, num_classes)
     if spec.limit is not None and spec.limit < len(raw):
-        keep = _stratified(raw.labels, spec.limit, spec.seed)
-        raw = RawData(raw.images[keep], raw.labels[keep], raw.classes, raw.description)
+        raw = raw.select(stratified(raw.labels, spec.limit, spec.seed), raw.description)
     return raw
 
 
-# --------------------------------------------------------------------------- preprocessing
+def _collate(
+    items: list[tuple[torch.Tensor, int, str]],
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    import torch
 
-
-class Preprocess:
-    """uint8 images -> the model's normalized float input, one batch at a time."""
-
-    def __init__(
-        self, input_spec: InputSpec, data_channels: int, data_size: tuple[int, int], resize: bool
-    ) -> None:
-        self.spec = input_spec
-        self.data_channels = data_channels
-        want = (input_spec.height, input_spec.width)
-        if data_channels not in (1, 3) or input_spec.channels not in (1, 3):
-            if data_channels != input_spec.channels:
-                raise DataError(
-                    f"data has {data_channels} channels, the model takes {input_spec.channels}",
-                    hint="only grey<->RGB are converted; give data with the model's channel count",
-                )
-        elif data_channels != input_spec.channels:
-            log.info(
-                "data has %d channel(s), model takes %d: %s",
-                data_channels,
-                input_spec.channels,
-                "grey replicated to RGB" if data_channels == 1 else "RGB converted to luminance",
-            )
-        self.resize_to: tuple[int, int] | None = None
-        if data_size != want:
-            if not resize:
-                raise DataError(
-                    f"data images are {data_size[0]}x{data_size[1]}, the model takes {want[0]}x{want[1]}",
-                    hint="set resize: true in the data section, or build the model with --img-size",
-                )
-            log.warning(
-                "data images resized from %dx%d to the model's %dx%d (%s)",
-                *data_size,
-                *want,
-                input_spec.interpolation,
-            )
-            self.resize_to = want
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        import torch
-        import torch.nn.functional as F
-
-        x = images.float().div_(255.0)
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-        if x.shape[1] != self.spec.channels:
-            if x.shape[1] == 1:
-                x = x.expand(-1, self.spec.channels, -1, -1)
-            else:
-                weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-                x = (x * weights).sum(dim=1, keepdim=True)
-        if self.resize_to is not None:
-            mode = (
-                self.spec.interpolation
-                if self.spec.interpolation in ("bilinear", "bicubic", "nearest")
-                else "bilinear"
-            )
-            x = F.interpolate(
-                x,
-                size=self.resize_to,
-                mode=mode,
-                antialias=mode != "nearest",
-                align_corners=None if mode == "nearest" else False,
-            )
-        mean = torch.tensor(self.spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.spec.std, dtype=x.dtype).view(1, -1, 1, 1)
-        return ((x - mean) / std).contiguous()
+    return (
+        torch.stack([item[0] for item in items]),
+        torch.tensor([item[1] for item in items], dtype=torch.int64),
+        [item[2] for item in items],
+    )
 
 
 @dataclass
 class Dataset:
-    """A loaded split, ready to iterate in model-ready batches."""
+    """A loaded split, ready to iterate in model-ready batches or to read by index."""
 
-    raw: RawData
-    preprocess: Preprocess
+    raw: RawData | FolderFiles
+    preprocess: Preprocess | FolderPreprocess
     spec: DataSpec
     indices: np.ndarray | None = None  # a subset: its samples' positions in the split `spec` loads
 
     def __len__(self) -> int:
         return len(self.raw)
 
-    def subset(self, indices: np.ndarray, description: str) -> Dataset:
-        """The samples at `indices` (positions in this dataset), same preprocessing."""
-        import numpy as np
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.raw.classes
 
-        indices = np.asarray(indices, dtype=np.int64)
-        raw = RawData(self.raw.images[indices], self.raw.labels[indices], self.raw.classes, description)
-        origin = indices if self.indices is None else self.indices[indices]
-        return Dataset(raw, self.preprocess, self.spec, origin)
+    @property
+    def labels(self) -> np.ndarray:
+        return self.raw.labels
 
     @property
     def num_classes(self) -> int:
         return len(self.raw.classes)
 
+    @property
+    def lazy(self) -> bool:
+        """True for an image folder: pixels are decoded per batch, never held."""
+        return isinstance(self.raw, FolderFiles)
+
+    def subset(self, indices: np.ndarray, description: str) -> Dataset:
+        """The samples at `indices` (positions in this dataset), same preprocessing."""
+        import numpy as np
+
+        indices = np.asarray(indices, dtype=np.int64)
+        origin = indices if self.indices is None else self.indices[indices]
+        return Dataset(self.raw.select(indices, description), self.preprocess, self.spec, origin)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing as applied to this data, with the source's modes and sizes: for reports."""
+        return {**self.preprocess.applied(), "data": self.spec.describe(), "classes": list(self.classes)}
+
+    def _items(self) -> FolderItems:
+        assert isinstance(self.raw, FolderFiles) and isinstance(self.preprocess, FolderPreprocess)
+        spec = self.preprocess.spec
+        return FolderItems(
+            self.raw.files, self.raw.labels, spec.channels, self.preprocess.transform, spec.shape
+        )
+
     def take(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The samples at `indices`, preprocessed, with their labels."""
+        """The samples at `indices`, preprocessed, with their labels (a folder decodes only those)."""
         import numpy as np
         import torch
 
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if isinstance(self.raw, FolderFiles):
+            items = self._items()
+            decoded = [items[int(i)] for i in indices]
+            raise_decode_errors([d[2] for d in decoded])
+            images = torch.stack([d[0] for d in decoded])
+            return self.preprocess(images), torch.from_numpy(self.raw.labels[indices])
         images = torch.from_numpy(np.ascontiguousarray(self.raw.images[indices]))
         return self.preprocess(images), torch.from_numpy(self.raw.labels[indices])
 
@@ -406,7 +180,6 @@ class Dataset:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, labels) batches; shuffled deterministically from `seed` (default: the spec's)."""
         import numpy as np
-        import torch
 
         n = len(self.raw)
         order = (
@@ -414,12 +187,32 @@ class Dataset:
             if shuffle
             else np.arange(n)
         )
-        for count, start in enumerate(range(0, n, batch_size)):
-            if limit_batches is not None and count >= limit_batches:
-                return
-            idx = order[start : start + batch_size]
-            images = torch.from_numpy(np.ascontiguousarray(self.raw.images[idx]))
-            yield self.preprocess(images), torch.from_numpy(self.raw.labels[idx])
+        if limit_batches is not None:
+            order = order[: limit_batches * batch_size]
+        if isinstance(self.raw, FolderFiles):
+            yield from self._folder_batches(order, batch_size)
+            return
+        for start in range(0, len(order), batch_size):
+            yield self.take(order[start : start + batch_size])
+
+    def _folder_batches(
+        self, order: np.ndarray, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from torch.utils.data import DataLoader
+
+        batches = -(-len(order) // batch_size)
+        workers = self.spec.num_workers if self.spec.num_workers is not None else default_workers()
+        workers = min(workers, batches) if batches > 1 else 0  # one batch: forking would only cost
+        loader: DataLoader[tuple[torch.Tensor, int, str]] = DataLoader(
+            self._items(),  # type: ignore[arg-type]
+            batch_size=batch_size,
+            sampler=order.tolist(),
+            num_workers=workers,
+            collate_fn=_collate,
+        )
+        for images, labels, errors in loader:
+            raise_decode_errors(errors)
+            yield self.preprocess(images), labels
 
 
 def holdout(data: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset]:
@@ -429,7 +222,7 @@ def holdout(data: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset]:
 
     if not 0 < count < len(data):
         raise DataError(f"cannot hold out {count} of {len(data)} samples of {data.raw.description}")
-    held = _stratified(data.raw.labels, count, seed)
+    held = stratified(data.raw.labels, count, seed)
     keep = np.ones(len(data), dtype=bool)
     keep[held] = False
     rest = np.flatnonzero(keep)
@@ -440,27 +233,50 @@ def holdout(data: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset]:
     )
 
 
-def _overridden(input_spec: InputSpec, spec: DataSpec) -> InputSpec:
-    from dataclasses import replace
+def class_names(spec: DataSpec) -> tuple[str, ...] | None:
+    """The class names a spec's data carries, without reading any image; None for synthetic data
+    (numbered classes) or a folder that cannot be listed."""
+    if spec.source is DataSource.digits:
+        return DIGITS_CLASSES
+    if spec.source is DataSource.fashion_mnist:
+        return FASHION_MNIST_CLASSES
+    if spec.source is DataSource.folder and spec.path is not None:
+        try:
+            return folder_classes(spec.path)
+        except VitcompressError:
+            return None
+    return None
 
-    for name in ("mean", "std"):
-        values = getattr(spec, name)
-        if values is not None and len(values) != input_spec.channels:
-            raise DataError(
-                f"data {name} has {len(values)} values, the model takes {input_spec.channels} channels"
+
+def recipe_preprocessing(
+    section: DataSection | None, input_spec: InputSpec
+) -> tuple[InputSpec, tuple[str, ...] | None, str | None]:
+    """(input spec, class names, which split they came from) for a model the recipe's data feeds:
+    the split evaluated (data.eval), else the one trained on, else calibration. An exported file
+    records these, so `eval model.onnx` preprocesses the way the run did."""
+    if section is None:
+        return input_spec, None, None
+    splits = [(n, getattr(section, n)) for n in ("eval", "train", "val", "calibration")]
+    given = [(n, s) for n, s in splits if s is not None]
+    if not given:
+        return input_spec, None, None
+    name, spec = given[0]
+    resolved = resolve_input(input_spec, spec)
+    for other, other_spec in given[1:]:
+        if resolve_input(input_spec, other_spec) != resolved:
+            log.warning(
+                "data.%s and data.%s preprocess differently; the exported file records data.%s's (%s)",
+                name,
+                other,
+                name,
+                describe_input(resolved),
             )
-    if name == "std" and spec.std is not None and any(v <= 0 for v in spec.std):
-        raise DataError(f"data std must be positive, got {spec.std}")
-    return replace(
-        input_spec,
-        mean=tuple(spec.mean) if spec.mean is not None else input_spec.mean,
-        std=tuple(spec.std) if spec.std is not None else input_spec.std,
-        interpolation=spec.interpolation or input_spec.interpolation,
-    )
+    return resolved, class_names(spec), name
 
 
 def load_dataset(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> Dataset:
-    """Load a split for a model: checks the label count and builds the preprocessing."""
+    """Load a split for a model: checks the label count, builds the preprocessing and says, in one
+    line, what the data is (modes, sizes) and what is done to it."""
     raw = load_raw(spec, input_spec, num_classes)
     if len(raw) == 0:
         raise DataError(f"{spec.describe()} is empty")
@@ -470,8 +286,29 @@ def load_dataset(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> Dat
             f"{raw.description} has {len(raw.classes)} classes, the model has {num_classes}",
             hint="build the model with --num-classes to match the data, or use matching data",
         )
-    size = (int(raw.images.shape[1]), int(raw.images.shape[2]))
-    input_spec = _overridden(input_spec, spec)
-    preprocess = Preprocess(input_spec, raw.channels, size, spec.resize)
-    log.info("data: %s, %d samples", raw.description, len(raw))
+    input_spec = resolve_input(input_spec, spec)
+    preprocess: Preprocess | FolderPreprocess
+    if isinstance(raw, FolderFiles):
+        preprocess = FolderPreprocess(input_spec, raw.modes, raw.sizes, spec.resize)
+        (h0, w0), (h1, w1) = preprocess.size_range
+        sizes = f"{h0}x{w0}" if (h0, w0) == (h1, w1) else f"{h0}x{w0} to {h1}x{w1}"
+        log.info(
+            "data: %s, %d images in %d classes, %s; modes %s; %s",
+            spec.describe(),
+            len(raw),
+            len(raw.classes),
+            sizes,
+            preprocess.conversions(),
+            preprocess.resizing(),
+        )
+    else:
+        preprocess = Preprocess(input_spec, raw.channels, raw.size, spec.resize, raw.modes)
+        log.info(
+            "data: %s, %d samples of %dx%d; modes %s",
+            raw.description if spec.source in ARRAY_SOURCES else spec.describe(),
+            len(raw),
+            *raw.size,
+            preprocess.conversions(),
+        )
+    log.info("model input: %s", describe_input(input_spec, whole=not isinstance(raw, FolderFiles)))
     return Dataset(raw, preprocess, spec)

@@ -28,7 +28,7 @@ from vitcompress.passes.base import PassConfig
 from vitcompress.state import ModelState, Parity, PassRecord
 
 if TYPE_CHECKING:
-    from vitcompress.models.loader import LoadedModel
+    from vitcompress.models.loader import InputSpec, LoadedModel
     from vitcompress.runtime import OnnxRunner
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,31 @@ def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
 METADATA_KEY = "vitcompress.input"
 
 
-def _write_metadata(path: Path, loaded: LoadedModel) -> None:
-    """Record the preprocessing and class count in the file, so `eval` and calibration can feed it real data."""
+def metadata(
+    loaded: LoadedModel, input_spec: InputSpec | None = None, classes: tuple[str, ...] | None = None
+) -> dict[str, object]:
+    """What the file records: the preprocessing (size, interpolation, crop, pixel range, mean/std:
+    the model's own, or the data's overrides when the run had them), the class count and, when the
+    run's data named them, the class names."""
+    spec = input_spec or loaded.input
+    out: dict[str, object] = {
+        "input": spec.to_dict(),
+        "num_classes": loaded.num_classes,
+        "source": loaded.label,
+    }
+    if classes is not None and len(classes) == loaded.num_classes:
+        out["classes"] = list(classes)
+    elif classes is not None:
+        log.warning(
+            "class names not recorded: the data names %d classes, the model has %d",
+            len(classes),
+            loaded.num_classes,
+        )
+    return out
+
+
+def _write_metadata(path: Path, entry_value: dict[str, object]) -> None:
+    """Record the preprocessing and classes in the file, so `eval` and calibration can feed it real data."""
     import json
 
     import onnx
@@ -165,9 +188,7 @@ def _write_metadata(path: Path, loaded: LoadedModel) -> None:
         next((p for p in model.metadata_props if p.key == METADATA_KEY), None) or model.metadata_props.add()
     )
     entry.key = METADATA_KEY
-    entry.value = json.dumps(
-        {"input": loaded.input.to_dict(), "num_classes": loaded.num_classes, "source": loaded.label}
-    )
+    entry.value = json.dumps(entry_value)
     onnx.save(model, str(path))
 
 
@@ -190,8 +211,17 @@ def measure_parity(loaded: LoadedModel, runner: OnnxRunner, batch: int, seed: in
     )
 
 
-def export_model(loaded: LoadedModel, path: Path, cfg: ExportConfig, seed: int = 0) -> ExportResult:
-    """Export `loaded` to `path` atomically and verify it; raises ParityError past the tolerance."""
+def export_model(
+    loaded: LoadedModel,
+    path: Path,
+    cfg: ExportConfig,
+    seed: int = 0,
+    input_spec: InputSpec | None = None,
+    classes: tuple[str, ...] | None = None,
+) -> ExportResult:
+    """Export `loaded` to `path` atomically and verify it; raises ParityError past the tolerance.
+
+    `input_spec` (default: the model's) and `classes` go into the file's metadata."""
     import onnx
 
     from vitcompress.fileio import atomic_dir
@@ -213,7 +243,7 @@ def export_model(loaded: LoadedModel, path: Path, cfg: ExportConfig, seed: int =
                 f"{cfg.exporter.value} export of {loaded.label} failed: {str(err).strip().splitlines()[0]}",
                 hint="try the other --exporter, or rerun with --debug for the traceback",
             ) from err
-        _write_metadata(staged, loaded)
+        _write_metadata(staged, metadata(loaded, input_spec, classes))
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except Exception as err:
@@ -246,9 +276,25 @@ def export_model(loaded: LoadedModel, path: Path, cfg: ExportConfig, seed: int =
 
 
 def run(state: ModelState, cfg: ExportConfig) -> ModelState:
+    from vitcompress.data import describe_input, recipe_preprocessing
     from vitcompress.models.stats import count_macs
 
-    result = export_model(state.model, state.settings.out_dir / cfg.filename, cfg, seed=state.settings.seed)
+    input_spec, classes, split = recipe_preprocessing(state.settings.data, state.model.input)
+    result = export_model(
+        state.model,
+        state.settings.out_dir / cfg.filename,
+        cfg,
+        seed=state.settings.seed,
+        input_spec=input_spec,
+        classes=classes,
+    )
+    log.info(
+        "%s records its preprocessing (%s, from %s)%s",
+        result.path.name,
+        describe_input(input_spec),
+        f"data.{split}" if split else "the model",
+        f" and {len(classes)} class names" if classes else "",
+    )
     log.info(
         "exported %s: max |Δlogit| %.2e, top-1 agreement %.3f",
         result.path.name,
@@ -265,7 +311,13 @@ def run(state: ModelState, cfg: ExportConfig) -> ModelState:
         parity=result.parity,
         wall_s=result.wall_s,
         artifact=str(result.path),
-        details={"exporter": result.exporter, "opset": result.opset, "nodes": sum(result.op_counts.values())},
+        details={
+            "exporter": result.exporter,
+            "opset": result.opset,
+            "nodes": sum(result.op_counts.values()),
+            "preprocessing": {**input_spec.to_dict(), "from": f"data.{split}" if split else "model"},
+            **({"classes": list(classes)} if classes and len(classes) == state.model.num_classes else {}),
+        },
     )
     baseline = state.baseline_onnx or (None if state.model_changed else result.path)
     return state.with_record(record, onnx_path=result.path, baseline_onnx=baseline)
