@@ -77,9 +77,10 @@ def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
             sanity = accuracy.details["sanity"]
             failures.append(
                 f"max_top1_drop cannot be judged: the {sanity['model']} it is measured against fails the "
-                f"sanity check ({'; '.join(sanity['problems'])}); the measured drop of "
-                f"{accuracy.details['top1_drop_points']:.2f} points compares two scores of data the model "
-                "is not fed correctly"
+                f"sanity check ({'; '.join(sanity['problems'])}), so the measured drop of "
+                f"{accuracy.details['top1_drop_points']:.2f} points means nothing: the model is untrained "
+                "(a checkpoint missing?) or the data is not preprocessed as it was trained (data mean, "
+                "std, input_range)"
             )
         elif accuracy.details["top1_drop_points"] > budgets.max_top1_drop:
             failures.append(
