@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -149,7 +150,9 @@ def test_plot_labels_every_point_with_its_settings_and_draws_the_frontier():
     assert point_labels(two) == {0: "prune.steps=1, kd.steps=5"}
 
     points = [ParetoPoint("fp32 baseline", 10.0, 0.90, baseline=True)]
-    points += [ParetoPoint(labels[i], ms, top1) for i, (ms, top1) in enumerate([(4, 0.80), (6, 0.85), (7, 0.84)])]
+    points += [
+        ParetoPoint(labels[i], ms, top1) for i, (ms, top1) in enumerate([(4, 0.80), (6, 0.85), (7, 0.84)])
+    ]
     fig, front = pareto_figure(points, "t")
     try:
         (ax,) = fig.axes
@@ -365,3 +368,67 @@ def test_sweep_without_a_validate_pass_measures_baseline_and_variants_itself(cli
     # top-1 from an ONNX Runtime evaluation on data.eval (100 digits images): a whole number of hits
     assert 0.0 <= variant["top1"] <= 1.0 and round(variant["top1"] * 100, 6).is_integer()
     assert 0.0 <= data["baseline"]["top1"] <= 1.0 and variant["p50_ms"] > 0
+
+
+SHARED_PRETRAIN = """\
+version: 1
+name: shared-pretrain
+model:
+  source: timm:vit_tiny_patch16_224
+  num_classes: 10
+  img_size: 16
+  kwargs: {depth: 1, patch_size: 4, embed_dim: 48, num_heads: 3}
+data:
+  train: {source: digits, split: train, limit: 300}
+  eval: {source: digits, split: test, limit: 100}
+passes:
+  - kind: distill
+    name: pretrain
+    become_teacher: true
+    steps: 20
+    batch_size: 32
+    hard_label: 1.0
+    soft_kd: 0.0
+  - kind: prune
+    mlp: 0.25
+  - kind: export
+"""
+
+
+def test_sweep_runs_identical_leading_passes_once(cli, tmp_path, monkeypatch):
+    import vitcompress.passes.distill as distill
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(SHARED_PRETRAIN)
+    trained = []
+    real_distill = distill.distill_model
+
+    def counting(*args, **kwargs):
+        trained.append(1)
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "distill_model", counting)
+    out = tmp_path / "sweep"
+    result = cli(
+        "sweep",
+        "--recipe",
+        recipe,
+        "--out",
+        out,
+        "--vary",
+        "passes.prune.mlp=0.25,0.5",
+        "--runs",
+        "5",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert len(trained) == 1  # the pretrain step ran for the first variant only
+    first, second = (Path(v["out_dir"]) for v in json.loads(result.stdout)["variants"])
+    ledger = {r["name"]: r for r in json.loads((second / "report.json").read_text())["ledger"]}
+    assert ledger["pretrain"]["details"]["reused_from"] == str(first)
+    assert ledger["pretrain"]["artifact"] == str(second / "pretrain") and (second / "pretrain").is_dir()
+    assert "reused_from" not in ledger["prune"]["details"]
+    # reusing changes nothing: the second variant run on its own gives the same model, bit for bit
+    alone = cli("compress", "--recipe", recipe, "--set", "passes.prune.mlp=0.5", "--out", tmp_path / "alone")
+    assert alone.exit_code == 0, alone.output
+    assert (second / "model.onnx").read_bytes() == (tmp_path / "alone" / "model.onnx").read_bytes()

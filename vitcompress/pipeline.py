@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,19 +121,108 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def leading_model_passes(recipe: Recipe) -> int:
+    """How many passes at the start of `recipe` work on the PyTorch model only (before any export)."""
+    count = 0
+    for cfg in recipe.passes:
+        spec = PASSES[cfg.kind]
+        if spec.produces_onnx or spec.needs is Needs.onnx:
+            break
+        count += 1
+    return count
+
+
+def prefix_key(recipe: Recipe, count: int) -> str:
+    """What the model after the first `count` passes depends on: model, data, run settings and those
+    passes, every default written out. Two recipes with the same key hold the same model there
+    (each pass is seeded from run.seed and its position alone)."""
+    import hashlib
+    import json
+
+    resolved = recipe.resolved()
+    what = {key: resolved[key] for key in ("version", "model", "data", "run")}
+    what["passes"] = resolved["passes"][:count]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class PrefixCache:
+    """The model after leading PyTorch passes, kept for runs that share them: a sweep whose variants
+    differ only from the third pass on runs the first two once. Only the `wanted` keys (prefixes
+    that more than one planned run shares) are kept, each as one copy of the model (and teacher)."""
+
+    wanted: set[str]
+    entries: dict[str, tuple[ModelState, Path]] = field(default_factory=dict)
+
+    @classmethod
+    def for_runs(cls, recipes: list[Recipe]) -> PrefixCache:
+        from collections import Counter
+
+        counts = Counter(
+            prefix_key(r, n) for r in recipes for n in range(1, leading_model_passes(r) + 1)
+        )
+        return cls({key for key, runs in counts.items() if runs > 1})
+
+    def keep(self, key: str, state: ModelState) -> None:
+        if key in self.wanted and key not in self.entries:
+            snapshot = replace(
+                state,
+                model=copy.deepcopy(state.model),
+                teacher=copy.deepcopy(state.teacher) if state.teacher is not None else None,
+            )
+            self.entries[key] = (snapshot, state.settings.out_dir)
+
+    def longest(self, recipe: Recipe) -> tuple[int, ModelState, Path] | None:
+        for count in range(leading_model_passes(recipe), 0, -1):
+            hit = self.entries.get(prefix_key(recipe, count))
+            # a run whose later passes read the model as loaded needs the copy the prefix kept
+            if hit is not None and (hit[0].teacher is not None or not needs_teacher(recipe)):
+                return count, *hit
+        return None
+
+
+def _reuse(hit: tuple[int, ModelState, Path], settings: RunSettings) -> ModelState:
+    """This run's state from a kept prefix: a fresh copy of its models, its artifacts copied over."""
+    import shutil
+
+    count, snapshot, source_dir = hit
+    records = []
+    for record in snapshot.records:
+        artifact = record.artifact
+        if artifact is not None and Path(artifact).is_relative_to(source_dir):
+            target = settings.out_dir / Path(artifact).relative_to(source_dir)
+            if Path(artifact).is_dir():
+                shutil.copytree(artifact, target, dirs_exist_ok=True)
+            artifact = str(target)
+        details = dict(record.details)
+        if record.kind != "load":
+            details["reused_from"] = str(source_dir)
+        records.append(replace(record, artifact=artifact, details=details))
+    log.info("passes 1-%d are those of %s: reusing its model instead of running them again", count, source_dir)
+    return replace(
+        snapshot,
+        model=copy.deepcopy(snapshot.model),
+        teacher=copy.deepcopy(snapshot.teacher) if snapshot.teacher is not None else None,
+        settings=settings,
+        records=tuple(records),
+    )
+
+
 def run_recipe(
     recipe: Recipe,
     out_dir: Path,
     on_pass: Callable[[int, str], None] | None = None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
     overwrite: bool = False,
+    prefixes: PrefixCache | None = None,
 ) -> RunResult:
     """Run every pass of `recipe`, writing artifacts and reports to `out_dir`.
 
     on_pass(index, name) is called before each step (index 0 is loading the model). Reports are
     written before budgets are checked, so a failed gate (BudgetExceededError) still leaves them.
     `out_dir` is held by this run alone (see rundir.py): a directory holding another recipe's run is
-    refused unless `overwrite`; one holding this recipe's earlier run is resumed.
+    refused unless `overwrite`; one holding this recipe's earlier run is resumed. With `prefixes`,
+    leading PyTorch passes that an earlier run of the same cache already ran are reused.
     """
     from vitcompress.rundir import claim_run_dir, recipe_fingerprint
 
@@ -144,9 +233,9 @@ def run_recipe(
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:
         scratch = Path(tempfile.mkdtemp(prefix=f"vitcompress-rank{rank}-"))
-        return _run(recipe, resolved, scratch, rank, on_pass, progress)
+        return _run(recipe, resolved, scratch, rank, on_pass, progress, None)
     with claim_run_dir(Path(out_dir), recipe_fingerprint(resolved), overwrite=overwrite) as claimed:
-        return _run(recipe, resolved, claimed, rank, on_pass, progress)
+        return _run(recipe, resolved, claimed, rank, on_pass, progress, prefixes)
 
 
 def _run(
@@ -156,13 +245,58 @@ def _run(
     rank: int,
     on_pass: Callable[[int, str], None] | None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None,
+    prefixes: PrefixCache | None,
 ) -> RunResult:
-    from vitcompress.models import load_model
-    from vitcompress.models.stats import count_macs
     from vitcompress.report import write_reports
 
     write_text(out_dir / "recipe.resolved.yaml", resolved)
     seed_everything(recipe.run.seed)
+
+    settings = RunSettings(
+        out_dir=out_dir,
+        seed=recipe.run.seed,
+        threads=recipe.run.threads,
+        data=recipe.data,
+        progress=progress,
+    )
+    hit = prefixes.longest(recipe) if prefixes is not None else None
+    if hit is not None:
+        state, done = _reuse(hit, settings), hit[0]
+    else:
+        state, done = _load(recipe, settings, on_pass), 0
+    for index, cfg in enumerate(recipe.passes, start=1):
+        if index <= done:
+            continue
+        name = cfg.step_name
+        if on_pass:
+            on_pass(index, name)
+        log.info("pass %d/%d: %s", index, len(recipe.passes), name)
+        spec = PASSES[cfg.kind]
+        if rank > 0 and (spec.produces_onnx or spec.needs is Needs.onnx):
+            continue
+        # each pass draws from its own seeded stream: what it does does not depend on how many
+        # random numbers the passes before it happened to draw
+        seed_everything(recipe.run.seed * 1_000 + index)
+        state = spec.runner()(state, cfg)
+        if spec.changes_model:
+            state = replace(state, model_changed=True)
+        if prefixes is not None and index <= leading_model_passes(recipe):
+            prefixes.keep(prefix_key(recipe, index), state)
+        release_memory()
+    if rank > 0:
+        return RunResult(state=state, out_dir=out_dir, budget_failures=())
+    failures = check_budgets(recipe, state)
+    result = RunResult(state=state, out_dir=out_dir, budget_failures=failures)
+    write_reports(recipe, result)
+    if failures:
+        raise BudgetExceededError("budget failed: " + "; ".join(failures), hint=f"reports in {out_dir}")
+    return result
+
+
+def _load(recipe: Recipe, settings: RunSettings, on_pass: Callable[[int, str], None] | None) -> ModelState:
+    """The state before the first pass: the model as loaded, and a copy of it when a pass reads it."""
+    from vitcompress.models import load_model
+    from vitcompress.models.stats import count_macs
 
     if on_pass:
         on_pass(0, "load")
@@ -177,45 +311,19 @@ def _run(
         wall_s=time.perf_counter() - start,
         details={"source": loaded.label, "family": loaded.adapter.family, "input": list(loaded.input.shape)},
     )
-    # The model as loaded is kept (a copy: a whole second model in memory) only when a later pass
-    # reads it: distill without a teacher of its own, or validate exporting the fp32 baseline.
-    needs_teacher = any(PASSES[cfg.kind].changes_model for cfg in recipe.passes) and any(
+    return ModelState(
+        model=loaded,
+        settings=settings,
+        records=(load_record,),
+        teacher=copy.deepcopy(loaded) if needs_teacher(recipe) else None,
+    )
+
+
+def needs_teacher(recipe: Recipe) -> bool:
+    """The model as loaded is kept (a copy: a whole second model in memory) only when a later pass
+    reads it: distill without a teacher of its own, or validate exporting the fp32 baseline."""
+    return any(PASSES[cfg.kind].changes_model for cfg in recipe.passes) and any(
         (cfg.kind == "distill" and getattr(cfg, "teacher", None) is None)
         or (cfg.kind == "validate" and getattr(cfg, "compare_baseline", False))
         for cfg in recipe.passes
     )
-    state = ModelState(
-        model=loaded,
-        settings=RunSettings(
-            out_dir=out_dir,
-            seed=recipe.run.seed,
-            threads=recipe.run.threads,
-            data=recipe.data,
-            progress=progress,
-        ),
-        records=(load_record,),
-        teacher=copy.deepcopy(loaded) if needs_teacher else None,
-    )
-    for index, cfg in enumerate(recipe.passes, start=1):
-        name = cfg.step_name
-        if on_pass:
-            on_pass(index, name)
-        log.info("pass %d/%d: %s", index, len(recipe.passes), name)
-        spec = PASSES[cfg.kind]
-        if rank > 0 and (spec.produces_onnx or spec.needs is Needs.onnx):
-            continue
-        # each pass draws from its own seeded stream: what it does does not depend on how many
-        # random numbers the passes before it happened to draw
-        seed_everything(recipe.run.seed * 1_000 + index)
-        state = spec.runner()(state, cfg)
-        if spec.changes_model:
-            state = replace(state, model_changed=True)
-        release_memory()
-    if rank > 0:
-        return RunResult(state=state, out_dir=out_dir, budget_failures=())
-    failures = check_budgets(recipe, state)
-    result = RunResult(state=state, out_dir=out_dir, budget_failures=failures)
-    write_reports(recipe, result)
-    if failures:
-        raise BudgetExceededError("budget failed: " + "; ".join(failures), hint=f"reports in {out_dir}")
-    return result

@@ -232,8 +232,11 @@ def _run_sweep(
     on_bench: Callable[[int], None] | None,
 ) -> SweepResult:
     from vitcompress.bench import bench_models
-    from vitcompress.pipeline import run_recipe
+    from vitcompress.pipeline import PrefixCache, run_recipe
     from vitcompress.runtime import onnx_size
+
+    # variants that share their leading PyTorch passes (a pretrain step, the same pruning) run them once
+    prefixes = PrefixCache.for_runs([v.recipe for v in variants])
 
     first = variants[0].recipe
     provider = _provider(first)
@@ -242,7 +245,7 @@ def _run_sweep(
             on_variant(number, len(variants), variant)
         start = time.perf_counter()
         try:
-            run_recipe(variant.recipe, variant.out_dir)
+            run_recipe(variant.recipe, variant.out_dir, prefixes=prefixes)
             variant.status = "ok"
         except BudgetExceededError as err:
             variant.status, variant.message = "budget failed", err.message
