@@ -213,3 +213,15 @@ def test_peer_benchmark_script_smoke(tmp_path):
     assert abs(speed[2]["macs"] / base - 0.5) <= 0.03 and abs(speed[4]["macs"] / base - 0.5) <= 0.03
     assert results["peak_macs_per_s"]["int8"] > results["peak_macs_per_s"]["fp32"] > 0
     assert "| vitcompress prune-kd-int8 |" in run.stdout and "goals:" in run.stdout
+
+
+def test_time_readme_script_smoke(tmp_path):
+    """scripts/time_readme.py times whole commands; its full mode reads its commands from the README."""
+    from scripts.time_readme import readme_command
+
+    run, results = _run_script("time_readme.py", "--smoke", out=tmp_path / "t.json")
+    assert [r["command"] for r in results["results"]] == ["version", "recipe list"]
+    assert all(r["best_s"] > 0 and r["runs"] == 1 for r in results["results"])
+    assert "| version |" in run.stdout
+    assert readme_command("python scripts/make_example.py")[:2] == ["python", "scripts/make_example.py"]
+    assert "prune-kd-int8" in readme_command("vitcompress compress --recipe prune-kd-int8")
