@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def train_model(out: Path, steps: int, seed: int) -> dict[str, float]:
 
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.evaluate import evaluate_torch
+    from vitcompress.fileio import file_mode
     from vitcompress.models import ModelRef, load_model
 
     torch.manual_seed(seed)
@@ -74,6 +76,7 @@ def train_model(out: Path, steps: int, seed: int) -> dict[str, float]:
         schedule.step()
     loaded.model.eval()
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(out / "vit.safetensors"))
+    os.chmod(out / "vit.safetensors", file_mode())  # safetensors writes 0o600 files
     measured = evaluate_torch(loaded, test)
     return {"test_top1": measured.top1, "test_images": measured.samples}
 
@@ -82,11 +85,13 @@ def write_stand_ins(out: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
+    from vitcompress.fileio import file_mode
     from vitcompress.models import ModelRef, load_model
 
     torch.manual_seed(0)
     tiny = load_model(ModelRef("timm:vit_tiny_patch16_224", num_classes=10))
     save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(out / "vit_tiny.safetensors"))
+    os.chmod(out / "vit_tiny.safetensors", file_mode())
     try:
         import transformers
     except ImportError:

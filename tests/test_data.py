@@ -357,3 +357,30 @@ def test_models_declare_their_crop_and_hf_processors_map_to_it(tmp_path, hf_vit_
     shutil.copytree(hf_vit_dir, folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(deit))
     assert load_model(ModelRef(f"hf:{folder}")).input.crop_pct == pytest.approx(0.875)
+
+
+def test_a_missing_or_extra_class_folder_is_named_with_the_fix(tmp_path):
+    from PIL import Image
+
+    from vitcompress.data import DataSpec, load_dataset
+    from vitcompress.errors import DataError
+    from vitcompress.models import ModelRef, load_model
+
+    loaded = load_model(
+        ModelRef(
+            "timm:vit_tiny_patch16_224", num_classes=3, img_size=32, kwargs={"depth": 1, "patch_size": 8}
+        )
+    )
+    for name in ("ant", "bee"):
+        (tmp_path / "two" / name).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "two" / name / "a.png")
+    with pytest.raises(DataError, match="has 2 classes, the model has 3") as missing:
+        load_dataset(DataSpec.parse(str(tmp_path / "two")), loaded.input, 3)
+    assert "add an empty folder for each class" in (missing.value.hint or "")
+    assert "ant, bee" in (missing.value.hint or "")
+
+    (tmp_path / "two" / "cat").mkdir()  # the fix: an empty folder keeps the labels in line
+    assert len(load_dataset(DataSpec.parse(str(tmp_path / "two")), loaded.input, 3)) == 2
+    (tmp_path / "two" / "notes").mkdir()
+    with pytest.raises(DataError, match=r"has 4 classes \(cat, notes hold\(s\) no images"):
+        load_dataset(DataSpec.parse(str(tmp_path / "two")), loaded.input, 3)

@@ -93,3 +93,23 @@ def test_leftovers_of_a_hard_kill_are_recovered_or_cleared(tmp_path):
     assert _siblings(target) == [".tmp-other-89abcdef", "ckpt"]
     recover_tree(tmp_path / "missing")  # nothing to recover: no error, nothing made
     assert not (tmp_path / "missing").exists()
+
+
+def test_whole_directory_writes_give_files_the_umask_mode(tmp_path):
+    """safetensors creates its files 0o600; artifacts and checkpoints must read like any new file."""
+    import stat
+
+    from vitcompress.fileio import atomic_dir, atomic_tree
+
+    old = os.umask(0o022)
+    try:
+        with atomic_tree(tmp_path / "tree") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "model.safetensors", 0o600)
+        with atomic_dir(tmp_path / "flat") as tmp:
+            (tmp / "model.onnx.data").write_bytes(b"x")
+            os.chmod(tmp / "model.onnx.data", 0o600)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "tree" / "model.safetensors", tmp_path / "flat" / "model.onnx.data"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -87,6 +87,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         for item in sorted(tmp.iterdir()):
             with open(item, "rb+") as fh:
                 os.fsync(fh.fileno())
+                os.fchmod(fh.fileno(), file_mode())  # writers such as safetensors create 0o600 files
             os.replace(item, path / item.name)
         _fsync_dir(path)
     finally:
@@ -130,10 +131,12 @@ def recover_tree(path: Path, clean: bool = False) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk, with the user's umask mode (safetensors writes 0o600)."""
     for directory, _subdirs, files in os.walk(root):
         for name in files:
             with open(Path(directory) / name, "rb") as fh:
                 os.fsync(fh.fileno())
+                os.fchmod(fh.fileno(), file_mode())
         _fsync_dir(Path(directory))
 
 

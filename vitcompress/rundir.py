@@ -126,7 +126,10 @@ def claim_run_dir(out_dir: Path, fingerprint: str, *, overwrite: bool = False) -
         clean_stale(out_dir)
         _check_owner(out_dir, fingerprint, overwrite)
         write_json(out_dir / RUN_FILE, {"recipe_sha256": fingerprint, "started": started})
-        yield out_dir
+        try:
+            yield out_dir
+        finally:
+            os.ftruncate(fd, 0)  # no holder named once this run is over
     finally:
         os.close(fd)  # releases the lock
 

@@ -354,7 +354,7 @@ def test_hub_id_needs_a_local_folder():
         load_model(ModelRef("hf:facebook/deit-tiny-patch16-224"))
     assert "hf:facebook/deit-tiny-patch16-224 is not a local folder" in info.value.message
     hint = info.value.hint or ""
-    assert "huggingface-cli download facebook/deit-tiny-patch16-224 --local-dir DIR" in hint
+    assert "hf download facebook/deit-tiny-patch16-224 --local-dir DIR" in hint
     assert "save_pretrained(DIR)" in hint
     assert info.value.exit_code == 2
 

@@ -87,6 +87,9 @@ def distill(
         int, typer.Option(min=1, help="Images per step (per process under torchrun).")
     ] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up + cosine).")] = 5e-4,
+    clip_grad: Annotated[
+        float, typer.Option(min=0.0, help="Max gradient norm; lower it if training diverges (0: no clipping).")
+    ] = 1.0,
     hard_label: Annotated[float, typer.Option(help="Weight of cross-entropy on the labels.")] = 0.5,
     soft_kd: Annotated[float, typer.Option(help="Weight of soft logit KD.")] = 0.5,
     temperature: Annotated[float, typer.Option(help="KD temperature.")] = 2.0,
@@ -145,6 +148,7 @@ def distill(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        clip_grad=clip_grad or None,
         hard_label=hard_label,
         soft_kd=soft_kd,
         temperature=temperature,

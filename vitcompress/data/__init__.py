@@ -277,14 +277,29 @@ def recipe_preprocessing(
 def load_dataset(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> Dataset:
     """Load a split for a model: checks the label count, builds the preprocessing and says, in one
     line, what the data is (modes, sizes) and what is done to it."""
+    import numpy as np
+
     raw = load_raw(spec, input_spec, num_classes)
     if len(raw) == 0:
         raise DataError(f"{spec.describe()} is empty")
     top = int(raw.labels.max()) + 1
     if len(raw.classes) != num_classes or top > num_classes:
+        counts = np.bincount(raw.labels, minlength=len(raw.classes))
+        empty = [name for name, count in zip(raw.classes, counts, strict=False) if count == 0]
+        said = f" ({', '.join(empty)} hold(s) no images but count as classes)" if empty else ""
+        if len(raw.classes) < num_classes:
+            hint = (
+                "labels follow the sorted folder names, so a missing class shifts every label after it: "
+                "add an empty folder for each class the model has but the data lacks "
+                f"(data classes: {', '.join(raw.classes)}); --num-classes would re-initialize a trained head"
+            )
+        else:
+            hint = (
+                "remove sub-directories that are not classes, or build the model with --num-classes "
+                f"{len(raw.classes)} (that re-initializes a trained classifier head)"
+            )
         raise DataError(
-            f"{raw.description} has {len(raw.classes)} classes, the model has {num_classes}",
-            hint="build the model with --num-classes to match the data, or use matching data",
+            f"{raw.description} has {len(raw.classes)} classes{said}, the model has {num_classes}", hint=hint
         )
     input_spec = resolve_input(input_spec, spec)
     preprocess: Preprocess | FolderPreprocess

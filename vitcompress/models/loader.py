@@ -483,7 +483,7 @@ def _hf_not_a_folder(directory: Path) -> ModelNotFoundError:
         return ModelNotFoundError(
             f"hf:{text} is not a local folder: Hugging Face hub ids need a local copy (vitcompress "
             "never downloads; this machine may have no network)",
-            hint=f"on a machine with network run `huggingface-cli download {text} --local-dir DIR` (or "
+            hint=f"on a machine with network run `hf download {text} --local-dir DIR` (or "
             f"from_pretrained('{text}').save_pretrained(DIR)), copy DIR here and pass hf:DIR",
         )
     if directory.exists():
@@ -493,7 +493,7 @@ def _hf_not_a_folder(directory: Path) -> ModelNotFoundError:
         )
     return ModelNotFoundError(
         f"Hugging Face model folder {directory} does not exist",
-        hint="check the path; a hub id (org/name) needs a local copy: huggingface-cli download ORG/NAME "
+        hint="check the path; a hub id (org/name) needs a local copy: hf download ORG/NAME "
         "--local-dir DIR on a machine with network",
     )
 

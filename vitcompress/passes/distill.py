@@ -367,7 +367,7 @@ def _load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise DistillError(
             f"checkpoint {directory} (step {step}) has NaN/Inf weights in {len(bad)} of {len(tensors)} "
             f"tensors, e.g. {bad[0]}: resuming would only diverge again",
-            hint=fix + "; then lower lr or raise clip_grad",
+            hint=fix + "; then lower lr or clip_grad (--clip-grad)",
         )
     return tensors, state
 
@@ -624,7 +624,7 @@ def distill_model(
             if not torch.isfinite(loss):
                 raise DistillError(
                     f"loss is {loss.item()} at step {step}",
-                    hint=f"lower lr (now {cfg.lr:g}) or raise clip_grad; {last_good()}",
+                    hint=f"lower lr (now {cfg.lr:g}) or clip_grad (now {cfg.clip_grad}; --clip-grad); {last_good()}",
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -656,7 +656,7 @@ def distill_model(
                     raise DistillError(
                         f"weights hold NaN/Inf after step {done} ({len(bad)} tensors, e.g. {bad[0]}) "
                         f"although the loss was finite ({result.losses[-1]:.4g})",
-                        hint=f"lower lr (now {cfg.lr:g}) or raise clip_grad; {last_good()}",
+                        hint=f"lower lr (now {cfg.lr:g}) or clip_grad (now {cfg.clip_grad}; --clip-grad); {last_good()}",
                     )
             if evaluating:
                 evaluate(done)
