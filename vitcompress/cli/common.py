@@ -170,11 +170,14 @@ def model_ref(
     img_size: int | None,
     in_chans: int | None,
     trust: bool,
-    kwargs: dict[str, Any] | None = None,
+    model_kwargs: list[str] | None = None,
+    num_heads: int | None = None,
 ) -> ModelRef:
+    """The model a command's flags name (`--model-kwargs KEY=VALUE` and `--num-heads` included)."""
     from vitcompress.models import ModelRef
 
-    return ModelRef(source, checkpoint, num_classes, img_size, in_chans, trust, dict(kwargs or {}))
+    kwargs = parse_model_kwargs(model_kwargs, num_heads)
+    return ModelRef(source, checkpoint, num_classes, img_size, in_chans, trust, kwargs)
 
 
 C = TypeVar("C", bound=BaseModel)

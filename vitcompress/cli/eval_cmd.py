@@ -18,7 +18,6 @@ from vitcompress.cli.common import (
     err_console,
     model_ref,
     out_console,
-    parse_model_kwargs,
     print_json,
 )
 from vitcompress.evaluate import EVAL_BATCH_SIZE
@@ -150,13 +149,7 @@ def evaluate(
 
         loaded = load_model(
             model_ref(
-                model,
-                checkpoint,
-                num_classes,
-                img_size,
-                in_chans,
-                trust_checkpoint,
-                parse_model_kwargs(model_kwargs, num_heads),
+                model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint, model_kwargs, num_heads
             )
         )
         spec = _with_overrides(spec, loaded.input.channels, mean, std, input_range, crop_pct, num_workers)

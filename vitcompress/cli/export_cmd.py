@@ -19,7 +19,6 @@ from vitcompress.cli.common import (
     err_console,
     model_ref,
     out_console,
-    parse_model_kwargs,
     print_json,
 )
 from vitcompress.passes.export import ExportConfig, Exporter
@@ -73,13 +72,7 @@ def export(
     )
     loaded = load_model(
         model_ref(
-            model,
-            checkpoint,
-            num_classes,
-            img_size,
-            in_chans,
-            trust_checkpoint,
-            parse_model_kwargs(model_kwargs, num_heads),
+            model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint, model_kwargs, num_heads
         )
     )
     with err_console.status(f"exporting {loaded.label} with {cfg.exporter.value}, opset {cfg.opset}"):

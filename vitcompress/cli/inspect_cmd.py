@@ -14,7 +14,6 @@ from vitcompress.cli.common import (
     TrustOpt,
     model_ref,
     out_console,
-    parse_model_kwargs,
     print_json,
 )
 
@@ -49,13 +48,7 @@ def inspect(
 
     loaded = load_model(
         model_ref(
-            model,
-            checkpoint,
-            num_classes,
-            img_size,
-            in_chans,
-            trust_checkpoint,
-            parse_model_kwargs(model_kwargs, num_heads),
+            model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint, model_kwargs, num_heads
         )
     )
     stats = model_stats(loaded)
