@@ -264,3 +264,25 @@ def test_quantize_shows_its_file_only_after_the_gate(tmp_path, monkeypatch):
     assert target.is_file() and details["gate"]["met"]
     assert _leftovers(tmp_path) == []
     assert not stale.exists()
+
+
+def test_rerunning_a_finished_recipe_skips_its_finished_passes(cli, tmp_path, reference, monkeypatch):
+    import vitcompress.passes.distill as distill
+    import vitcompress.passes.prune as prune
+
+    out = tmp_path / "out"
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    assert cli("compress", "--recipe", tmp_path / "r.yaml", "--out", out).exit_code == 0
+    ran = []
+    monkeypatch.setattr(prune, "prune_model", lambda *a, **k: ran.append("prune"))
+    monkeypatch.setattr(distill, "distill_model", lambda *a, **k: ran.append("distill"))
+    again = cli("compress", "--recipe", tmp_path / "r.yaml", "--out", out, "--json")
+    assert again.exit_code == 0, again.output
+    assert ran == []
+    ledger = json.loads(again.stdout)["ledger"]
+    first = json.loads((reference / "report.json").read_text())["ledger"]
+    assert [(r["name"], r["macs"], r["params"]) for r in ledger] == [
+        (r["name"], r["macs"], r["params"]) for r in first
+    ]
+    for name in MODEL_FILES:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name

@@ -31,6 +31,7 @@ def test_compress_writes_ledger_reports_and_resolved_recipe(cli, tmp_path):
     result = cli("compress", "--recipe", recipe, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
+        ".passes.json",
         ".vitcompress.lock",
         "model.onnx",
         "recipe.resolved.yaml",

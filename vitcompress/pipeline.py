@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from vitcompress.errors import BudgetExceededError
 from vitcompress.fileio import write_text
+from vitcompress.journal import Journal
 from vitcompress.passes import PASSES, Needs
 from vitcompress.recipe import Recipe, dump_recipe
 from vitcompress.state import ModelState, PassRecord, RunSettings
@@ -259,11 +260,18 @@ def _run(
         data=recipe.data,
         progress=progress,
     )
+    journal = Journal.for_dir(out_dir) if rank == 0 else None
     hit = prefixes.longest(recipe) if prefixes is not None else None
-    if hit is not None:
-        state, done = _reuse(hit, settings), hit[0]
+    restored = journal.restore(recipe, settings) if journal is not None and hit is None else None
+    if restored is not None:
+        state, done = restored
+    elif hit is not None:
+        # which artifact the reused teacher is cannot be told from here: this run keeps no journal
+        state, done, journal = _reuse(hit, settings), hit[0], None
     else:
         state, done = _load(recipe, settings, on_pass), 0
+        if journal is not None:
+            journal.start(state)
     for index, cfg in enumerate(recipe.passes, start=1):
         if index <= done:
             continue
@@ -277,9 +285,12 @@ def _run(
         # each pass draws from its own seeded stream: what it does does not depend on how many
         # random numbers the passes before it happened to draw
         seed_everything(recipe.run.seed * 1_000 + index)
+        teacher_before = state.teacher
         state = spec.runner()(state, cfg)
         if spec.changes_model:
             state = replace(state, model_changed=True)
+        if journal is not None:
+            journal.passed(index, state, spec.changes_model, state.teacher is not teacher_before)
         if prefixes is not None and index <= leading_model_passes(recipe):
             prefixes.keep(prefix_key(recipe, index), state)
         release_memory()
