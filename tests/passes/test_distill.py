@@ -264,6 +264,8 @@ def test_resume_refuses_a_checkpoint_with_nonfinite_weights(cli, tmp_path):
         {**state, "weights_sha256": _sha256(checkpoint / "weights.safetensors")},
         checkpoint / "train_state.pt",
     )
+    # as if killed before the pass finished: the run's journal does not list it as done
+    (tmp_path / "run" / ".passes.json").unlink()
     result = cli(*command)
     assert result.exit_code == 2, result.output
     assert (
