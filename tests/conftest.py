@@ -22,31 +22,33 @@ def tiny_ref(source: str, **overrides):
 
 @pytest.fixture(scope="session")
 def hf_vit_dir(tmp_path_factory) -> Path:
-    return _save_hf(tmp_path_factory.mktemp("hf_vit"), "ViTForImageClassification")
+    return save_hf(tmp_path_factory.mktemp("hf_vit"), "ViTForImageClassification")
 
 
 @pytest.fixture(scope="session")
 def hf_deit_dir(tmp_path_factory) -> Path:
-    return _save_hf(tmp_path_factory.mktemp("hf_deit"), "DeiTForImageClassificationWithTeacher")
+    return save_hf(tmp_path_factory.mktemp("hf_deit"), "DeiTForImageClassificationWithTeacher")
 
 
-def _save_hf(directory: Path, architecture: str) -> Path:
+def save_hf(directory: Path, architecture: str, **config: object) -> Path:
+    """A random-init Hugging Face ViT/DeiT folder (config.json + safetensors), small by default."""
     import torch
     import transformers
 
     torch.manual_seed(0)
     config_cls = transformers.ViTConfig if architecture.startswith("ViT") else transformers.DeiTConfig
-    config = config_cls(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        image_size=32,
-        patch_size=8,
-        num_labels=10,
-        architectures=[architecture],
-    )
-    getattr(transformers, architecture)(config).save_pretrained(directory, safe_serialization=True)
+    settings = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_labels": 10,
+        **config,
+    }
+    model = getattr(transformers, architecture)(config_cls(architectures=[architecture], **settings))
+    model.save_pretrained(directory, safe_serialization=True)
     return directory
 
 

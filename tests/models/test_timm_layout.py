@@ -12,6 +12,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from tests.conftest import save_hf
 from vitcompress.errors import CheckpointError, ModelNotFoundError
 from vitcompress.models import ModelRef, load_model
 from vitcompress.models.timm_layout import read_layout
@@ -374,21 +375,10 @@ def test_read_layout_of_a_distilled_deit():
 )
 def test_hf_folder_with_non_default_config_matches_transformers(tmp_path, architecture):
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config_cls = transformers.ViTConfig if architecture.startswith("ViT") else transformers.DeiTConfig
-    config = config_cls(
-        hidden_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=3,
-        intermediate_size=80,
-        image_size=24,
-        patch_size=6,
-        num_channels=1,
-        qkv_bias=False,
-        num_labels=5,
-        architectures=[architecture],
-    )
-    getattr(transformers, architecture)(config).save_pretrained(tmp_path, safe_serialization=True)
+    save_hf(
+        tmp_path, architecture, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+        intermediate_size=80, image_size=24, patch_size=6, num_channels=1, qkv_bias=False, num_labels=5,
+    )  # fmt: skip
     loaded = load_model(ModelRef(f"hf:{tmp_path}"))
     reference = getattr(transformers, architecture).from_pretrained(tmp_path).eval()
     assert loaded.input.shape == (1, 24, 24)

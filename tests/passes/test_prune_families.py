@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import save_hf
 from vitcompress.errors import PruneError
 from vitcompress.models import ModelRef, load_model
 from vitcompress.models.stats import count_macs
@@ -28,22 +29,10 @@ TIMM_COPIES = {
 
 
 def _save_hf_224(directory: Path, architecture: str) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    config_cls = transformers.ViTConfig if architecture.startswith("ViT") else transformers.DeiTConfig
-    config = config_cls(
-        hidden_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=3,
-        intermediate_size=768,
-        image_size=224,
+    return save_hf(
+        directory, architecture, hidden_size=192, num_attention_heads=3, intermediate_size=768, image_size=224,
         patch_size=16,
-        num_labels=10,
-        architectures=[architecture],
-    )
-    getattr(transformers, architecture)(config).save_pretrained(directory, safe_serialization=True)
-    return directory
+    )  # fmt: skip
 
 
 def _load(family: str, tmp_path_factory):
