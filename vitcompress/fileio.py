@@ -7,6 +7,7 @@ its own; `atomic_tree` a whole directory as one unit (a training checkpoint, a m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -167,6 +168,15 @@ def atomic_tree(path: Path) -> Iterator[Path]:
             shutil.rmtree(trash, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:

@@ -257,11 +257,11 @@ def test_resume_refuses_a_checkpoint_with_nonfinite_weights(cli, tmp_path):
     save_file(
         {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, checkpoint / "weights.safetensors"
     )
-    from vitcompress.passes.distill import _sha256
+    from vitcompress.fileio import file_sha256
 
     state = torch.load(checkpoint / "train_state.pt", weights_only=True)
     torch.save(
-        {**state, "weights_sha256": _sha256(checkpoint / "weights.safetensors")},
+        {**state, "weights_sha256": file_sha256(checkpoint / "weights.safetensors")},
         checkpoint / "train_state.pt",
     )
     # as if killed before the pass finished: the run's journal does not list it as done

@@ -11,7 +11,6 @@ as safetensors.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import logging
 import pickletools
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from vitcompress.errors import CheckpointError
+from vitcompress.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ StateDict = dict[str, torch.Tensor]
 def _torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(re.sub(r"\D.*", "", minor) or 0)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _corrupt(path: Path, detail: str) -> CheckpointError:

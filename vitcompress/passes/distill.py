@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, m
 
 from vitcompress.errors import VitcompressError
 from vitcompress.evaluate import EVAL_BATCH_SIZE
+from vitcompress.fileio import file_sha256
 from vitcompress.passes.base import PassConfig
 
 if TYPE_CHECKING:
@@ -294,14 +295,6 @@ def _fingerprint(cfg: DistillConfig, student: LoadedModel, data: Dataset, val: D
 WEIGHTS_FILE, STATE_FILE = "weights.safetensors", "train_state.pt"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def non_finite(module: nn.Module) -> list[str]:
     """Names of the floating tensors of `module` (parameters, buffers) that hold a NaN or Inf."""
     import torch
@@ -328,7 +321,7 @@ def _save_checkpoint(directory: Path, module: nn.Module, state: dict[str, Any]) 
             {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
             str(tmp / WEIGHTS_FILE),
         )
-        torch.save({**state, "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}, tmp / STATE_FILE)
+        torch.save({**state, "weights_sha256": file_sha256(tmp / WEIGHTS_FILE)}, tmp / STATE_FILE)
 
 
 def _load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -356,7 +349,7 @@ def _load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str
             "digest that ties its weights to its state",
             hint=fix,
         )
-    if state["weights_sha256"] != _sha256(weights):
+    if state["weights_sha256"] != file_sha256(weights):
         raise DistillError(
             f"checkpoint {directory} is inconsistent: {WEIGHTS_FILE} is not the file its {STATE_FILE} "
             f"(step {step}) was written with",
