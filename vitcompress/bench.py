@@ -1,6 +1,7 @@
-"""Latency measurement with ONNX Runtime, done the way a deployment gate needs it (RELIABILITY 29).
+"""Latency measurement on every runtime (ONNX Runtime, OpenVINO, TensorRT), done the way a deployment
+gate needs it.
 
-Several models are measured interleaved in one run (round-robin, rotating which goes first) so that
+Several models, or one model on several runtimes, are measured interleaved in one run (round-robin, rotating which goes first) so that
 noise from a shared machine falls on all of them alike; the first model is the baseline every ratio
 is taken against. Warm-up runs are excluded; the thread count is fixed and recorded together with
 the CPU model, its ISA flags (AVX-512 VNNI, AMX) and the library versions.
@@ -16,12 +17,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitcompress.errors import BudgetExceededError, OnnxModelError
 from vitcompress.runtime import OnnxRunner, Provider
+
+if TYPE_CHECKING:
+    from vitcompress.runtimes import Precision, Runner, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,10 @@ class Latency:
     min_ms: float
     throughput_ips: float  # images per second at the median latency
     speedup_vs_first: float  # first model's p50 / this p50, at the same batch size
+    runtime: str = "ort"  # what ran it (vitcompress.runtimes), its version, precision and threads
+    runtime_version: str = ""
+    precision: str = ""
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,7 @@ class BenchSettings:
     warmup: int
     runs: int
     block: int = 1  # consecutive timed runs per model before switching (1: strict round-robin)
+    precision: str | None = None  # the precision hint given to runtimes that take one (OpenVINO)
 
 
 @dataclass(frozen=True)
@@ -126,11 +135,15 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def find(self, model: str, batch_size: int) -> Latency:
-        return next(r for r in self.results if r.model == model and r.batch_size == batch_size)
+    def find(self, model: str, batch_size: int, runtime: str | None = None) -> Latency:
+        return next(
+            r
+            for r in self.results
+            if r.model == model and r.batch_size == batch_size and runtime in (None, r.runtime)
+        )
 
 
-def _input_for(runner: OnnxRunner, batch_size: int, seed: int) -> np.ndarray:
+def _input_for(runner: OnnxRunner | Runner, batch_size: int, seed: int) -> np.ndarray:
     dims = runner.input_shape
     if isinstance(dims[0], int) and dims[0] != batch_size:
         raise OnnxModelError(
@@ -178,6 +191,43 @@ def time_interleaved(
     return times
 
 
+def bench_entries(
+    paths: Sequence[Path], runtimes: Sequence[Runtime] | None = None
+) -> list[tuple[Path, Runtime]]:
+    """What to time: each file on its own runtime (by suffix), or, with `runtimes`, each file on each
+    of those runtimes that opens it (an .onnx file on ORT and OpenVINO); the first is the baseline."""
+    from vitcompress.runtimes import RUNTIMES, runtime_for
+
+    entries: list[tuple[Path, Runtime]] = []
+    for path in map(Path, paths):
+        if not runtimes:
+            entries.append((path, runtime_for(path)))
+            continue
+        usable = [rt for rt in runtimes if path.suffix.lower() in RUNTIMES[rt].suffixes]
+        if not usable:
+            raise OnnxModelError(
+                f"none of the runtimes asked for ({', '.join(rt.value for rt in runtimes)}) opens {path}",
+                hint=f"{path.suffix} files run on {runtime_for(path).value}",
+            )
+        entries.extend((path, rt) for rt in usable)
+    return entries
+
+
+def open_bench_runner(
+    path: Path, runtime: Runtime, provider: Provider, precision: Precision | None, threads: int
+) -> Runner:
+    """A runner for timing: ORT with the chosen execution provider, OpenVINO with the precision hint,
+    TensorRT on the GPU. ORT and TensorRT run a file in its own precision."""
+    from vitcompress.runtimes import Device, Runtime, open_runner
+    from vitcompress.runtimes.ort import OrtRunner
+
+    if runtime is Runtime.ort:
+        return OrtRunner(path, threads=threads, provider=provider)
+    hint = precision if runtime is Runtime.openvino else None
+    device = Device.gpu if runtime is Runtime.tensorrt else Device.cpu
+    return open_runner(path, runtime, device=device, precision=hint, threads=threads)
+
+
 def bench_models(
     paths: Sequence[Path],
     provider: Provider = Provider.cpu,
@@ -188,22 +238,28 @@ def bench_models(
     on_step: Callable[[int], None] | None = None,
     seed: int = 0,
     block: int = 10,
+    runtimes: Sequence[Runtime] | None = None,
+    precision: Precision | None = None,
 ) -> BenchReport:
-    """Measure every model at every batch size, interleaved; on_step(n) reports progress in runs."""
+    """Measure every model at every batch size, interleaved; on_step(n) reports progress in runs.
+
+    Files of different runtimes (model.onnx, model.xml, model.engine) are timed in the same run;
+    `runtimes` runs each file on several (see bench_entries). Every result names its runtime,
+    runtime version, precision and threads."""
     if not paths:
-        raise OnnxModelError("no ONNX models to bench", hint="pass one or more .onnx files")
-    runners = [OnnxRunner(Path(p), provider=provider, threads=threads) for p in paths]
-    labels = [str(p) for p in paths]
+        raise OnnxModelError("no models to bench", hint="pass one or more .onnx, .xml or .engine files")
+    entries = bench_entries(paths, runtimes)
+    runners = [open_bench_runner(p, rt, provider, precision, threads) for p, rt in entries]
+    labels = [str(p) for p, _ in entries]
     results: list[Latency] = []
     for batch_size in batch_sizes:
         inputs = [_input_for(r, batch_size, seed) for r in runners]
         calls = [
-            (lambda r=runner, feed={runner.input_name: batch}: r.session.run(None, feed))
-            for runner, batch in zip(runners, inputs, strict=True)
+            (lambda r=runner, x=batch: r.infer(x)) for runner, batch in zip(runners, inputs, strict=True)
         ]
         times = time_interleaved(calls, warmup, runs, on_step, block=block)
         first_p50 = float(np.percentile(times[0], 50))
-        for label, samples in zip(labels, times, strict=True):
+        for label, runner, samples in zip(labels, runners, times, strict=True):
             ms = np.asarray(samples)
             p50 = float(np.percentile(ms, 50))
             results.append(
@@ -218,9 +274,21 @@ def bench_models(
                     min_ms=float(ms.min()),
                     throughput_ips=batch_size * 1e3 / p50,
                     speedup_vs_first=first_p50 / p50,
+                    runtime=runner.info.runtime,
+                    runtime_version=runner.info.version,
+                    precision=runner.info.precision,
+                    threads=runner.info.threads,
                 )
             )
-    settings = BenchSettings(provider.value, threads, tuple(batch_sizes), warmup, runs, block)
+    settings = BenchSettings(
+        provider.value,
+        threads,
+        tuple(batch_sizes),
+        warmup,
+        runs,
+        block,
+        precision.value if precision else None,
+    )
     reasons = noise_reasons(results)
     for reason in reasons:
         log.warning("noisy measurement: %s", reason)

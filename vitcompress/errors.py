@@ -103,3 +103,12 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     if len(choices) <= 12:
         return "valid: " + ", ".join(choices)
     return f"{len(choices)} valid names; none is close"
+
+
+class RuntimeModelError(VitcompressError):
+    """A model file a runtime cannot use: its weights missing, written by an incompatible version of
+    the runtime, or built for another device."""
+
+
+class PrecisionUnavailableError(VitcompressError):
+    """An inference precision this device or runtime does not have (bf16 without AVX512_BF16/AMX)."""

@@ -9,13 +9,35 @@ from rich.table import Table
 
 from vitcompress.cli.common import JsonOpt, err_console, out_console, print_json
 from vitcompress.runtime import Provider
+from vitcompress.runtimes.base import Precision, Runtime
 
 
 def bench(
     models: Annotated[
         list[Path],
-        typer.Argument(help="ONNX files; the first is the baseline for the ratios.", show_default=False),
+        typer.Argument(
+            help="Model files of any runtime: .onnx/.ort (ONNX Runtime), .xml (OpenVINO IR), .engine "
+            "(TensorRT). The first is the baseline for the ratios.",
+            show_default=False,
+        ),
     ],
+    runtime: Annotated[
+        list[Runtime] | None,
+        typer.Option(
+            "--runtime",
+            "-r",
+            help="Run each file on this runtime; repeat to time one file on several (an .onnx file "
+            "on ort and openvino). Default: the runtime of each file's suffix.",
+        ),
+    ] = None,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="OpenVINO's inference precision hint: fp32 or bf16 (bf16 needs AVX512_BF16 or AMX). "
+            "Default: OpenVINO's own choice, which is bf16 on CPUs that have it. ORT and TensorRT run "
+            "each file in its own precision. Every result records the precision it ran in.",
+        ),
+    ] = None,
     provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.cpu,
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: all cores).")] = None,
     batch_size: Annotated[
@@ -55,10 +77,12 @@ def bench(
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Measure ONNX Runtime latency on this machine, several models interleaved in one run.
+    """Measure latency on this machine, several models and runtimes interleaved in one run.
 
-    Reports p50/p90/p99 and throughput per model and batch size, ratios against the first model
-    (the baseline), and records the CPU model, ISA flags (AVX-512 VNNI, AMX), threads and versions.
+    Files of different runtimes are timed in the same run (ONNX Runtime, OpenVINO, TensorRT), and
+    --runtime runs one file on several. Reports p50/p90/p99 and throughput per model, runtime and
+    batch size, ratios against the first (the baseline), and records the runtime, its version, the
+    precision it ran in, the threads, the CPU model, ISA flags (AVX-512 VNNI, AMX) and versions.
     A measurement that looks disturbed (p99 over 2x p50) is flagged: a warning on stderr, and
     `noisy: true` with its reasons in --json; a gate that fails on it says so.
 
@@ -66,14 +90,17 @@ def bench(
       vitcompress bench baseline.onnx compressed.onnx --threads 2 -b 1 -b 8
       vitcompress bench compressed.onnx --max-p50-ms 25        # CI gate: exit code 3 when slower
       vitcompress bench model.int8.onnx --profile               # time per op type
+      vitcompress bench model.onnx model.xml model.int8.xml     # ORT vs OpenVINO files, one run
+      vitcompress bench model.onnx -r ort -r openvino --precision fp32   # one file, two runtimes
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vitcompress.bench import bench_models, check_gate
+    from vitcompress.bench import bench_entries, bench_models, check_gate
 
     batch_sizes = batch_size or [1]
     threads = threads or os.cpu_count() or 1
-    total = len(batch_sizes) * len(models) * (warmup + runs)
+    entries = bench_entries(models, runtime)
+    total = len(batch_sizes) * len(entries) * (warmup + runs)
     with Progress(
         TextColumn("bench"),
         BarColumn(),
@@ -92,8 +119,11 @@ def bench(
             runs,
             on_step=lambda n: progress.advance(task, n),
             block=block,
+            runtimes=runtime,
+            precision=precision,
         )
-    gated = report.find(str(models[-1]), batch_sizes[0])
+    last_path, last_runtime = entries[-1]
+    gated = report.find(str(last_path), batch_sizes[0], last_runtime.value)
     profiles = {}
     if profile:
         from vitcompress.bench import profile_ops
@@ -106,21 +136,37 @@ def bench(
         print_json(
             {
                 **report.to_dict(),
-                "gate": {"model": gated.model, "max_p50_ms": max_p50_ms, "min_speedup": min_speedup},
+                "gate": {
+                    "model": gated.model,
+                    "runtime": gated.runtime,
+                    "max_p50_ms": max_p50_ms,
+                    "min_speedup": min_speedup,
+                },
                 **({"profile": profiles} if profile else {}),
             }
         )
     else:
         env = report.environment
-        table = Table(
-            title=f"ONNX Runtime {env.versions['onnxruntime']} {provider.value}, {threads} threads, "
-            f"{runs} runs; {env.cpu_model}; ISA: {env.isa_summary()}"
-        )
-        for column in ("model", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "vs first"):
-            table.add_column(column, justify="left" if column == "model" else "right")
+        table = Table(title=f"{threads} threads, {runs} runs; {env.cpu_model}; ISA: {env.isa_summary()}")
+        for column in (
+            "model",
+            "runtime",
+            "precision",
+            "batch",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "images/s",
+            "vs first",
+        ):
+            table.add_column(
+                column, justify="left" if column in ("model", "runtime", "precision") else "right"
+            )
         for r in report.results:
             table.add_row(
                 Path(r.model).name,
+                f"{r.runtime} {r.runtime_version}" + (f" {provider.value}" if r.runtime == "ort" else ""),
+                r.precision,
                 str(r.batch_size),
                 f"{r.p50_ms:.2f}",
                 f"{r.p90_ms:.2f}",
