@@ -455,8 +455,14 @@ def expected_gemm_peak(precision: str, threads: int, env: Environment | None = N
 
 
 def model_precision(path: Path) -> str:
-    """int8 when the graph holds integer-quantized ops, else fp32 (fp16 files count as fp32 here)."""
+    """int8 when the graph holds integer-quantized ops (an OpenVINO IR: FakeQuantize), else fp32
+    (fp16 files count as fp32 here)."""
     import onnx
+
+    if Path(path).suffix.lower() == ".xml":
+        from vitcompress.runtimes.openvino import is_int8, read_model
+
+        return "int8" if is_int8(read_model(Path(path))) else "fp32"
 
     ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
     return "int8" if ops & INT8_OPS else "fp32"

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from vitcompress.data import Dataset
     from vitcompress.models.loader import InputSpec, LoadedModel
     from vitcompress.runtime import Provider
+    from vitcompress.runtimes import Precision, Runner, Runtime
 
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ class EvalResult:
     loss: float
     wall_s: float
     per_class: tuple[ClassScore, ...] = field(default=(), compare=False)
+    # what ran it: runtime version, the precision it computed in, threads (files only)
+    runtime_version: str = ""
+    precision: str = ""
+    threads: int | None = None
     # top-1 right or wrong, per sample in the data's order: what the sanity probe pairs against
     hits: tuple[bool, ...] = field(default=(), compare=False, repr=False)
 
@@ -155,6 +160,24 @@ def evaluate_torch(
 
 
 def onnx_metadata(path: Path) -> dict[str, Any] | None:
+    """The vitcompress metadata a model file carries: ONNX metadata_props, OpenVINO IR rt_info, the
+    .ort format's custom metadata, or a TensorRT engine's sidecar .json."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".xml":
+        from vitcompress.runtimes.openvino import model_metadata, read_model
+
+        return model_metadata(read_model(path), path)
+    if suffix in (".ort", ".engine", ".plan"):
+        from vitcompress.runtimes import open_runner
+
+        if suffix == ".ort":
+            return open_runner(path).metadata()
+        from vitcompress.runtimes.base import parse_metadata
+
+        sidecar = Path(str(path) + ".json")
+        meta = (parse_metadata(sidecar.read_text()) or {}).get("input") if sidecar.is_file() else None
+        return dict(meta) if isinstance(meta, dict) else None
     import onnx
 
     from vitcompress.passes.export import METADATA_KEY
@@ -177,7 +200,8 @@ def onnx_input_spec(path: Path) -> tuple[InputSpec, int]:
     from vitcompress.models.loader import InputSpec
     from vitcompress.runtime import check_input_dims, check_onnx_file
 
-    check_onnx_file(path)  # a broken declared input shape is refused before any data is prepared for it
+    if Path(path).suffix.lower() == ".onnx":
+        check_onnx_file(path)  # a broken declared input shape is refused before any data is prepared for it
     meta = onnx_metadata(path)
     if meta is None:
         raise OnnxModelError(
@@ -196,6 +220,25 @@ def onnx_input_spec(path: Path) -> tuple[InputSpec, int]:
     return spec, classes
 
 
+def file_runner(
+    path: Path,
+    provider: Provider | None = None,
+    threads: int | None = None,
+    runtime: Runtime | None = None,
+    precision: Precision | None = None,
+) -> Runner:
+    """A runner for a model file: ONNX Runtime with `provider` for .onnx/.ort, else the runtime its
+    suffix (or `runtime`) names, with the precision hint where that runtime takes one."""
+    from vitcompress.runtimes import Device, Runtime, open_runner, runtime_for
+    from vitcompress.runtimes.ort import OrtRunner
+
+    runtime = runtime or runtime_for(Path(path))
+    if runtime is Runtime.ort:
+        return OrtRunner(Path(path), threads=threads, provider=provider, precision=precision)
+    device = Device.gpu if runtime is Runtime.tensorrt else Device.cpu
+    return open_runner(Path(path), runtime, device=device, precision=precision, threads=threads)
+
+
 def evaluate_onnx(
     path: Path,
     data: Dataset,
@@ -203,10 +246,13 @@ def evaluate_onnx(
     threads: int | None = None,
     batch_size: int = EVAL_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
+    runtime: Runtime | None = None,
+    precision: Precision | None = None,
 ) -> EvalResult:
-    from vitcompress.runtime import OnnxRunner, Provider
+    """Score a model file (.onnx, .ort, OpenVINO .xml, TensorRT .engine) on `data`."""
+    from dataclasses import replace
 
-    runner = OnnxRunner(Path(path), provider=provider or Provider.cpu, threads=threads)
+    runner = file_runner(path, provider, threads, runtime, precision)
     tally = _Tally()
     start = time.perf_counter()
     for inputs, labels in data.batches(batch_size):
@@ -215,9 +261,10 @@ def evaluate_onnx(
         tally.add(logits, labels.numpy())
         if on_batch:
             on_batch(len(labels))
-    return _result(
-        str(path), f"onnxruntime-{runner.provider.value}", data, tally, time.perf_counter() - start
-    )
+    info = runner.info
+    name = f"onnxruntime-{info.device}" if info.runtime == "ort" else f"{info.runtime}-{info.device}"
+    result = _result(str(path), name, data, tally, time.perf_counter() - start)
+    return replace(result, runtime_version=info.version, precision=info.precision, threads=info.threads)
 
 
 def _result(model: str, runtime: str, data: Dataset, tally: _Tally, wall: float) -> EvalResult:
@@ -464,10 +511,10 @@ def sanity_onnx(
     provider: Provider | None = None,
     threads: int | None = None,
     label: str | None = None,
+    runtime: Runtime | None = None,
+    precision: Precision | None = None,
 ) -> Sanity:
-    from vitcompress.runtime import OnnxRunner, Provider
-
-    runner = OnnxRunner(Path(path), provider=provider or Provider.cpu, threads=threads)
+    runner = file_runner(path, provider, threads, runtime, precision)
     return check_sanity(runner.run, data, result, label or str(path))
 
 

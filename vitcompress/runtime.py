@@ -121,8 +121,14 @@ def _external_files(model: Any, path: Path) -> set[Path]:
 
 
 def onnx_size(path: Path) -> int:
-    """Bytes of an ONNX model on disk: the .onnx file plus every external data file it references."""
+    """Bytes of a model on disk: an .onnx file plus every external data file it references; an
+    OpenVINO IR's .xml plus its .bin; an .ort file or a TensorRT engine itself."""
     path = Path(path)
+    if path.suffix.lower() == ".xml":
+        weights = path.with_suffix(".bin")
+        return path.stat().st_size + (weights.stat().st_size if weights.is_file() else 0)
+    if path.suffix.lower() in (".ort", ".engine", ".plan"):
+        return path.stat().st_size
     return path.stat().st_size + sum(f.stat().st_size for f in check_external_data(path))
 
 

@@ -22,6 +22,7 @@ from vitcompress.cli.common import (
 )
 from vitcompress.evaluate import EVAL_BATCH_SIZE
 from vitcompress.runtime import Provider
+from vitcompress.runtimes.base import Precision, Runtime
 
 if TYPE_CHECKING:
     from vitcompress.data import DataSpec
@@ -31,7 +32,8 @@ def evaluate(
     model: Annotated[
         str,
         typer.Argument(
-            help="timm:NAME, hf:DIR, an artifact or run directory, or an .onnx file exported by vitcompress.",
+            help="timm:NAME, hf:DIR, an artifact or run directory, or a model file vitcompress wrote: "
+            ".onnx/.ort (ONNX Runtime), .xml (OpenVINO IR), .engine (TensorRT).",
             show_default=False,
         ),
     ],
@@ -56,6 +58,19 @@ def evaluate(
     provider: Annotated[
         Provider, typer.Option(help="ONNX Runtime provider (ONNX files only).")
     ] = Provider.cpu,
+    runtime: Annotated[
+        Runtime | None,
+        typer.Option(
+            help="Runtime for a model file (default: its suffix's; an .onnx file can also run on openvino)."
+        ),
+    ] = None,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="OpenVINO's precision hint: fp32 or bf16 (default: OpenVINO's choice, bf16 on CPUs that "
+            "have it). ORT runs a file in its own precision.",
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the stratified subset.")] = 0,
     mean: Annotated[
@@ -117,6 +132,7 @@ def evaluate(
       vitcompress eval timm:vit_tiny_patch16_224 --checkpoint ref.safetensors --in-chans 1 --data fashion-mnist:test
       vitcompress eval out/model.onnx --data fashion-mnist:test --json
       vitcompress eval out/model.onnx --data photos/test --per-class --mean 0 --std 1
+      vitcompress eval out/model.xml --data fashion-mnist:test --precision fp32   # OpenVINO IR
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -134,7 +150,7 @@ def evaluate(
     if input_range is not None and input_range not in ("0-1", "0-255"):
         raise typer.BadParameter(f"{input_range!r} is not 0-1 or 0-255", param_hint="--input-range")
     spec = DataSpec.parse(data, limit=data_limit, seed=seed)
-    is_onnx = model.endswith(".onnx")
+    is_onnx = Path(model).suffix.lower() in (".onnx", ".ort", ".xml", ".engine", ".plan")
     model_classes: tuple[str, ...] | None = None
     if is_onnx:
         path = Path(model)
@@ -145,6 +161,11 @@ def evaluate(
         spec = _with_overrides(spec, input_spec.channels, mean, std, input_range, crop_pct, num_workers)
         dataset = load_dataset(spec, input_spec, classes)
     else:
+        if runtime is not None or precision is not None:
+            raise typer.BadParameter(
+                "--runtime and --precision apply to model files (.onnx, .xml, .engine); export the model first",
+                param_hint="--runtime",
+            )
         from vitcompress.models import load_model
 
         loaded = load_model(
@@ -174,13 +195,15 @@ def evaluate(
             progress.advance(task, n)
 
         if is_onnx:
-            result = evaluate_onnx(path, dataset, provider, threads, batch_size, advance)
+            result = evaluate_onnx(
+                path, dataset, provider, threads, batch_size, advance, runtime=runtime, precision=precision
+            )
         else:
             result = evaluate_torch(loaded, dataset, batch_size, advance)
     checked = None
     if sanity:
         checked = (
-            sanity_onnx(path, dataset, result, provider, threads)
+            sanity_onnx(path, dataset, result, provider, threads, runtime=runtime, precision=precision)
             if is_onnx
             else sanity_torch(loaded, dataset, result)
         )
@@ -192,7 +215,7 @@ def evaluate(
         print_json(out)
         return
     out_console.print(
-        f"{result.model} ({result.runtime}) on {result.data}: top-1 {result.top1:.2%}, top-5 {result.top5:.2%}, "
+        f"{result.model} ({result.runtime} {result.runtime_version}, {result.precision}) on {result.data}: top-1 {result.top1:.2%}, top-5 {result.top5:.2%}, "
         f"loss {result.loss:.4f}, {result.samples} images in {result.wall_s:.1f} s ({result.images_per_s:.0f}/s)"
     )
     if per_class:

@@ -47,16 +47,33 @@ def export(
     ] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative part of the parity gate.")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of the parity batch.")] = 0,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="ort: the .onnx file; openvino: also OpenVINO IR (.xml + .bin of the same name) converted "
+            "from it, with the same metadata, checked against PyTorch under each precision hint."
+        ),
+    ] = "ort",
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="--runtime openvino: the precision hint recorded with the IR and parity-checked (fp32 or "
+            "bf16; fp32 is always checked too). Default: bf16 on CPUs with AVX512_BF16/AMX, else fp32."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export to ONNX (fp32, dynamic batch axis) and verify the file against PyTorch.
 
     Checks: onnx.checker full check, an ONNX Runtime session at batch 1 and at the parity batch,
     max |Δlogit| and top-1 agreement against PyTorch. Exit code 4 if parity fails (no file is left).
+    With --runtime openvino the IR is checked the same way, under fp32 and under its precision hint,
+    each with the tolerance printed (bf16 is looser: it keeps 8 bits of mantissa).
 
     Examples:
       vitcompress export timm:deit_small_patch16_224 --out deit_s.onnx
       vitcompress export out/model --out pruned.onnx --opset 18
+      vitcompress export timm:deit_small_patch16_224 --out deit_s.onnx --runtime openvino   # + deit_s.xml
     """
     from vitcompress.models import load_model
     from vitcompress.passes.export import export_model
@@ -69,6 +86,8 @@ def export(
         atol=atol,
         rtol=rtol,
         filename=out.name,
+        runtime=runtime,
+        precision=precision,
     )
     loaded = load_model(
         model_ref(
@@ -86,3 +105,10 @@ def export(
         f"parity vs PyTorch on {result.parity.batch} images: max |Δlogit| {result.parity.max_abs_diff:.2e}, "
         f"top-1 agreement {result.parity.top1_agreement:.1%}; runs at batch {result.batch_sizes_checked}"
     )
+    for hint, checked in (result.ir_parity or {}).items():
+        runner = checked["runner"]
+        out_console.print(
+            f"wrote {result.ir_path} (OpenVINO {runner['version']}); parity under the {hint} hint "  # type: ignore[index]
+            f"(ran {runner['precision']}): max |Δlogit| {checked['max_abs_diff']:.2e} "  # type: ignore[index]
+            f"(allowed {checked['allowed_max_abs_diff']:.2e}), top-1 agreement {checked['top1_agreement']:.1%}"
+        )

@@ -30,6 +30,7 @@ from vitcompress.state import ModelState, Parity, PassRecord
 if TYPE_CHECKING:
     from vitcompress.models.loader import InputSpec, LoadedModel
     from vitcompress.runtime import OnnxRunner
+    from vitcompress.runtimes.base import Runner
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,17 @@ class ExportConfig(PassConfig):
     atol: float = Field(1e-4, gt=0, description="Parity gate: max |Δlogit| <= atol + rtol * max|logit|.")
     rtol: float = Field(1e-4, ge=0, description="Relative part of the parity gate.")
     min_top1_agreement: float = Field(1.0, gt=0, le=1, description="Parity gate on top-1 agreement.")
+    runtime: Literal["ort", "openvino"] = Field(
+        "ort",
+        description="ort: the ONNX file; openvino: also an OpenVINO IR (.xml + .bin, same name) converted "
+        "from the parity-checked ONNX, carrying the same metadata and itself checked against PyTorch.",
+    )
+    precision: Literal["fp32", "bf16"] | None = Field(
+        None,
+        description="openvino: the inference precision hint recorded with the IR and checked for parity "
+        "(fp32 is always checked; bf16 with its looser tolerance). Default: bf16 on CPUs with AVX512_BF16 "
+        "or AMX (what OpenVINO would pick), else fp32.",
+    )
 
     @field_validator("opset")
     @classmethod
@@ -82,6 +94,8 @@ class ExportResult:
     batch_sizes_checked: tuple[int, ...]
     op_counts: dict[str, int]
     wall_s: float
+    ir_path: Path | None = None  # the OpenVINO IR, with runtime openvino
+    ir_parity: dict[str, dict[str, object]] | None = None  # per precision hint: parity, tolerance, runner
 
 
 @contextlib.contextmanager
@@ -192,7 +206,9 @@ def _write_metadata(path: Path, entry_value: dict[str, object]) -> None:
     onnx.save(model, str(path))
 
 
-def measure_parity(loaded: LoadedModel, runner: OnnxRunner, batch: int, seed: int, reference: str) -> Parity:
+def measure_parity(
+    loaded: LoadedModel, runner: OnnxRunner | Runner, batch: int, seed: int, reference: str
+) -> Parity:
     import numpy as np
     import torch
 
@@ -262,6 +278,9 @@ def export_model(
                     f"{parity.top1_agreement:.3f} (required {cfg.min_top1_agreement:.3f})",
                     hint="try the other --exporter or another --opset; the file was not written",
                 )
+        ir_parity = None
+        if cfg.runtime == "openvino":
+            ir_parity = _export_ir(loaded, staged, tmp / path.with_suffix(".xml").name, cfg, seed)
     size = onnx_size(path)
     return ExportResult(
         path=path,
@@ -272,7 +291,45 @@ def export_model(
         batch_sizes_checked=(1, cfg.parity_batch),
         op_counts=op_counts,
         wall_s=time.perf_counter() - start,
+        ir_path=path.with_suffix(".xml") if ir_parity is not None else None,
+        ir_parity=ir_parity,
     )
+
+
+def default_ir_precision() -> str:
+    """What OpenVINO picks on this CPU for an fp32 model: bf16 with AVX512_BF16 or AMX, else fp32."""
+    from vitcompress.runtimes.base import CPU_PRECISION_FLAGS, Precision, cpu_flags
+
+    return "bf16" if any(f in cpu_flags() for f in CPU_PRECISION_FLAGS[Precision.bf16]) else "fp32"
+
+
+def _export_ir(
+    loaded: LoadedModel, onnx_file: Path, xml: Path, cfg: ExportConfig, seed: int
+) -> dict[str, dict[str, object]]:
+    """Convert the parity-checked ONNX file to OpenVINO IR beside it (in the staging folder) with the
+    ONNX file's metadata plus the precision hint, then check the IR against PyTorch under fp32 and
+    under that hint, each with its own tolerance (runtimes.parity)."""
+    from vitcompress.runtimes import parity as gate
+    from vitcompress.runtimes.base import Precision
+    from vitcompress.runtimes.openvino import OpenVINORunner, convert_onnx, onnx_file_metadata, save_ir
+
+    hint = cfg.precision or default_ir_precision()
+    meta = {**(onnx_file_metadata(onnx_file) or {}), "precision_hint": hint}
+    save_ir(convert_onnx(onnx_file), xml, meta, atomic=False)
+    checked: dict[str, dict[str, object]] = {}
+    for precision in dict.fromkeys([Precision.fp32, Precision(hint)]):
+        runner = OpenVINORunner(xml, precision=precision, threads=None)
+        tolerance = gate.tolerance_for(runner.info.precision)
+        for batch in (1, cfg.parity_batch):
+            parity = measure_parity(loaded, runner, batch, seed + batch, reference=f"PyTorch {loaded.label}")
+            gate.check(
+                parity,
+                tolerance,
+                f"OpenVINO IR {xml.name} ({runner.info.precision})",
+                "export with runtime ort and report the model; the files were not written",
+            )
+        checked[precision.value] = gate.report(parity, tolerance, runner.info.to_dict())
+    return checked
 
 
 def run(state: ModelState, cfg: ExportConfig) -> ModelState:
@@ -317,6 +374,11 @@ def run(state: ModelState, cfg: ExportConfig) -> ModelState:
             "nodes": sum(result.op_counts.values()),
             "preprocessing": {**input_spec.to_dict(), "from": f"data.{split}" if split else "model"},
             **({"classes": list(classes)} if classes and len(classes) == state.model.num_classes else {}),
+            **(
+                {"openvino": {"ir": str(result.ir_path), "parity": result.ir_parity}}
+                if result.ir_path is not None
+                else {}
+            ),
         },
     )
     baseline = state.baseline_onnx or (None if state.model_changed else result.path)

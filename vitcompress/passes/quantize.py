@@ -78,6 +78,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reduce_range": False, "quantize_attention": True, "provider": "tensorrt",
     },
     "gpu-fp16": {"mode": "fp16", "provider": "cuda"},
+    # OpenVINO on x86: NNCF INT8 and vitcompress's QDQ file, both run by OpenVINO, the faster kept
+    "cpu-x86-openvino-int8": {
+        "runtime": "openvino", "mode": "auto", "activation_type": "uint8", "weight_type": "int8",
+        "per_channel": True, "reduce_range": False, "quantize_attention": False, "provider": "cpu",
+    },
 }  # fmt: skip
 
 
@@ -85,6 +90,11 @@ class QuantizeConfig(PassConfig):
     """Quantize the exported ONNX model (needs an export pass before it)."""
 
     kind: Literal["quantize"] = "quantize"
+    runtime: Literal["ort", "openvino"] = Field(
+        "ort",
+        description="ort: ONNX Runtime quantization into an .onnx file; openvino: INT8 OpenVINO IR (.xml) "
+        "with NNCF (static), or NNCF and vitcompress's QDQ file run by OpenVINO, the faster kept (auto).",
+    )
     preset: str | None = Field(
         None, description=f"Target preset: {', '.join(PRESETS)} (sets the fields below)."
     )
@@ -139,10 +149,21 @@ class QuantizeConfig(PassConfig):
             data = {**PRESETS[preset], **data}
             if data.get("mode") == "fp16" and data.get("filename", "model.int8.onnx") == "model.int8.onnx":
                 data["filename"] = "model.fp16.onnx"
+        if isinstance(data, dict) and data.get("runtime") == "openvino" and "filename" not in data:
+            data = {**data, "filename": "model.int8.xml"}
         return data
 
     def needs_data(self) -> bool:
         return self.mode in (Mode.static, Mode.auto)
+
+    @model_validator(mode="after")
+    def _openvino_modes(self) -> QuantizeConfig:
+        if self.runtime == "openvino" and (self.mode in (Mode.dynamic, Mode.fp16) or self.provider != "cpu"):
+            raise ValueError(
+                f"runtime openvino quantizes for the CPU with calibration: mode static (NNCF) or auto, not "
+                f"mode {self.mode.value} / provider {self.provider}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _auto_on_cpu(self) -> QuantizeConfig:
@@ -489,13 +510,14 @@ def _to_fp16(source: Path, target: Path) -> None:
 
 def agreement(float_path: Path, quant_path: Path, data: Dataset) -> dict[str, float]:
     """Top-1 agreement and max |Δlogit| of the quantized model against the float one on real data,
-    in batches of the run's one evaluation batch size (what validate scores with too)."""
+    in batches of the run's one evaluation batch size (what validate scores with too). Each file
+    runs on its own runtime (.onnx on ONNX Runtime, .xml on OpenVINO)."""
     import numpy as np
 
-    from vitcompress.evaluate import EVAL_BATCH_SIZE
-    from vitcompress.runtime import OnnxRunner
+    from vitcompress.evaluate import EVAL_BATCH_SIZE, file_runner
 
-    a, b = OnnxRunner(float_path), OnnxRunner(quant_path)
+    # each file on its own runtime (an OpenVINO IR on OpenVINO, with its recorded precision hint)
+    a, b = file_runner(float_path), file_runner(quant_path)
     same = total = 0
     worst = 0.0
     correct_a = correct_b = 0
@@ -562,6 +584,10 @@ def quantize_model(
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_dead_scratch(target.parent, target.name)
+    if cfg.runtime == "openvino":  # an IR is two files: written together by the OpenVINO path itself
+        from vitcompress.passes.quantize_openvino import quantize_openvino
+
+        return quantize_openvino(source, target, cfg, calibration, eval_data, threads)
     with atomic_path(target) as staged:
         return _quantize_staged(source, staged, cfg, calibration, eval_data, threads)
 

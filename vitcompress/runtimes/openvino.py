@@ -14,6 +14,7 @@ Threads: INFERENCE_NUM_THREADS, one stream, the LATENCY hint: the same setting O
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from vitcompress.runtimes.base import (
     parse_metadata,
     require_cpu_precision,
 )
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".xml", ".onnx")
 # OpenVINO's names for the precisions a hint can ask for
@@ -88,6 +91,22 @@ def model_metadata(model: Any, path: Path) -> dict[str, Any] | None:
     return None
 
 
+def recorded_hint(model: Any, path: Path) -> Precision | None:
+    """The precision hint vitcompress recorded with the IR (`precision_hint` in its metadata), where
+    this CPU has it; OpenVINO itself does not read a hint from the file."""
+    from vitcompress.runtimes.base import CPU_PRECISION_FLAGS, cpu_flags
+
+    recorded = (model_metadata(model, path) or {}).get("precision_hint")
+    if recorded not in Precision.__members__:
+        return None
+    hint = Precision(recorded)
+    needed = CPU_PRECISION_FLAGS.get(hint)
+    if needed and not any(f in cpu_flags() for f in needed):
+        log.warning("%s records precision hint %s, which this CPU lacks: running it in fp32", path.name, hint.value)
+        return Precision.fp32
+    return hint
+
+
 class OpenVINORunner(Runner):
     def __init__(
         self,
@@ -114,6 +133,8 @@ class OpenVINORunner(Runner):
         if precision is not None:
             require_cpu_precision(precision)
         self.model = read_model(self.path)
+        if precision is None:
+            precision = recorded_hint(self.model, self.path)
         config: dict[str, Any] = {
             hints.performance_mode: hints.PerformanceMode.LATENCY,
             props.num_streams: 1,
@@ -154,9 +175,10 @@ class OpenVINORunner(Runner):
         return model_metadata(self.model, self.path)
 
 
-def save_ir(model: Any, xml: Path, metadata: dict[str, Any] | None) -> Path:
+def save_ir(model: Any, xml: Path, metadata: dict[str, Any] | None, atomic: bool = True) -> Path:
     """Write `model` as IR (`xml` + its .bin, float weights kept in fp32, not OpenVINO's default fp16
-    compression) carrying the vitcompress metadata in rt_info; both files appear atomically."""
+    compression) carrying the vitcompress metadata in rt_info; with `atomic` both files appear
+    together (callers already writing into a staging folder pass False)."""
     import openvino as ov
 
     from vitcompress.fileio import atomic_dir
@@ -168,25 +190,41 @@ def save_ir(model: Any, xml: Path, metadata: dict[str, Any] | None) -> Path:
         )
     if metadata is not None:
         model.set_rt_info(json.dumps(metadata), RT_INFO_PATH)
+    if not atomic:
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        return xml
     with atomic_dir(xml.parent) as staging:
         ov.save_model(model, str(staging / xml.name), compress_to_fp16=False)
     return xml
 
 
-def onnx_to_ir(source: Path, xml: Path) -> Path:
-    """Convert an ONNX file (fp32 or QDQ int8) to IR with the metadata the ONNX file carries."""
+def onnx_file_metadata(source: Path) -> dict[str, Any] | None:
+    import onnx
+
+    props = onnx.load(str(source), load_external_data=False).metadata_props
+    return parse_metadata(next((p.value for p in props if p.key == METADATA_KEY), None))
+
+
+def convert_onnx(source: Path) -> Any:
+    """An ov.Model from an ONNX file (fp32, or QDQ int8: its Q/DQ pairs become FakeQuantize)."""
     import openvino as ov
 
     from vitcompress.runtime import check_onnx_file
 
     check_onnx_file(source)
-    import onnx
-
-    props = onnx.load(str(source), load_external_data=False).metadata_props
-    metadata = parse_metadata(next((p.value for p in props if p.key == METADATA_KEY), None))
     try:
-        model = ov.convert_model(str(source))
+        return ov.convert_model(str(source))
     except Exception as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise RuntimeModelError(f"OpenVINO cannot convert {source}: {first.strip()[:300]}") from err
-    return save_ir(model, xml, metadata)
+
+
+def onnx_to_ir(
+    source: Path, xml: Path, atomic: bool = True, extra: dict[str, Any] | None = None
+) -> Path:
+    """Convert an ONNX file to IR carrying the metadata (preprocessing, classes) the ONNX file
+    carries, plus `extra` entries (the precision hint)."""
+    meta = onnx_file_metadata(source)
+    if meta is not None and extra:
+        meta = {**meta, **extra}
+    return save_ir(convert_onnx(source), xml, meta, atomic=atomic)
