@@ -17,7 +17,9 @@ def quantize(
     out: Annotated[
         Path,
         typer.Option(
-            "--out", "-o", help="Output .onnx file, or .xml (OpenVINO IR + .bin) with --runtime openvino; written atomically."
+            "--out",
+            "-o",
+            help="Output .onnx file, or .xml (OpenVINO IR + .bin) with --runtime openvino; written atomically.",
         ),
     ],
     runtime: Annotated[

@@ -17,8 +17,10 @@ NNCF's default INT8.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -38,7 +40,8 @@ def _nncf() -> Any:
         import nncf
     except ImportError as err:
         raise MissingDependencyError(
-            "INT8 for OpenVINO needs the 'nncf' package", hint="pip install 'nncf>=2.14,<4' (vitcompress installs it)"
+            "INT8 for OpenVINO needs the 'nncf' package",
+            hint="pip install 'nncf>=2.14,<4' (vitcompress installs it)",
         ) from err
     return nncf
 
@@ -53,9 +56,6 @@ def nncf_quantize(
     source: Path, xml: Path, cfg: QuantizeConfig, calibration: Dataset, eval_data: Dataset | None
 ) -> dict[str, Any]:
     """NNCF INT8 of the float ONNX file into IR `xml` (with the ONNX file's metadata)."""
-    import numpy as np
-
-    from vitcompress.evaluate import EVAL_BATCH_SIZE
     from vitcompress.passes.export import default_ir_precision
     from vitcompress.passes.quantize import QuantizeError, check_calibration
     from vitcompress.runtimes.openvino import convert_onnx, onnx_file_metadata, save_ir
@@ -65,40 +65,13 @@ def nncf_quantize(
     shape = tuple(d.get_length() for d in model.inputs[0].get_partial_shape()[1:])
     images = [x.numpy() for x, _ in calibration.batches(1)]
     check_calibration(images, shape)
-    common: dict[str, Any] = {
-        "subset_size": len(images),
-        "model_type": nncf.ModelType.TRANSFORMER,
-    }
+    common: dict[str, Any] = {"subset_size": len(images), "model_type": nncf.ModelType.TRANSFORMER}
     if cfg.exclude:
         common["ignored_scope"] = nncf.IgnoredScope(names=list(cfg.exclude), validate=False)
-    calibration_set = nncf.Dataset(images)
     logging.getLogger("nncf").setLevel(logging.WARNING)
-    if cfg.max_top1_drop is None:
-        quantized = nncf.quantize(model, calibration_set, **common)
-        method = "nncf.quantize"
-    else:
-        if eval_data is None:
-            raise QuantizeError("max_top1_drop needs held-out data", hint="add data.eval (or --eval-data)")
-        batches = [(x.numpy(), y.numpy()) for x, y in eval_data.batches(EVAL_BATCH_SIZE)]
-
-        def top1(compiled: Any, items: Any) -> tuple[float, None]:
-            hits = total = 0
-            for x, y in items:
-                logits = compiled(x)[0]
-                hits += int((np.asarray(logits).argmax(1) == y).sum())
-                total += len(y)
-            return hits / max(1, total), None
-
-        quantized = nncf.quantize_with_accuracy_control(
-            model,
-            calibration_set,
-            nncf.Dataset(batches),
-            top1,
-            max_drop=cfg.max_top1_drop / 100,
-            drop_type=nncf.DropType.ABSOLUTE,
-            **common,
-        )
-        method = "nncf.quantize_with_accuracy_control"
+    # NNCF draws its progress bars on stdout, which belongs to --json: they go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        quantized, method = _run_nncf(nncf, model, nncf.Dataset(images), cfg, eval_data, common)
     meta = onnx_file_metadata(source)
     if meta is not None:
         meta = {**meta, "precision_hint": default_ir_precision()}
@@ -115,6 +88,45 @@ def nncf_quantize(
         "quantized_counts": {"FakeQuantize": counts["FakeQuantize"]},
         "excluded": list(cfg.exclude),
     }
+
+
+def _run_nncf(
+    nncf: Any,
+    model: Any,
+    calibration_set: Any,
+    cfg: QuantizeConfig,
+    eval_data: Dataset | None,
+    common: dict[str, Any],
+) -> tuple[Any, str]:
+    import numpy as np
+
+    from vitcompress.evaluate import EVAL_BATCH_SIZE
+    from vitcompress.passes.quantize import QuantizeError
+
+    if cfg.max_top1_drop is None:
+        return nncf.quantize(model, calibration_set, **common), "nncf.quantize"
+    if eval_data is None:
+        raise QuantizeError("max_top1_drop needs held-out data", hint="add data.eval (or --eval-data)")
+    batches = [(x.numpy(), y.numpy()) for x, y in eval_data.batches(EVAL_BATCH_SIZE)]
+
+    def top1(compiled: Any, items: Any) -> tuple[float, None]:
+        hits = total = 0
+        for x, y in items:
+            logits = compiled(x)[0]
+            hits += int((np.asarray(logits).argmax(1) == y).sum())
+            total += len(y)
+        return hits / max(1, total), None
+
+    quantized = nncf.quantize_with_accuracy_control(
+        model,
+        calibration_set,
+        nncf.Dataset(batches),
+        top1,
+        max_drop=cfg.max_top1_drop / 100,
+        drop_type=nncf.DropType.ABSOLUTE,
+        **common,
+    )
+    return quantized, "nncf.quantize_with_accuracy_control"
 
 
 def qdq_for_openvino(

@@ -102,7 +102,9 @@ def recorded_hint(model: Any, path: Path) -> Precision | None:
     hint = Precision(recorded)
     needed = CPU_PRECISION_FLAGS.get(hint)
     if needed and not any(f in cpu_flags() for f in needed):
-        log.warning("%s records precision hint %s, which this CPU lacks: running it in fp32", path.name, hint.value)
+        log.warning(
+            "%s records precision hint %s, which this CPU lacks: running it in fp32", path.name, hint.value
+        )
         return Precision.fp32
     return hint
 
@@ -219,9 +221,7 @@ def convert_onnx(source: Path) -> Any:
         raise RuntimeModelError(f"OpenVINO cannot convert {source}: {first.strip()[:300]}") from err
 
 
-def onnx_to_ir(
-    source: Path, xml: Path, atomic: bool = True, extra: dict[str, Any] | None = None
-) -> Path:
+def onnx_to_ir(source: Path, xml: Path, atomic: bool = True, extra: dict[str, Any] | None = None) -> Path:
     """Convert an ONNX file to IR carrying the metadata (preprocessing, classes) the ONNX file
     carries, plus `extra` entries (the precision hint)."""
     meta = onnx_file_metadata(source)

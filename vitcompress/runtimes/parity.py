@@ -61,7 +61,9 @@ def measure(
     expected = reference(images)
     got = runner.run(images)
     if got.shape != expected.shape:
-        raise ParityError(f"{runner.path.name}: output shape {got.shape}, the reference gives {expected.shape}")
+        raise ParityError(
+            f"{runner.path.name}: output shape {got.shape}, the reference gives {expected.shape}"
+        )
     return Parity(
         max_abs_diff=float(np.abs(got - expected).max()),
         max_abs_reference=float(np.abs(expected).max()),
