@@ -314,6 +314,7 @@ def _register() -> None:
     from vitcompress.cli import (
         bench_cmd,
         compress_cmd,
+        convert_cmd,
         distill_cmd,
         eval_cmd,
         export_cmd,
@@ -335,6 +336,7 @@ def _register() -> None:
     app.command("quantize")(quantize_cmd.quantize)
     app.command("bench")(bench_cmd.bench)
     app.command("sweep")(sweep_cmd.sweep)
+    app.command("convert")(convert_cmd.convert)
     app.add_typer(recipe_cmd.app, name="recipe")
 
 

@@ -152,6 +152,15 @@ def quantize(
             out_console.print(
                 f"auto: {times} at batch 1{where} ({auto['threads']} threads): kept {auto['chosen']}"
             )
+        mobile = details.get("ort_mobile")
+        if mobile:
+            verdicts = ", ".join(
+                f"{ep} {v}" for ep, v in mobile["details"].get("mobile_usability", {}).items()
+            )
+            out_console.print(
+                f"wrote {mobile['path']} (ORT mobile format, {mobile['size_bytes'] / 1e6:.2f} MB): max |Δlogit| "
+                f"{mobile['parity']['max_abs_diff']:.2e} vs the .onnx; mobile usability: {verdicts}"
+            )
         measured = details.get("agreement")
         if measured:
             out_console.print(

@@ -69,9 +69,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mode": "auto", "activation_type": "uint8", "weight_type": "int8", "per_channel": True,
         "reduce_range": True, "quantize_attention": False, "provider": "cpu",
     },
-    "cpu-arm64": {  # NEON dot-product kernels: signed activations and weights
+    "cpu-arm64": {  # NEON dot-product kernels: signed activations and weights; ORT mobile's .ort file
         "mode": "auto", "activation_type": "int8", "weight_type": "int8", "per_channel": True,
-        "reduce_range": False, "quantize_attention": False, "provider": "cpu",
+        "reduce_range": False, "quantize_attention": False, "provider": "cpu", "ort_format": True,
     },
     "gpu-tensorrt-int8": {  # TensorRT wants symmetric s8 QDQ on both inputs of every quantized op
         "mode": "static", "activation_type": "int8", "weight_type": "int8", "per_channel": True,
@@ -131,6 +131,11 @@ class QuantizeConfig(PassConfig):
         600, gt=0, description="Time for the sensitivity fallback; the best model found is kept."
     )
     filename: str = Field("model.int8.onnx", description="Output file name in the run directory.")
+    ort_format: bool = Field(
+        False,
+        description="Also write ONNX Runtime's mobile .ort file of the result (same name, .ort), with ORT's "
+        "mobile usability check and parity against the .onnx on this machine (the cpu-arm64 preset's choice).",
+    )
     verify_provider: bool = Field(
         True,
         description="Require the target's execution provider on this machine; false: build for another machine.",
@@ -155,6 +160,14 @@ class QuantizeConfig(PassConfig):
 
     def needs_data(self) -> bool:
         return self.mode in (Mode.static, Mode.auto)
+
+    @model_validator(mode="after")
+    def _ort_format_needs_ort(self) -> QuantizeConfig:
+        if self.ort_format and (self.runtime != "ort" or self.mode is Mode.fp16):
+            raise ValueError(
+                "ort_format converts an ONNX Runtime int8 result: runtime ort, mode static/dynamic/auto"
+            )
+        return self
 
     @model_validator(mode="after")
     def _openvino_modes(self) -> QuantizeConfig:
@@ -589,7 +602,19 @@ def quantize_model(
 
         return quantize_openvino(source, target, cfg, calibration, eval_data, threads)
     with atomic_path(target) as staged:
-        return _quantize_staged(source, staged, cfg, calibration, eval_data, threads)
+        details = _quantize_staged(source, staged, cfg, calibration, eval_data, threads)
+    if cfg.ort_format:
+        from dataclasses import asdict
+
+        from vitcompress.runtimes.convert import Target, convert_model
+
+        mobile = convert_model(target, Target.ort_mobile, target.with_suffix(".ort"))
+        details["ort_mobile"] = {
+            **{k: v for k, v in asdict(mobile).items() if k in ("parity", "size_bytes", "details")},
+            "path": str(mobile.path),
+        }
+        log.info("wrote %s (ORT mobile format): %s", mobile.path.name, mobile.details.get("mobile_usability"))
+    return details
 
 
 def _quantize_staged(

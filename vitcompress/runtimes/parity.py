@@ -5,7 +5,8 @@ used. fp32 is held to the ONNX export's gate (max |Δlogit| <= 1e-4 + 1e-4 * max
 agreement 100%). bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4% per rounding, and a
 transformer rounds at every matmul and LayerNorm), so it is held to 1e-2 + 5e-2 * max|logit| and
 75% top-1 agreement on random images, whose logits are close to ties; fp16 (10 bits) to
-1e-2 + 2e-2 * max|logit|. Measured here: OpenVINO bf16 moved a tiny random ViT's logits by 1% of
+1e-2 + 2e-2 * max|logit|; an int8 file run by another runtime than the one it was quantized
+for, to 5e-2 + 1e-1 * max|logit| and 75%. Measured here: OpenVINO bf16 moved a tiny random ViT's logits by 1% of
 their scale, fp32 by 1e-6.
 """
 
@@ -42,6 +43,8 @@ TOLERANCES: dict[Precision, Tolerance] = {
     Precision.fp32: Tolerance(1e-4, 1e-4, 1.0),
     Precision.bf16: Tolerance(1e-2, 5e-2, 0.75),
     Precision.fp16: Tolerance(1e-2, 2e-2, 0.75),
+    # the same int8 file on two runtimes: kernels round activations to the grid differently
+    Precision.int8: Tolerance(5e-2, 1e-1, 0.75),
 }
 
 
