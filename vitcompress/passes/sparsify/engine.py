@@ -172,31 +172,27 @@ def global_sparsities(
             hint="raise max_layer_sparsity or lower sparsity",
         )
 
-    def pruned_at(threshold: float) -> dict[str, int]:
-        return {
-            n: min(caps[n], int(torch.searchsorted(s, torch.tensor(threshold, dtype=s.dtype), right=True)))
-            for n, s in ordered.items()
-        }
+    def pruned_at(threshold: torch.Tensor, right: bool) -> dict[str, int]:
+        """Tiles each layer loses at this score threshold (right: ties included), capped."""
+        return {n: min(caps[n], int(torch.searchsorted(s, threshold, right=right))) for n, s in ordered.items()}
 
-    low = min(float(s[0]) for s in ordered.values()) - 1.0
-    high = max(float(s[-1]) for s in ordered.values())
-    for _ in range(200):
-        mid = (low + high) / 2
-        if sum(pruned_at(mid).values()) >= wanted:
+    # The smallest score at which the (capped) ranking reaches `wanted`: bisection over all scores.
+    candidates = torch.unique(torch.cat(list(ordered.values())))
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        mid = (low + high) // 2
+        if sum(pruned_at(candidates[mid], right=True).values()) >= wanted:
             high = mid
         else:
-            low = mid
-        if high - low <= 1e-15 * max(1.0, abs(high)):
-            break
-    counts = pruned_at(high)
-    # Ties at the threshold can overshoot: give the excess back from the layers with the most pruned.
-    excess = sum(counts.values()) - wanted
-    for n in sorted(counts, key=lambda k: -counts[k]):
-        if excess <= 0:
-            break
-        give = min(excess, counts[n])
-        counts[n] -= give
-        excess -= give
+            low = mid + 1
+    threshold = candidates[low]
+    counts = pruned_at(threshold, right=False)  # strictly below: all go
+    at = pruned_at(threshold, right=True)
+    missing = wanted - sum(counts.values())
+    for n in ordered:  # ties at the threshold fill the rest, in layer order (deterministic)
+        take = min(missing, at[n] - counts[n])
+        counts[n] += take
+        missing -= take
     del tile_weights  # equal tile sizes: counts of tiles are counts of weights / tile size
     return {n: counts[n] / ordered[n].numel() for n in ordered}
 
