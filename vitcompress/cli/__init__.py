@@ -323,6 +323,7 @@ def _register() -> None:
         prune_cmd,
         quantize_cmd,
         recipe_cmd,
+        sparsify_cmd,
         sweep_cmd,
     )
 
@@ -330,6 +331,7 @@ def _register() -> None:
     app.command("inspect")(inspect_cmd.inspect)
     app.command("prune")(prune_cmd.prune)
     app.command("factorize")(factorize_cmd.factorize)
+    app.command("sparsify")(sparsify_cmd.sparsify)
     app.command("export")(export_cmd.export)
     app.command("eval")(eval_cmd.evaluate)
     app.command("distill")(distill_cmd.distill)

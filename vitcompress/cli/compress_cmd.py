@@ -62,7 +62,8 @@ def compress(
             progress.update(task, completed=index, description=f"[{index + 1}/{len(steps)}] {name}")
 
         def on_progress(name: str, done: int, total: int, metrics: dict[str, float]) -> None:
-            progress.update(task, description=f"{name}: step {done}/{total}, loss {metrics['loss']:.4f}")
+            loss = f", loss {metrics['loss']:.4f}" if "loss" in metrics else ""  # training passes report one
+            progress.update(task, description=f"{name}: step {done}/{total}{loss}")
 
         result = run_recipe(parsed, out, on_pass=on_pass, progress=on_progress, overwrite=overwrite)
     if json_out:

@@ -31,6 +31,8 @@ def inspect(
 ) -> None:
     """Show a ViT's structure: heads, head dim, MLP width, params and MACs (batch 1) per block,
     and its architecture settings with where each came from (checkpoint tensor, flag, timm default).
+    For a sparsified artifact, each sparse layer's pattern and sparsity, and whether its zeros still
+    hold the pattern.
 
     A timm checkpoint's tensors set the patch size, width, depth, MLP ratio, biases, tokens, input
     size and classes; the head count comes from --num-heads, the checkpoint's training args, or the
@@ -42,8 +44,11 @@ def inspect(
       vitcompress inspect timm:vit_base_patch16_224 --checkpoint small.safetensors --num-heads 4
       vitcompress inspect out/model      # a compressed artifact
     """
+    from dataclasses import asdict
+
     from vitcompress.models import load_model
     from vitcompress.models.stats import model_stats
+    from vitcompress.passes.sparsify.select import sparse_layers
     from vitcompress.report import fmt_count
 
     loaded = load_model(
@@ -52,8 +57,15 @@ def inspect(
         )
     )
     stats = model_stats(loaded)
+    sparse = sparse_layers(loaded.model)
     if json_out:
-        print_json({**stats.to_dict(), "settings": [s.to_dict() for s in loaded.settings]})
+        print_json(
+            {
+                **stats.to_dict(),
+                "sparse_layers": [asdict(layer) for layer in sparse],
+                "settings": [s.to_dict() for s in loaded.settings],
+            }
+        )
         return
     c, h, w = stats.input_shape
     table = Table(
@@ -75,6 +87,23 @@ def inspect(
     table.add_section()
     table.add_row("total", "", "", "", "", fmt_count(stats.params), fmt_count(stats.macs))
     out_console.print(table)
+    if sparse:
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in sparse)
+        weights = sum(r.shape[0] * r.shape[1] for r in sparse)
+        sparse_table = Table(
+            title=f"sparse layers: {len(sparse)}, {zeros / weights:.1%} of their weights zero"
+        )
+        for column in ("layer", "shape", "pattern", "sparsity", "holds"):
+            sparse_table.add_column(column, justify="left" if column in ("layer", "pattern") else "right")
+        for layer in sparse:
+            sparse_table.add_row(
+                layer.name,
+                "x".join(map(str, layer.shape)),
+                layer.pattern,
+                f"{layer.sparsity:.1%}",
+                "yes" if layer.holds else "NO",
+            )
+        out_console.print(sparse_table)
     if loaded.settings:
         settings = Table(title="architecture: what was inferred and from where")
         for column in ("setting", "value", "source"):

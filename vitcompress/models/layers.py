@@ -69,14 +69,91 @@ def _apply_lowrank(model: nn.Module, path: str, edit: dict[str, Any]) -> None:
     )
 
 
+# --------------------------------------------------------------------------- sparsity masks
+# A sparsified linear keeps its mask (True = weight kept) as a persistent bool buffer beside its weight,
+# so the mask travels with the state dict (safetensors, distill checkpoints) and training can re-apply
+# it after every optimizer step. The buffer is unused in forward: exports drop it, the zeros stay in
+# the weight. The pattern name rides along as a plain attribute and in the artifact's edit.
+MASK_BUFFER = "sparsity_mask"
+
+
+def attach_mask(linear: nn.Linear, mask: torch.Tensor, pattern: str) -> None:
+    """Record `mask` (same shape as the weight, True = kept) on `linear` and zero the weights it drops."""
+    if mask.shape != linear.weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(linear.weight.shape)}")
+    mask = mask.to(device=linear.weight.device, dtype=torch.bool)
+    if MASK_BUFFER in linear._buffers:
+        linear._buffers[MASK_BUFFER] = mask
+    else:
+        linear.register_buffer(MASK_BUFFER, mask, persistent=True)
+    linear.sparsity_pattern = pattern  # type: ignore[assignment]
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+
+
+def masked_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear of `model` that carries a sparsity mask, by module path."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and isinstance(getattr(module, MASK_BUFFER, None), torch.Tensor)
+    }
+
+
+def mask_gradients(model: nn.Module) -> None:
+    """Zero the gradients of masked weights (before clipping, so the norm counts live weights only)."""
+    for linear in masked_linears(model).values():
+        if linear.weight.grad is not None:
+            linear.weight.grad.mul_(getattr(linear, MASK_BUFFER))
+
+
+def apply_masks(model: nn.Module) -> int:
+    """Zero every masked weight again (after an optimizer step); returns how many layers were masked."""
+    layers = masked_linears(model)
+    with torch.no_grad():
+        for linear in layers.values():
+            linear.weight.mul_(getattr(linear, MASK_BUFFER))
+    return len(layers)
+
+
+def _apply_sparse(model: nn.Module, path: str, edit: dict[str, Any]) -> None:
+    try:
+        old = model.get_submodule(path)
+    except AttributeError as err:
+        raise CheckpointError(f"artifact edit sparse: the model has no module {path}") from err
+    if not isinstance(old, nn.Linear):
+        raise CheckpointError(f"artifact edit sparse: {path} is a {type(old).__name__}, not a Linear")
+    out_features, in_features = (int(d) for d in edit["shape"])
+    linear = old
+    if (old.out_features, old.in_features) != (out_features, in_features):  # pruned: resize it here
+        linear = nn.Linear(in_features, out_features, bias=old.bias is not None)
+        set_module(model, path, linear)
+    linear.register_buffer(
+        MASK_BUFFER, torch.ones(out_features, in_features, dtype=torch.bool), persistent=True
+    )
+    linear.sparsity_pattern = str(edit["pattern"])  # type: ignore[assignment]
+
+
 # kind -> function(model, module_path, edit) that puts the module back (empty, right shapes)
-EDITS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {"lowrank": _apply_lowrank}
+EDITS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {
+    "lowrank": _apply_lowrank,
+    "sparse": _apply_sparse,
+}
 
 
 def model_edits(model: nn.Module) -> list[dict[str, Any]]:
-    """The edits that rebuild this model's replaced modules from its family's constructor."""
+    """The edits that rebuild this model's replaced modules from its family's constructor (module
+    replacements first: a sparse edit may name a linear inside a factorized layer)."""
     return [
         {"kind": "lowrank", "module": name, "rank": module.rank}
         for name, module in model.named_modules()
         if isinstance(module, LowRankLinear)
+    ] + [
+        {
+            "kind": "sparse",
+            "module": name,
+            "shape": [linear.out_features, linear.in_features],
+            "pattern": str(getattr(linear, "sparsity_pattern", "unknown")),
+        }
+        for name, linear in masked_linears(model).items()
     ]

@@ -19,6 +19,7 @@ from vitcompress.passes.export import ExportConfig
 from vitcompress.passes.lowrank import LowRankConfig
 from vitcompress.passes.prune import PruneConfig
 from vitcompress.passes.quantize import QuantizeConfig
+from vitcompress.passes.sparsify.config import SparsifyConfig
 from vitcompress.passes.validate import ValidateConfig
 
 
@@ -72,6 +73,15 @@ PASSES: dict[str, PassSpec] = {
             changes_model=True,
             produces_onnx=False,
             module="vitcompress.passes.distill",
+        ),
+        PassSpec(
+            "sparsify",
+            SparsifyConfig,
+            "semi-structured (2:4, n:m) or block sparsity of linear layers, second-order (OBS) or magnitude",
+            Needs.torch,
+            changes_model=True,
+            produces_onnx=False,
+            module="vitcompress.passes.sparsify.engine",
         ),
         PassSpec(
             "export",

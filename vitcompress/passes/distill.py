@@ -461,6 +461,8 @@ def distill_model(
     import torch
     import torch.nn.functional as F
 
+    from vitcompress.models.layers import apply_masks, mask_gradients, masked_linears
+
     rank, world_size = world()
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -488,6 +490,7 @@ def distill_model(
     warmup = int(cfg.warmup * total)
 
     module = _student_module(student, teacher, cfg.feature > 0).to(device)
+    sparse = bool(masked_linears(student.model))
     distilled = hasattr(student.model, "set_distilled_training") and cfg.uses_teacher
     if distilled:
         student.model.set_distilled_training(True)  # type: ignore[operator]
@@ -621,9 +624,13 @@ def distill_model(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if sparse:  # a sparsified student keeps its zeros: no gradient, and re-zeroed after the step
+                mask_gradients(student.model)
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad)
             optimizer.step()
+            if sparse:
+                apply_masks(student.model)
             value = loss.detach()
             if world_size > 1:
                 import torch.distributed as dist

@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitcompress.cli.common import (
+    DATA_FORMS,
+    CheckpointOpt,
+    ImgSizeOpt,
+    InChansOpt,
+    JsonOpt,
+    ModelArg,
+    ModelKwargsOpt,
+    NumClassesOpt,
+    NumHeadsOpt,
+    OverwriteOpt,
+    TrustOpt,
+    build_config,
+    err_console,
+    ledger_table,
+    out_console,
+    parse_model_kwargs,
+    print_run_json,
+    run_single_pass,
+)
+from vitcompress.errors import VitcompressError
+from vitcompress.passes.sparsify.config import PATTERN_HELP, Allocation, SelectMethod, SparsifyConfig
+
+
+def sparsify(
+    model: ModelArg,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Run directory: the sparse artifact (OUT/sparsify) and reports."),
+    ],
+    pattern: Annotated[str, typer.Option(help=f"{PATTERN_HELP}.")] = "2:4",
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="Block patterns: fraction of the weights (whole blocks) to zero; default 0.5."),
+    ] = None,
+    allocation: Annotated[
+        Allocation,
+        typer.Option(
+            help="Block patterns: uniform (same sparsity per layer) or global (one ranking of all blocks)."
+        ),
+    ] = Allocation.uniform,
+    max_layer_sparsity: Annotated[
+        float, typer.Option(help="--allocation global: no layer sparser than this.")
+    ] = 0.9,
+    method: Annotated[
+        SelectMethod,
+        typer.Option(help="obs: second-order selection + weight update (needs --data); magnitude: no data."),
+    ] = SelectMethod.obs,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer",
+            help="Module-name glob of linears to sparsify (repeat). Default: every block's qkv, proj, fc1, fc2.",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help=f"Calibration data for --method obs: {DATA_FORMS}.")
+    ] = None,
+    data_limit: Annotated[int | None, typer.Option(min=1, help="Use this many samples (stratified).")] = 512,
+    calibration_batches: Annotated[int, typer.Option(min=1, help="Calibration batches (obs).")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the calibration batches.")] = 32,
+    damping: Annotated[
+        float, typer.Option(help="OBS: Hessian damping, a fraction of its mean diagonal.")
+    ] = 0.01,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            help="OBS: calibrate each block on the already sparsified blocks before it (SparseGPT)."
+        ),
+    ] = True,
+    bench: Annotated[
+        bool, typer.Option("--bench", help="Also export to ONNX and measure latency against the original.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration order and example inputs.")] = 0,
+    checkpoint: CheckpointOpt = None,
+    num_classes: NumClassesOpt = None,
+    img_size: ImgSizeOpt = None,
+    in_chans: InChansOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    num_heads: NumHeadsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Zero weights of the linear layers in a hardware pattern, post-training (no fine-tuning).
+
+    --pattern 2:4 (the default) keeps 2 of every 4 weights along the input: NVIDIA sparse tensor
+    cores run it (TensorRT, engine built with sparsity). --pattern block:RxC zeros whole R x C
+    blocks, --sparsity of them (block:1x8 vectors, block:16x16 for block-sparse kernels, block:1x1
+    unstructured); --allocation global lets robust layers give more. --method obs picks the zeros by
+    their second-order (Hessian) error on --data and corrects the surviving weights (SparseGPT's
+    OBS update), so accuracy holds without retraining; --method magnitude is the data-free baseline.
+    Each layer keeps its mask: `vitcompress distill` on the result trains with the zeros fixed, and
+    export and INT8 quantization keep them. Runs the same code as a one-pass recipe with
+    `kind: sparsify`; OUT gets the artifact (OUT/sparsify) and the reports.
+
+    Examples:
+      vitcompress sparsify timm:deit_small_patch16_224 --out sp/ --method magnitude
+      vitcompress sparsify timm:vit_tiny_patch16_224 --out sp/ --pattern 2:4 --data digits
+      vitcompress sparsify pruned/ --out sp/ --pattern block:16x16 --sparsity 0.5 --allocation global --data fashion-mnist
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vitcompress.data import DataSection, DataSpec
+    from vitcompress.report import fmt_bytes
+
+    cfg = build_config(
+        SparsifyConfig,
+        pattern=pattern,
+        sparsity=sparsity,
+        allocation=allocation,
+        max_layer_sparsity=max_layer_sparsity,
+        method=method,
+        layers=layer,
+        damping=damping,
+        sequential=sequential,
+        calibration_batches=calibration_batches,
+        batch_size=batch_size,
+    )
+    data_section = DataSection()
+    if data is not None:
+        data_section = DataSection(calibration=DataSpec.parse(data, limit=data_limit, seed=seed))
+    elif cfg.needs_data():
+        raise VitcompressError(
+            "--method obs needs --data (calibration images)",
+            hint="e.g. --data fashion-mnist or an image folder; or --method magnitude",
+        )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=json_out,
+    ) as bar:
+        task = bar.add_task(f"sparsifying {model}", total=None)
+
+        def progress(name: str, done: int, total: int, metrics: dict[str, float]) -> None:
+            bar.update(task, completed=done, total=total, description=f"{name}: layers")
+
+        result, record = run_single_pass(
+            cfg,
+            model,
+            out,
+            data=data_section,
+            seed=seed,
+            checkpoint=checkpoint,
+            num_classes=num_classes,
+            img_size=img_size,
+            in_chans=in_chans,
+            trust_checkpoint=trust_checkpoint,
+            model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+            bench=bench,
+            progress=progress,
+            overwrite=overwrite,
+        )
+    if json_out:
+        print_run_json(out, result, record)
+        return
+    from rich.table import Table
+
+    details = record.details
+    table = Table(title=f"{model} sparsified: {details['pattern']} ({details['method']})")
+    for column in ("layer", "shape", "sparsity", "output error"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for item in details["layers"]:
+        table.add_row(
+            item["name"],
+            "x".join(str(d) for d in item["shape"]),
+            f"{item['sparsity']:.1%}" if item["sparsity"] is not None else item["note"],
+            f"{item['output_error']:.2e}" if item["output_error"] is not None else "-",
+        )
+    out_console.print(table)
+    out_console.print(ledger_table(result.ledger))
+    out_console.print(
+        f"{details['zeros']:,} of {details['weights']:,} weights zero ({details['sparsity']:.1%}); "
+        f"those layers take {fmt_bytes(details['encoded_bytes'])} sparse-encoded vs "
+        f"{fmt_bytes(details['dense_bytes'])} dense (fp32); artifact {record.artifact}"
+    )
