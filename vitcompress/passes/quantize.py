@@ -562,6 +562,17 @@ def _quantize_one(
     }
 
 
+def refuse_integer_only_file(cfg: QuantizeConfig) -> None:
+    """integer-only reads the PyTorch model's weights: an ONNX file alone is not enough."""
+    if cfg.mode is Mode.integer_only:
+        raise QuantizeError(
+            "integer-only is built from the PyTorch model (its weights and calibrated ranges), not from an "
+            "ONNX file",
+            hint="run it in a recipe after export: vitcompress compress --recipe int-only (or a quantize "
+            "pass with preset: int-only)",
+        )
+
+
 AUTO_SCRATCH = ".quantize-auto-"  # + pid: scratch of auto mode beside the target
 
 
@@ -582,13 +593,7 @@ def quantize_model(
     from vitcompress.fileio import atomic_path
     from vitcompress.rundir import clean_dead_scratch
 
-    if cfg.mode is Mode.integer_only:
-        raise QuantizeError(
-            "integer-only is built from the PyTorch model (its weights and calibrated ranges), not from an "
-            "ONNX file",
-            hint="run it in a recipe after export: vitcompress compress --recipe int-only (or a quantize "
-            "pass with preset: int-only)",
-        )
+    refuse_integer_only_file(cfg)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_dead_scratch(target.parent, target.name)

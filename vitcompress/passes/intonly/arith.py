@@ -286,14 +286,22 @@ class Dyadic:
 def rounding_shift(ops: IntOps, x: Any, k: np.ndarray) -> Any:
     """round(x / 2**k) for a signed int64 x (half rounds up), with only non-negative divisions."""
     k = np.asarray(k, dtype=np.int64)
-    shifted_in = ops.const(np.left_shift(np.int64(1), _OFFSET_BITS) + (np.left_shift(np.int64(1), k) >> 1), "round")
+    shifted_in = ops.const(
+        np.left_shift(np.int64(1), _OFFSET_BITS) + (np.left_shift(np.int64(1), k) >> 1), "round"
+    )
     divisor = ops.const(np.left_shift(np.int64(1), k), "pow2")
     shifted_out = ops.const(np.left_shift(np.int64(1), _OFFSET_BITS - k), "offset")
     return ops.sub(ops.div(ops.add(x, shifted_in), divisor), shifted_out)
 
 
 def requantize(
-    ops: IntOps, x: Any, factor: Dyadic, lo: int, hi: int, out: type[np.generic], bias: np.ndarray | None = None
+    ops: IntOps,
+    x: Any,
+    factor: Dyadic,
+    lo: int,
+    hi: int,
+    out: type[np.generic],
+    bias: np.ndarray | None = None,
 ) -> Any:
     """Dyadic requantization: clip(round(x * m / 2**k) + bias, lo, hi) as `out` (x: int32 or int64)."""
     x = ops.cast(x, np.int64)
@@ -325,7 +333,9 @@ def exp_shift(ops: IntOps, u: Any, unit: int, n: int) -> Any:
     v = ops.minimum(v, ops.const(np.array(n * unit, np.int64), "cap"))
     q = ops.div(v, unit_c)
     rem = ops.sub(v, ops.mul(q, unit_c))
-    mantissa = ops.mul(ops.sub(ops.const(np.array(2 * unit, np.int64)), rem), ops.const(np.array(1 << n, np.int64)))
+    mantissa = ops.mul(
+        ops.sub(ops.const(np.array(2 * unit, np.int64)), rem), ops.const(np.array(1 << n, np.int64))
+    )
     shifted = ops.shift_right(ops.cast(mantissa, np.uint64), ops.cast(ops.add(q, one), np.uint64))
     return ops.cast(shifted, np.int64)
 
@@ -393,9 +403,7 @@ class IntLayerNormParams:
     sqrt_start: int  # Newton's starting point: a calibrated typical sqrt(sum (x - mean)**2)
 
     @classmethod
-    def make(
-        cls, gamma: np.ndarray, beta: np.ndarray, s_out: float, sqrt_start: int
-    ) -> IntLayerNormParams:
+    def make(cls, gamma: np.ndarray, beta: np.ndarray, s_out: float, sqrt_start: int) -> IntLayerNormParams:
         width = gamma.shape[0]
         ratio = np.abs(gamma).astype(np.float64) * math.sqrt(width) / s_out / 2.0**LAYERNORM_FACTOR_BITS
         ratio = np.maximum(ratio, 1e-30)

@@ -70,11 +70,15 @@ def check_integer_only(model: Any) -> IntegerOnlyReport:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     except Exception as err:
-        raise IntegerOnlyError(f"shape inference failed, types cannot be proven: {str(err).splitlines()[0]}") from err
+        raise IntegerOnlyError(
+            f"shape inference failed, types cannot be proven: {str(err).splitlines()[0]}"
+        ) from err
     graph = inferred.graph
     types: dict[str, str] = {}
     for info in [*graph.input, *graph.output, *graph.value_info]:
-        types[info.name] = _TYPE_NAMES.get(info.type.tensor_type.elem_type, str(info.type.tensor_type.elem_type))
+        types[info.name] = _TYPE_NAMES.get(
+            info.type.tensor_type.elem_type, str(info.type.tensor_type.elem_type)
+        )
     for init in graph.initializer:
         types[init.name] = _TYPE_NAMES.get(init.data_type, str(init.data_type))
     graph_inputs = {i.name for i in graph.input}
@@ -116,16 +120,24 @@ def _calibration_batches(data: Dataset, image: tuple[int, int, int], batch: int)
     batches = [x.numpy() for x, _ in data.batches(batch)]
     count = sum(len(b) for b in batches)
     if count == 0:
-        raise IntegerOnlyError("calibration data is empty", hint="give data.calibration (or data.train) some images")
+        raise IntegerOnlyError(
+            "calibration data is empty", hint="give data.calibration (or data.train) some images"
+        )
     for b in batches:
         if tuple(b.shape[1:]) != tuple(image):
-            raise IntegerOnlyError(f"calibration batch has shape {tuple(b.shape[1:])}, the model takes {tuple(image)}")
+            raise IntegerOnlyError(
+                f"calibration batch has shape {tuple(b.shape[1:])}, the model takes {tuple(image)}"
+            )
         if not np.isfinite(b).all():
-            raise IntegerOnlyError("calibration data holds NaN or Inf values", hint="check the images and mean/std")
+            raise IntegerOnlyError(
+                "calibration data holds NaN or Inf values", hint="check the images and mean/std"
+            )
     return batches
 
 
-def plan_model(loaded: LoadedModel, calibration: Dataset, percentile: float | None, batch: int = 16) -> IntViT:
+def plan_model(
+    loaded: LoadedModel, calibration: Dataset, percentile: float | None, batch: int = 16
+) -> IntViT:
     """Read the model, calibrate it on `calibration` (minmax, or the mean per-batch percentile of |x|
     on the int8 points when `percentile` is given) and fix every integer constant."""
     from vitcompress.passes.intonly.vit import calibrate, plan_integer, read_vit

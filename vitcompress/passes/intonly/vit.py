@@ -89,7 +89,9 @@ def _norm(module: nn.Module, what: str) -> FloatNorm:
     from torch import nn
 
     if not isinstance(module, nn.LayerNorm) or module.weight is None:
-        raise UnsupportedModelError(f"integer-only: {what} is {type(module).__name__}, not an affine LayerNorm")
+        raise UnsupportedModelError(
+            f"integer-only: {what} is {type(module).__name__}, not an affine LayerNorm"
+        )
     return FloatNorm(_np(module.weight), _np(module.bias), float(module.eps))
 
 
@@ -211,6 +213,8 @@ def _read_timm(m: Any, image: tuple[int, int]) -> FloatViT:
 
 
 def _read_hf(m: Any, image: tuple[int, int]) -> FloatViT:
+    """Hugging Face ViTForImageClassification, transformers 5 (`layers`, q/k/v/o_proj, `mlp`) or 4
+    (`encoder.layer`, query/key/value, `intermediate`/`output`)."""
     vit = m.vit
     emb = vit.embeddings
     conv = emb.patch_embeddings.projection
@@ -218,25 +222,38 @@ def _read_hf(m: Any, image: tuple[int, int]) -> FloatViT:
     pos = _np(emb.position_embeddings)[0]
     if pos.shape[0] != 1 + (image[0] // patch) * (image[1] // patch):
         raise UnsupportedModelError("integer-only: the position embedding does not match the image size")
+    layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
     blocks = []
-    for i, layer in enumerate(vit.encoder.layer):
-        att = layer.attention.attention
-        _exact_gelu(layer.intermediate.intermediate_act_fn, f"encoder.layer.{i}.intermediate")
-        heads = int(att.num_attention_heads)
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "mlp"):  # transformers 5
+            att = layer.attention
+            q, k, v, o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+            heads, head_dim = int(att.num_attention_heads), int(att.head_dim)
+            fc1, fc2, act = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation_fn
+        else:  # transformers 4
+            att = layer.attention.attention
+            q, k, v, o = att.query, att.key, att.value, layer.attention.output.dense
+            heads, head_dim = int(att.num_attention_heads), int(att.attention_head_size)
+            fc1, fc2, act = (
+                layer.intermediate.dense,
+                layer.output.dense,
+                layer.intermediate.intermediate_act_fn,
+            )
+        _exact_gelu(act, f"layers.{i}.mlp.activation_fn")
         blocks.append(
             FloatBlock(
-                _norm(layer.layernorm_before, f"encoder.layer.{i}.layernorm_before"),
-                np.concatenate([_np(att.query.weight), _np(att.key.weight), _np(att.value.weight)]),
-                np.concatenate([_np(att.query.bias), _np(att.key.bias), _np(att.value.bias)]),
+                _norm(layer.layernorm_before, f"layers.{i}.layernorm_before"),
+                np.concatenate([_np(q.weight), _np(k.weight), _np(v.weight)]),
+                np.concatenate([_np(q.bias), _np(k.bias), _np(v.bias)]),
                 heads,
-                int(att.attention_head_size),
-                _np(layer.attention.output.dense.weight),
-                _np(layer.attention.output.dense.bias),
-                _norm(layer.layernorm_after, f"encoder.layer.{i}.layernorm_after"),
-                _np(layer.intermediate.dense.weight),
-                _np(layer.intermediate.dense.bias),
-                _np(layer.output.dense.weight),
-                _np(layer.output.dense.bias),
+                head_dim,
+                _np(o.weight),
+                _np(o.bias),
+                _norm(layer.layernorm_after, f"layers.{i}.layernorm_after"),
+                _np(fc1.weight),
+                _np(fc1.bias),
+                _np(fc2.weight),
+                _np(fc2.bias),
             )
         )
     return FloatViT(
@@ -438,7 +455,9 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
     blocks = []
     for i, b in enumerate(vit.blocks):
         s_ln1 = int8_scale(f"{i}.ln1")
-        ln1 = IntLayerNormParams.make(b.norm1.weight, b.norm1.bias, s_ln1, _root_start(stats, f"{i}.ln1", s_res))
+        ln1 = IntLayerNormParams.make(
+            b.norm1.weight, b.norm1.bias, s_ln1, _root_start(stats, f"{i}.ln1", s_res)
+        )
         qkv = quantize_linear(b.qkv_w, b.qkv_b, s_ln1)
         s_q, s_k, s_v = (int8_scale(f"{i}.{p}") for p in "qkv")
         attn_dim = b.heads * b.head_dim
@@ -447,7 +466,9 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
         proj = quantize_linear(b.proj_w, b.proj_b, s_ctx)
         s_res1 = residual_scale(f"{i}.res1")
         s_ln2 = int8_scale(f"{i}.ln2")
-        ln2 = IntLayerNormParams.make(b.norm2.weight, b.norm2.bias, s_ln2, _root_start(stats, f"{i}.ln2", s_res1))
+        ln2 = IntLayerNormParams.make(
+            b.norm2.weight, b.norm2.bias, s_ln2, _root_start(stats, f"{i}.ln2", s_res1)
+        )
         fc1 = quantize_linear(b.fc1_w, b.fc1_b, s_ln2)
         s_fc1 = stats.bound(f"{i}.fc1", False) / GELU_IN[1]
         scales[f"{i}.fc1"] = s_fc1
@@ -534,7 +555,9 @@ def integer_forward(ops: IntOps, x: Any, plan: IntViT) -> Any:
     gh, gw = plan.image[0] // p, plan.image[1] // p
     patches = ops.reshape(x, (0, plan.in_chans, gh, p, gw, p))
     patches = ops.reshape(ops.transpose(patches, (0, 2, 4, 1, 3, 5)), (0, gh * gw, plan.in_chans * p * p))
-    tokens = arith.requantize(ops, linear(ops, patches, plan.patch_embed), plan.embed_out, *RESIDUAL, np.int32)
+    tokens = arith.requantize(
+        ops, linear(ops, patches, plan.patch_embed), plan.embed_out, *RESIDUAL, np.int32
+    )
     tokens = ops.clip(ops.add(tokens, ops.const(plan.patch_pos, "pos")), *RESIDUAL)
     prefix = ops.batch_broadcast(ops.const(plan.prefix, "prefix"), tokens)
     r = ops.concat([prefix, tokens], axis=1)
@@ -591,7 +614,9 @@ def build_onnx(plan: IntViT, expose_accumulators: bool = False) -> Any:
     out_scale = numpy_helper.from_array(plan.head.acc_scale.astype(np.float32), "output_scale")
     ops.initializers.append(out_scale)
     ops.nodes.append(
-        helper.make_node("DequantizeLinear", [acc.name, out_scale.name], [OUTPUT_NAME], name="output_dequantizer", axis=1)
+        helper.make_node(
+            "DequantizeLinear", [acc.name, out_scale.name], [OUTPUT_NAME], name="output_dequantizer", axis=1
+        )
     )
     c, (h, w) = plan.in_chans, plan.image
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c, h, w])]
@@ -600,6 +625,8 @@ def build_onnx(plan: IntViT, expose_accumulators: bool = False) -> Any:
     if expose_accumulators:
         outputs.append(helper.make_tensor_value_info(acc.name, TensorProto.INT32, ["batch", classes]))
     graph = helper.make_graph(ops.nodes, "vitcompress_integer_only", inputs, outputs, ops.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="vitcompress")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="vitcompress"
+    )
     model.ir_version = 8
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
