@@ -320,6 +320,7 @@ def _register() -> None:
         export_cmd,
         factorize_cmd,
         inspect_cmd,
+        intcheck_cmd,
         prune_cmd,
         quantize_cmd,
         recipe_cmd,
@@ -337,6 +338,7 @@ def _register() -> None:
     app.command("distill")(distill_cmd.distill)
     app.command("quantize")(quantize_cmd.quantize)
     app.command("bench")(bench_cmd.bench)
+    app.command("integer-check")(intcheck_cmd.integer_check)
     app.command("sweep")(sweep_cmd.sweep)
     app.command("convert")(convert_cmd.convert)
     app.add_typer(recipe_cmd.app, name="recipe")

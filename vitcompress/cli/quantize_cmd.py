@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from vitcompress.cli.common import DATA_FORMS, JsonOpt, build_config, err_console, out_console, print_json
-from vitcompress.passes.quantize import PRESETS, Calibration, Mode, QuantizeConfig
+from vitcompress.passes.quantize import PRESETS, Calibration, Mode, QuantizeConfig, refuse_integer_only_file
 
 
 def quantize(
@@ -114,6 +114,7 @@ def quantize(
     wanted = ".xml" if cfg.runtime == "openvino" else ".onnx"
     if out.suffix != wanted:
         raise typer.BadParameter(f"{out} must end in {wanted} (runtime {cfg.runtime})", param_hint="--out")
+    refuse_integer_only_file(cfg)
     input_spec, classes = onnx_input_spec(model)
     calibration_data = None
     if cfg.needs_data():

@@ -51,6 +51,7 @@ class Mode(str, Enum):
     dynamic = "dynamic"  # int8 weights, activation ranges at run time (no data)
     auto = "auto"  # both int8 forms, the faster on this machine that holds the accuracy gate
     fp16 = "fp16"  # float16 (GPU targets)
+    integer_only = "integer-only"  # every op integer (I-ViT): built from the PyTorch model
 
 
 class Calibration(str, Enum):
@@ -83,6 +84,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "runtime": "openvino", "mode": "auto", "activation_type": "uint8", "weight_type": "int8",
         "per_channel": True, "reduce_range": False, "quantize_attention": False, "provider": "cpu",
     },
+    "int-only": {  # integer-only accelerators (no FPU): Shiftmax, ShiftGELU, integer LayerNorm
+        "mode": "integer-only", "calibration": "minmax", "provider": "cpu",
+    },
 }  # fmt: skip
 
 
@@ -101,10 +105,14 @@ class QuantizeConfig(PassConfig):
     mode: Mode = Field(
         Mode.static,
         description="static (int8, calibrated), dynamic (int8, no data), auto (both int8 forms, timed on "
-        "this machine; the faster that holds max_top1_drop is kept; CPU only) or fp16.",
+        "this machine; the faster that holds max_top1_drop is kept; CPU only), fp16, or integer-only (every "
+        "op in integers, I-ViT: built from the PyTorch model in a recipe; uses calibration, calibration_size, "
+        "percentile and max_top1_drop, no layer falls back to float).",
     )
     calibration: Calibration = Field(Calibration.minmax, description="Activation range method (static).")
-    calibration_size: int = Field(256, ge=2, description="Calibration images (stratified), static mode.")
+    calibration_size: int = Field(
+        256, ge=1, description="Calibration images (stratified); at least 2, except integer-only (1 allowed)."
+    )
     calibration_batch: int = Field(
         4, ge=1, description="Images per calibration run (ORT holds one run's activations at a time)."
     )
@@ -154,12 +162,27 @@ class QuantizeConfig(PassConfig):
             data = {**PRESETS[preset], **data}
             if data.get("mode") == "fp16" and data.get("filename", "model.int8.onnx") == "model.int8.onnx":
                 data["filename"] = "model.fp16.onnx"
+            if data.get("mode") == "integer-only" and data.get("filename", "model.int8.onnx") == "model.int8.onnx":
+                data["filename"] = "model.intonly.onnx"
         if isinstance(data, dict) and data.get("runtime") == "openvino" and "filename" not in data:
             data = {**data, "filename": "model.int8.xml"}
         return data
 
     def needs_data(self) -> bool:
-        return self.mode in (Mode.static, Mode.auto)
+        return self.mode in (Mode.static, Mode.auto, Mode.integer_only)
+
+    @model_validator(mode="after")
+    def _integer_only_settings(self) -> QuantizeConfig:
+        if self.mode is Mode.integer_only:
+            if self.calibration is Calibration.entropy:
+                raise ValueError("integer-only calibrates with minmax or percentile, not entropy")
+            if self.provider != "cpu":
+                raise ValueError("integer-only graphs are built and verified for ONNX Runtime's CPU provider")
+        elif self.calibration_size < 2:
+            raise ValueError(
+                "calibration_size 1: ONNX Runtime's calibrators need at least 2 images (integer-only takes 1)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ort_format_needs_ort(self) -> QuantizeConfig:
@@ -574,6 +597,17 @@ def _quantize_one(
     }
 
 
+def refuse_integer_only_file(cfg: QuantizeConfig) -> None:
+    """integer-only reads the PyTorch model's weights: an ONNX file alone is not enough."""
+    if cfg.mode is Mode.integer_only:
+        raise QuantizeError(
+            "integer-only is built from the PyTorch model (its weights and calibrated ranges), not from an "
+            "ONNX file",
+            hint="run it in a recipe after export: vitcompress compress --recipe int-only (or a quantize "
+            "pass with preset: int-only)",
+        )
+
+
 AUTO_SCRATCH = ".quantize-auto-"  # + pid: scratch of auto mode beside the target
 
 
@@ -594,6 +628,7 @@ def quantize_model(
     from vitcompress.fileio import atomic_path
     from vitcompress.rundir import clean_dead_scratch
 
+    refuse_integer_only_file(cfg)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_dead_scratch(target.parent, target.name)
@@ -676,6 +711,33 @@ def _quantize_staged(
     return details
 
 
+def _integer_only(
+    state: ModelState, target: Path, cfg: QuantizeConfig, calibration: Dataset, eval_data: Dataset | None
+) -> dict[str, Any]:
+    """The integer-only model of the current PyTorch model, with the exported file's metadata; the
+    accuracy gate measures it (there is no float to fall back to)."""
+    from vitcompress.evaluate import onnx_metadata
+    from vitcompress.passes.intonly.build import quantize_integer_only
+
+    assert state.onnx_path is not None
+    if state.model_changed and state.records and state.records[-1].kind != "export":
+        log.info("integer-only reads the current PyTorch model, as exported by the last export pass")
+    percentile = cfg.percentile if cfg.calibration is Calibration.percentile else None
+    details = quantize_integer_only(state.model, target, calibration, percentile, onnx_metadata(state.onnx_path))
+    if cfg.max_top1_drop is not None and eval_data is not None:
+        measured = agreement(state.onnx_path, target, eval_data)
+        drop = 100 * (measured["float_top1"] - measured["quantized_top1"])
+        details["agreement"] = measured
+        details["gate"] = {
+            "max_top1_drop": cfg.max_top1_drop,
+            "drop_points": drop,
+            "met": drop <= cfg.max_top1_drop,
+            "kept_float": [],
+            "models_tried": 1,
+        }
+    return details
+
+
 def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
     from vitcompress.errors import RecipeError
     from vitcompress.runtime import onnx_size
@@ -694,7 +756,11 @@ def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
     eval_data = None
     if cfg.max_top1_drop is not None:
         eval_data = state.load_split("eval", f"{cfg.step_name} (max_top1_drop)")
-    details = quantize_model(state.onnx_path, target, cfg, calibration, eval_data, state.settings.threads)
+    if cfg.mode is Mode.integer_only:
+        assert calibration is not None  # needs_data() loaded it
+        details = _integer_only(state, target, cfg, calibration, eval_data)
+    else:
+        details = quantize_model(state.onnx_path, target, cfg, calibration, eval_data, state.settings.threads)
     gate = details.get("gate")
     if gate is not None and not gate["met"]:
         details["gate_failure"] = (
