@@ -323,12 +323,14 @@ def _register() -> None:
         quantize_cmd,
         recipe_cmd,
         sweep_cmd,
+        tokens_cmd,
     )
 
     app.command("compress")(compress_cmd.compress)
     app.command("inspect")(inspect_cmd.inspect)
     app.command("prune")(prune_cmd.prune)
     app.command("factorize")(factorize_cmd.factorize)
+    app.command("tokens")(tokens_cmd.tokens)
     app.command("export")(export_cmd.export)
     app.command("eval")(eval_cmd.evaluate)
     app.command("distill")(distill_cmd.distill)

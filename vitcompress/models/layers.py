@@ -69,14 +69,25 @@ def _apply_lowrank(model: nn.Module, path: str, edit: dict[str, Any]) -> None:
     )
 
 
+def _apply_tokens(model: nn.Module, _path: str, edit: dict[str, Any]) -> None:
+    from vitcompress.models.tokens import apply_token_edit
+
+    apply_token_edit(model, edit)
+
+
 # kind -> function(model, module_path, edit) that puts the module back (empty, right shapes)
-EDITS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {"lowrank": _apply_lowrank}
+EDITS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {
+    "lowrank": _apply_lowrank,
+    "tokens": _apply_tokens,
+}
 
 
 def model_edits(model: nn.Module) -> list[dict[str, Any]]:
     """The edits that rebuild this model's replaced modules from its family's constructor."""
+    from vitcompress.models.tokens import token_edits
+
     return [
         {"kind": "lowrank", "module": name, "rank": module.rank}
         for name, module in model.named_modules()
         if isinstance(module, LowRankLinear)
-    ]
+    ] + token_edits(model)
