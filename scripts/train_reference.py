@@ -7,9 +7,14 @@ what `vitcompress` applies at eval time). The result is cached: a second call re
 
     python scripts/train_reference.py                  # train (about 25 min on 2 cores) or reuse the cache
     python scripts/train_reference.py --epochs 1 --limit 2000 --out /tmp/ref   # quick smoke run
+    python scripts/train_reference.py --variant p4     # the many-token reference (token reduction)
 
-Output directory (default ~/.cache/vitcompress/reference/fmnist-vit): model.safetensors (a plain
-timm state dict) and reference.json (how to load it, top-1, wall time).
+Variant p4 is the many-token reference for token merging and pruning: patch 4 on the same 28x28
+images gives 49 patch tokens + class token; width 96, depth 6, 3 heads of 32, MLP 384, fewer epochs,
+sized to train in about 20 minutes on 2 cores.
+
+Output directory (default ~/.cache/vitcompress/reference/fmnist-vit-VARIANT): model.safetensors (a
+plain timm state dict) and reference.json (how to load it, top-1, wall time).
 """
 
 from __future__ import annotations
@@ -26,17 +31,23 @@ SOURCE = "timm:vit_tiny_patch16_224"
 KWARGS = {"patch_size": 7, "embed_dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 4.0}
 EPOCHS, BATCH_SIZE, LR = 24, 256, 2e-3
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 28, 1, 10
+# variant -> (constructor kwargs, epochs); p7 is the default reference, p4 the many-token one
+VARIANTS: dict[str, tuple[dict, int]] = {
+    "p7": (KWARGS, EPOCHS),
+    "p4": ({"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}, 10),
+}
 
 
-def default_dir() -> Path:
+def default_dir(variant: str = "p7") -> Path:
     root = Path(os.environ.get("VITCOMPRESS_CACHE", Path.home() / ".cache" / "vitcompress"))
-    return root / "reference" / "fmnist-vit-p7"
+    return root / "reference" / f"fmnist-vit-{variant}"
 
 
-def model_ref(checkpoint: Path | None):  # type: ignore[no-untyped-def]
+def model_ref(checkpoint: Path | None, variant: str = "p7"):  # type: ignore[no-untyped-def]
     from vitcompress.models import ModelRef
 
-    return ModelRef(SOURCE, checkpoint, NUM_CLASSES, IMG_SIZE, IN_CHANS, False, dict(KWARGS))
+    kwargs = VARIANTS[variant][0]
+    return ModelRef(SOURCE, checkpoint, NUM_CLASSES, IMG_SIZE, IN_CHANS, False, dict(kwargs))
 
 
 def augment(x, generator):  # type: ignore[no-untyped-def]
@@ -53,7 +64,9 @@ def augment(x, generator):  # type: ignore[no-untyped-def]
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def train(out: Path, epochs: int, batch_size: int, lr: float, limit: int | None, seed: int) -> dict:
+def train(
+    out: Path, epochs: int, batch_size: int, lr: float, limit: int | None, seed: int, variant: str = "p7"
+) -> dict:
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
@@ -64,7 +77,7 @@ def train(out: Path, epochs: int, batch_size: int, lr: float, limit: int | None,
 
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 2)
-    loaded = load_model(model_ref(None))
+    loaded = load_model(model_ref(None, variant))
     train_data = load_dataset(
         DataSpec(source="fashion-mnist", split="train", limit=limit, seed=seed), loaded.input, NUM_CLASSES
     )
@@ -114,7 +127,8 @@ def train(out: Path, epochs: int, batch_size: int, lr: float, limit: int | None,
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     info = {
         "source": SOURCE,
-        "kwargs": KWARGS,
+        "kwargs": VARIANTS[variant][0],
+        "variant": variant,
         "img_size": IMG_SIZE,
         "in_chans": IN_CHANS,
         "num_classes": NUM_CLASSES,
@@ -132,32 +146,47 @@ def train(out: Path, epochs: int, batch_size: int, lr: float, limit: int | None,
     return info
 
 
-def ensure_reference(out: Path | None = None) -> tuple[Path, dict]:
+def ensure_reference(out: Path | None = None, variant: str = "p7") -> tuple[Path, dict]:
     """The cached reference (training it first if missing): (checkpoint path, info)."""
-    out = out or default_dir()
+    out = out or default_dir(variant)
     info_path = out / "reference.json"
     if not info_path.is_file():
-        train(out, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, limit=None, seed=0)
+        train(
+            out,
+            epochs=VARIANTS[variant][1],
+            batch_size=BATCH_SIZE,
+            lr=LR,
+            limit=None,
+            seed=0,
+            variant=variant,
+        )
     return out / "model.safetensors", json.loads(info_path.read_text())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the cache)")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        default="p7",
+        help="p7: 16 patch tokens; p4: 49 (token reduction)",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="default: the variant's (p7 24, p4 10)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--limit", type=int, default=None, help="train on this many samples (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain even if the cache holds a model")
     args = parser.parse_args()
-    out = args.out or default_dir()
+    out = args.out or default_dir(args.variant)
+    epochs = args.epochs if args.epochs is not None else VARIANTS[args.variant][1]
     if (out / "reference.json").is_file() and not args.force:
         print(
             f"cached: {out} ({json.loads((out / 'reference.json').read_text())['top1']:.2%} top-1); --force retrains"
         )
         return 0
-    info = train(out, args.epochs, args.batch_size, args.lr, args.limit, args.seed)
+    info = train(out, epochs, args.batch_size, args.lr, args.limit, args.seed, args.variant)
     print(json.dumps(info, indent=2))
     return 0
 

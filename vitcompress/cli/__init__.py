@@ -326,6 +326,7 @@ def _register() -> None:
         recipe_cmd,
         sparsify_cmd,
         sweep_cmd,
+        tokens_cmd,
     )
 
     app.command("compress")(compress_cmd.compress)
@@ -333,6 +334,7 @@ def _register() -> None:
     app.command("prune")(prune_cmd.prune)
     app.command("factorize")(factorize_cmd.factorize)
     app.command("sparsify")(sparsify_cmd.sparsify)
+    app.command("tokens")(tokens_cmd.tokens)
     app.command("export")(export_cmd.export)
     app.command("eval")(eval_cmd.evaluate)
     app.command("distill")(distill_cmd.distill)

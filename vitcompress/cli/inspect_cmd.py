@@ -43,6 +43,9 @@ def inspect(
       vitcompress inspect timm:vit_tiny_patch16_224 --checkpoint model.safetensors --json
       vitcompress inspect timm:vit_base_patch16_224 --checkpoint small.safetensors --num-heads 4
       vitcompress inspect out/model      # a compressed artifact
+
+    An artifact with a token-reduction schedule (`vitcompress tokens`) also shows the tokens each
+    block's attention and MLP see (197->184: the block merged or pruned 13 tokens).
     """
     from dataclasses import asdict
 
@@ -72,11 +75,19 @@ def inspect(
         title=f"{stats.label} ({stats.family}, input {c}x{h}x{w}, {stats.num_classes} classes, "
         f"embed dim {stats.embed_dim})"
     )
-    for column in ("block", "heads", "head dim", "attn dim", "MLP", "params", "MACs"):
+    reduced = any(b.mlp_tokens != b.tokens for b in stats.blocks)
+    columns = ["block", "heads", "head dim", "attn dim", "MLP", "params", "MACs"]
+    if reduced:  # a token-reduction schedule: tokens into attention -> into the MLP
+        columns.insert(1, "tokens")
+    for column in columns:
         table.add_column(column, justify="right")
     for b in stats.blocks:
+        tokens = (
+            [f"{b.tokens}->{b.mlp_tokens}" if b.tokens != b.mlp_tokens else str(b.tokens)] if reduced else []
+        )
         table.add_row(
             str(b.index),
+            *tokens,
             str(b.num_heads),
             str(b.head_dim),
             str(b.num_heads * b.head_dim),
@@ -85,7 +96,7 @@ def inspect(
             fmt_count(b.macs),
         )
     table.add_section()
-    table.add_row("total", "", "", "", "", fmt_count(stats.params), fmt_count(stats.macs))
+    table.add_row("total", *[""] * (len(columns) - 3), fmt_count(stats.params), fmt_count(stats.macs))
     out_console.print(table)
     if sparse:
         zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in sparse)

@@ -132,18 +132,26 @@ def _apply_sparse(model: nn.Module, path: str, edit: dict[str, Any]) -> None:
         MASK_BUFFER, torch.ones(out_features, in_features, dtype=torch.bool), persistent=True
     )
     linear.sparsity_pattern = str(edit["pattern"])  # type: ignore[assignment]
+def _apply_tokens(model: nn.Module, _path: str, edit: dict[str, Any]) -> None:
+    from vitcompress.models.tokens import apply_token_edit
+
+    apply_token_edit(model, edit)
 
 
 # kind -> function(model, module_path, edit) that puts the module back (empty, right shapes)
 EDITS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {
     "lowrank": _apply_lowrank,
     "sparse": _apply_sparse,
+    "tokens": _apply_tokens,
 }
 
 
 def model_edits(model: nn.Module) -> list[dict[str, Any]]:
     """The edits that rebuild this model's replaced modules from its family's constructor (module
-    replacements first: a sparse edit may name a linear inside a factorized layer)."""
+    replacements first: a sparse edit may name a linear inside a factorized layer; token schedules
+    last)."""
+    from vitcompress.models.tokens import token_edits
+
     return [
         {"kind": "lowrank", "module": name, "rank": module.rank}
         for name, module in model.named_modules()
@@ -156,4 +164,4 @@ def model_edits(model: nn.Module) -> list[dict[str, Any]]:
             "pattern": str(getattr(linear, "sparsity_pattern", "unknown")),
         }
         for name, linear in masked_linears(model).items()
-    ]
+    ] + token_edits(model)

@@ -31,6 +31,8 @@ class BlockStats:
     mlp_hidden: int
     params: int
     macs: int
+    tokens: int = 0  # tokens the block's attention sees
+    mlp_tokens: int = 0  # tokens its MLP sees (fewer when the block merges or prunes tokens)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,16 @@ def count_macs(loaded: LoadedModel) -> tuple[int, dict[str, int]]:
 
 
 def model_stats(loaded: LoadedModel) -> ModelStats:
+    from vitcompress.models.tokens import token_schedule_of, tokens_per_block
+
     total_macs, per_module = count_macs(loaded)
+    depth = len(loaded.adapter.blocks())
+    schedule = token_schedule_of(loaded.model)
+    counts = (
+        tokens_per_block(loaded.adapter.num_tokens, schedule)
+        if schedule is not None
+        else [(loaded.adapter.num_tokens, loaded.adapter.num_tokens)] * depth
+    )
     blocks = [
         BlockStats(
             index=b.index,
@@ -108,6 +119,8 @@ def model_stats(loaded: LoadedModel) -> ModelStats:
             mlp_hidden=b.mlp.hidden,
             params=sum(p.numel() for p in b.module.parameters()),
             macs=per_module.get(b.name, 0),
+            tokens=counts[b.index][0],
+            mlp_tokens=counts[b.index][1],
         )
         for b in loaded.adapter.blocks()
     ]

@@ -20,6 +20,7 @@ from vitcompress.passes.lowrank import LowRankConfig
 from vitcompress.passes.prune import PruneConfig
 from vitcompress.passes.quantize import QuantizeConfig
 from vitcompress.passes.sparsify.config import SparsifyConfig
+from vitcompress.passes.tokens.config import TokensConfig
 from vitcompress.passes.validate import ValidateConfig
 
 
@@ -64,6 +65,15 @@ PASSES: dict[str, PassSpec] = {
             changes_model=True,
             produces_onnx=False,
             module="vitcompress.passes.lowrank",
+        ),
+        PassSpec(
+            "tokens",
+            TokensConfig,
+            "token reduction with a fixed schedule: merge (ToMe) or prune (EViT) tokens in every block",
+            Needs.torch,
+            changes_model=True,
+            produces_onnx=False,
+            module="vitcompress.passes.tokens.run",
         ),
         PassSpec(
             "distill",
