@@ -73,6 +73,20 @@ def peaks(threads: int) -> dict[str, float]:
     return out
 
 
+def torch_ir(loaded: Any, xml: Path) -> Path:
+    """OpenVINO's own PyTorch frontend (ov.convert_model on the module), dynamic batch: the
+    alternative to converting the parity-checked ONNX file."""
+    import openvino as ov
+    import torch
+
+    from vitcompress.runtimes.openvino import save_ir
+
+    model = loaded.model.eval()
+    with torch.no_grad():
+        converted = ov.convert_model(model, example_input=loaded.example_input(1), input=[(-1, *loaded.example_input(1).shape[1:])])
+    return save_ir(converted, xml, None)
+
+
 def build_int8(fp32: Path, workdir: Path, calibration: Any, prefix: str = "") -> dict[str, Path]:
     """vitcompress static QDQ (ORT), the same read by OpenVINO, and NNCF's default INT8 (OpenVINO)."""
     from vitcompress.passes.quantize import QuantizeConfig, quantize_model
@@ -141,6 +155,7 @@ def speed_model(
     print(f"{name}: export, quantize ...", file=sys.stderr, flush=True)
     fp32 = export_model(loaded, workdir / "fp32.onnx", ExportConfig()).path
     onnx_to_ir(fp32, workdir / "fp32.xml")
+    torch_ir(loaded, workdir / "torch.xml")
     calib_spec = DataSpec(
         source="synthetic", num_samples=64 if not args.smoke else 8, num_classes=loaded.num_classes
     )

@@ -23,18 +23,40 @@ def fp32(tmp_path_factory) -> Path:
     return export_model(loaded, directory / "m.onnx", ExportConfig()).path
 
 
-def test_openvino_preset_builds_nncf_and_qdq_and_keeps_the_faster(fp32, cli):
-    out = fp32.parent / "q.xml"
-    result = cli(
-        "quantize", fp32, "--out", out, "--preset", "cpu-x86-openvino-int8", "--data", "digits:train",
-        "--calibration-size", "16", "--eval-data", "digits:test", "--eval-limit", "64",
-        "--max-top1-drop", "5", "--threads", "1", "--json",
-    )  # fmt: skip
+RECIPE = """
+version: 1
+model: {source: timm:vit_tiny_patch16_224, num_classes: 10, img_size: 32, kwargs: {depth: 2, patch_size: 8}}
+target: {runtime: openvino, threads: 1, precision: int8}
+data:
+  eval: {source: digits, split: test, limit: 64}
+  calibration: {source: digits, split: train, limit: 16}
+passes:
+  - kind: export
+  - kind: quantize
+    preset: cpu-x86-openvino-int8
+    calibration_size: 16
+    max_top1_drop: 5
+  - kind: validate
+    runs: 5
+    warmup: 1
+    sanity: false
+"""
+
+
+def test_openvino_target_builds_nncf_and_qdq_keeps_the_faster_and_validates_there(cli, tmp_path):
+    recipe = tmp_path / "ov.yaml"
+    recipe.write_text(RECIPE)
+    result = cli("compress", "--recipe", recipe, "--out", tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output
-    details = json.loads(result.stdout)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    export, quantize, validate = (
+        next(r for r in report["ledger"] if r["kind"] == k) for k in ("export", "quantize", "validate")
+    )
+    assert export["details"]["openvino"]["ir"].endswith("model.xml")
+    details = quantize["details"]
     auto = details["auto"]
     assert set(auto["p50_ms"]) == {"nncf", "qdq"} and all(ms > 0 for ms in auto["p50_ms"].values())
-    assert auto["chosen"] in ("nncf", "qdq")
+    assert auto["chosen"] in ("nncf", "qdq") and auto["threads"] == 1
     candidates = auto["candidates"]
     assert candidates["nncf"]["method"] == "nncf.quantize_with_accuracy_control"  # the gate drives NNCF
     assert candidates["qdq"]["method"].startswith("vitcompress static QDQ")
@@ -47,12 +69,24 @@ def test_openvino_preset_builds_nncf_and_qdq_and_keeps_the_faster(fp32, cli):
             100 * (measured["float_top1"] - measured["quantized_top1"])
         )
         assert gate["met"] == (gate["drop_points"] <= 5)
-    assert details["settings"]["runtime"] == "openvino" and details["settings"]["mode"] == "auto"
-    assert details["runtime"]["runtime"] == "openvino"
-    assert sorted(p.name for p in fp32.parent.iterdir()) == ["m.onnx", "q.bin", "q.xml"]  # no scratch left
-    runner = open_runner(out, threads=1)
-    assert runner.info.precision.startswith("int8+")
-    assert runner.metadata()["num_classes"] == 10  # the ONNX file's metadata travelled
+    assert details["settings"]["runtime"] == "openvino" and details["runtime"]["runtime"] == "openvino"
+    final = Path(quantize["artifact"])
+    assert final.name == "model.int8.xml" and final.with_suffix(".bin").is_file()
+    assert not list(final.parent.glob(".quantize-auto-*"))  # no scratch left
+    # validate: budgets on OpenVINO, the fp32 baseline on ORT, the record says what ran
+    runner = validate["details"]["runner"]
+    assert (runner["runtime"], runner["threads"]) == ("openvino", 1) and runner["precision"].startswith(
+        "int8+"
+    )
+    assert validate["details"]["budget_runtime"] == "openvino"
+    assert validate["details"]["fastest_runtime"] == "openvino"  # an IR runs on OpenVINO only
+    bench = validate["details"]["bench"]["results"]
+    assert [(Path(r["model"]).name, r["runtime"]) for r in bench] == [
+        ("model.onnx", "ort"),
+        ("model.int8.xml", "openvino"),
+    ]
+    assert validate["top1"] == pytest.approx(candidates[auto["chosen"]]["agreement"]["quantized_top1"])
+    assert open_runner(final, threads=1).metadata()["num_classes"] == 10  # the ONNX file's metadata travelled
 
 
 def test_openvino_settings_that_cannot_work_are_refused(fp32, cli):

@@ -201,3 +201,39 @@ def test_ort_mobile_format_runs_with_parity_and_usability(exported, cli, tmp_pat
     _one_line_exit_2(
         cli("convert", result.path, "--to", "ort-mobile", "--out", tmp_path / "m.xml"), "writes .ort files"
     )
+
+
+def test_engine_for_another_gpu_or_tensorrt_version_exits_2(tmp_path, cli, monkeypatch):
+    """TensorRT refuses an engine built elsewhere by returning None; that becomes a clear error.
+    (No GPU here: a stand-in tensorrt module and a CUDA that says it is there.)"""
+    import sys
+    import types
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.9.0"
+
+    class Logger:
+        ERROR = WARNING = 0
+
+        def __init__(self, level: int) -> None:
+            pass
+
+    class TrtRuntime:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, blob: bytes) -> None:
+            return None  # what TensorRT does with an engine of another GPU model or version
+
+    fake.Logger, fake.Runtime = Logger, TrtRuntime
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    engine = tmp_path / "other-gpu.engine"
+    engine.write_bytes(b"not for this GPU")
+    _one_line_exit_2(
+        cli("bench", engine, "--runs", "5"),
+        "TensorRT 10.9.0 cannot load",
+        "NVIDIA H200",
+        "vitcompress convert model.onnx --to tensorrt",
+    )
