@@ -100,8 +100,9 @@ class QuantizeConfig(PassConfig):
     )
     mode: Mode = Field(
         Mode.static,
-        description="static (int8, calibrated), dynamic (int8, no data), auto (both int8 forms, timed on "
-        "this machine; the faster that holds max_top1_drop is kept; CPU only) or fp16.",
+        description="static (int8, calibrated; openvino: NNCF), dynamic (int8, no data), auto (two int8 "
+        "forms timed on this machine, the faster that holds max_top1_drop kept; CPU only: on ort static vs "
+        "dynamic, on openvino NNCF vs vitcompress's QDQ file) or fp16.",
     )
     calibration: Calibration = Field(Calibration.minmax, description="Activation range method (static).")
     calibration_size: int = Field(256, ge=2, description="Calibration images (stratified), static mode.")
