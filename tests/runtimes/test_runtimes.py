@@ -185,6 +185,9 @@ def test_bad_model_files_and_precisions_exit_2(exported, cli, tmp_path, monkeypa
     ):
         _one_line_exit_2(cli(*args), "TensorRT", "NVIDIA GPU")
     assert not (tmp_path / "x.engine").exists()
+    # a runtime is for model files: a PyTorch model is evaluated in PyTorch
+    torch_model = cli("eval", "timm:vit_tiny_patch16_224", "--data", "digits", "--runtime", "openvino")
+    assert torch_model.exit_code == 2 and "apply to model files" in torch_model.output
 
 
 def test_ort_mobile_format_runs_with_parity_and_usability(exported, cli, tmp_path):
