@@ -529,9 +529,14 @@ def agreement(float_path: Path, quant_path: Path, data: Dataset) -> dict[str, fl
     import numpy as np
 
     from vitcompress.evaluate import EVAL_BATCH_SIZE, file_runner
+    from vitcompress.runtimes import Runtime
 
-    # each file on its own runtime (an OpenVINO IR on OpenVINO, with its recorded precision hint)
-    a, b = file_runner(float_path), file_runner(quant_path)
+    def runner(path: Path):  # type: ignore[no-untyped-def]
+        # an OpenVINO IR on OpenVINO (its recorded precision hint); anything else is ONNX, staged
+        # files (.onnx.XXXX.tmp) included
+        return file_runner(path, runtime=Runtime.openvino if path.suffix == ".xml" else Runtime.ort)
+
+    a, b = runner(Path(float_path)), runner(Path(quant_path))
     same = total = 0
     worst = 0.0
     correct_a = correct_b = 0
