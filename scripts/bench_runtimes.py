@@ -73,6 +73,22 @@ def peaks(threads: int) -> dict[str, float]:
     return out
 
 
+def torch_ir(loaded: Any, xml: Path) -> Path:
+    """OpenVINO's own PyTorch frontend (ov.convert_model on the module), dynamic batch: the
+    alternative to converting the parity-checked ONNX file."""
+    import openvino as ov
+    import torch
+
+    from vitcompress.runtimes.openvino import save_ir
+
+    model = loaded.model.eval()
+    with torch.no_grad():
+        converted = ov.convert_model(
+            model, example_input=loaded.example_input(1), input=[(-1, *loaded.example_input(1).shape[1:])]
+        )
+    return save_ir(converted, xml, None)
+
+
 def build_int8(fp32: Path, workdir: Path, calibration: Any, prefix: str = "") -> dict[str, Path]:
     """vitcompress static QDQ (ORT), the same read by OpenVINO, and NNCF's default INT8 (OpenVINO)."""
     from vitcompress.passes.quantize import QuantizeConfig, quantize_model
@@ -116,7 +132,9 @@ def time_rows(rows: list[dict[str, Any]], threads: int, batch: int, runs: int, b
         row["ran"] = runner.info.to_dict()
 
 
-def speed_model(name: str, args: argparse.Namespace, workdir: Path, peak: dict[str, float]) -> list[dict[str, Any]]:
+def speed_model(
+    name: str, args: argparse.Namespace, workdir: Path, peak: dict[str, float]
+) -> list[dict[str, Any]]:
     import torch
 
     from vitcompress.data import DataSpec, load_dataset
@@ -139,19 +157,59 @@ def speed_model(name: str, args: argparse.Namespace, workdir: Path, peak: dict[s
     print(f"{name}: export, quantize ...", file=sys.stderr, flush=True)
     fp32 = export_model(loaded, workdir / "fp32.onnx", ExportConfig()).path
     onnx_to_ir(fp32, workdir / "fp32.xml")
-    calib_spec = DataSpec(source="synthetic", num_samples=64 if not args.smoke else 8, num_classes=loaded.num_classes)
+    torch_ir(loaded, workdir / "torch.xml")
+    calib_spec = DataSpec(
+        source="synthetic", num_samples=64 if not args.smoke else 8, num_classes=loaded.num_classes
+    )
     calibration = load_dataset(calib_spec, loaded.input, loaded.num_classes)
     quantize_model(fp32, workdir / "dynamic.onnx", QuantizeConfig(mode=Mode.dynamic), None)
     built = build_int8(fp32, workdir, calibration)
     ort, ov = Runtime.ort, Runtime.openvino
     rows: list[dict[str, Any]] = [
         {"variant": "ORT fp32", "path": fp32, "runtime": ort, "compute": "fp32", "macs": macs},
-        {"variant": "OpenVINO fp32 (f32 hint)", "path": workdir / "fp32.xml", "runtime": ov, "hint": Precision.fp32, "compute": "fp32_openvino", "macs": macs},
-        {"variant": "OpenVINO default hint", "path": workdir / "fp32.xml", "runtime": ov, "compute": "bf16", "macs": macs},
-        {"variant": "ORT quantize_dynamic", "path": workdir / "dynamic.onnx", "runtime": ort, "compute": "int8", "macs": macs},
-        {"variant": "vitcompress static QDQ on ORT", "path": built["qdq"], "runtime": ort, "compute": "int8", "macs": macs},
-        {"variant": "OpenVINO + nncf.quantize INT8", "path": built["nncf"], "runtime": ov, "compute": "int8", "macs": macs},
-        {"variant": "OpenVINO running vitcompress's QDQ file", "path": built["qdq_xml"], "runtime": ov, "compute": "int8", "macs": macs},
+        {
+            "variant": "OpenVINO fp32 (f32 hint)",
+            "path": workdir / "fp32.xml",
+            "runtime": ov,
+            "hint": Precision.fp32,
+            "compute": "fp32_openvino",
+            "macs": macs,
+        },
+        {
+            "variant": "OpenVINO default hint",
+            "path": workdir / "fp32.xml",
+            "runtime": ov,
+            "compute": "bf16",
+            "macs": macs,
+        },
+        {
+            "variant": "ORT quantize_dynamic",
+            "path": workdir / "dynamic.onnx",
+            "runtime": ort,
+            "compute": "int8",
+            "macs": macs,
+        },
+        {
+            "variant": "vitcompress static QDQ on ORT",
+            "path": built["qdq"],
+            "runtime": ort,
+            "compute": "int8",
+            "macs": macs,
+        },
+        {
+            "variant": "OpenVINO + nncf.quantize INT8",
+            "path": built["nncf"],
+            "runtime": ov,
+            "compute": "int8",
+            "macs": macs,
+        },
+        {
+            "variant": "OpenVINO running vitcompress's QDQ file",
+            "path": built["qdq_xml"],
+            "runtime": ov,
+            "compute": "int8",
+            "macs": macs,
+        },
     ]
     if args.pruned:
         import benchmark
@@ -159,7 +217,14 @@ def speed_model(name: str, args: argparse.Namespace, workdir: Path, peak: dict[s
         spec = benchmark._model_spec(ref)
         recipe = benchmark.speed_recipe("prune-kd-int8", spec, args.smoke)
         outcome = benchmark.run_job(
-            {"threads": args.threads, "model": spec, "kind": "recipe", "name": "prune-kd-int8", "recipe": recipe, "out": str(workdir / "pruned")},
+            {
+                "threads": args.threads,
+                "model": spec,
+                "kind": "recipe",
+                "name": "prune-kd-int8",
+                "recipe": recipe,
+                "out": str(workdir / "pruned"),
+            },
             workdir,
             "pruned",
         )
@@ -167,13 +232,35 @@ def speed_model(name: str, args: argparse.Namespace, workdir: Path, peak: dict[s
         pruned = build_int8(pruned_fp32, workdir, calibration, prefix="pruned_")
         pmacs = outcome["macs"]
         rows += [
-            {"variant": f"vitcompress prune-kd-int8 ({pmacs / macs:.0%} MACs) on ORT", "path": Path(outcome["onnx"]), "runtime": ort, "compute": "int8", "macs": pmacs},
-            {"variant": "OpenVINO + nncf.quantize on the same pruned model", "path": pruned["nncf"], "runtime": ov, "compute": "int8", "macs": pmacs},
-            {"variant": "OpenVINO running the pruned QDQ file", "path": pruned["qdq_xml"], "runtime": ov, "compute": "int8", "macs": pmacs},
+            {
+                "variant": f"vitcompress prune-kd-int8 ({pmacs / macs:.0%} MACs) on ORT",
+                "path": Path(outcome["onnx"]),
+                "runtime": ort,
+                "compute": "int8",
+                "macs": pmacs,
+            },
+            {
+                "variant": "OpenVINO + nncf.quantize on the same pruned model",
+                "path": pruned["nncf"],
+                "runtime": ov,
+                "compute": "int8",
+                "macs": pmacs,
+            },
+            {
+                "variant": "OpenVINO running the pruned QDQ file",
+                "path": pruned["qdq_xml"],
+                "runtime": ov,
+                "compute": "int8",
+                "macs": pmacs,
+            },
         ]
     print(f"{name}: timing {len(rows)} files interleaved ...", file=sys.stderr, flush=True)
+    import os
+
+    rows[0]["load_before"] = os.getloadavg()
     time_rows(rows, args.threads, 1, args.runs, block=10)
     time_rows(rows, args.threads, 32 if not args.smoke else 4, args.runs_b32, block=2)
+    rows[0]["load_after"] = os.getloadavg()
     for row in rows:
         floor_ms = row["macs"] / peak[row["compute"]] * 1e3
         row["floor_ms"] = floor_ms
@@ -182,6 +269,8 @@ def speed_model(name: str, args: argparse.Namespace, workdir: Path, peak: dict[s
 
 
 def accuracy_track(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    import benchlib
+
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.evaluate import evaluate_onnx
     from vitcompress.models import load_model
@@ -191,37 +280,106 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> list[dict[str, An
     from vitcompress.runtimes import Runtime
     from vitcompress.runtimes.openvino import onnx_to_ir
 
-    import benchlib
-
     workdir.mkdir(parents=True, exist_ok=True)
     ref, source = benchlib.reference(args)
     loaded = load_model(ref)
     fp32 = export_model(loaded, workdir / "fp32.onnx", ExportConfig()).path
     size = 512 if not args.smoke else 32
-    calibration = load_dataset(DataSpec(source=source, split="train", limit=size), loaded.input, loaded.num_classes)
+    calibration = load_dataset(
+        DataSpec(source=source, split="train", limit=size), loaded.input, loaded.num_classes
+    )
     test = load_dataset(
         DataSpec(source=source, split="test", limit=args.eval_limit if not args.smoke else 100),
         loaded.input,
         loaded.num_classes,
     )
     qdq = workdir / "qdq.onnx"
-    cfg = QuantizeConfig(preset="cpu-x86-vnni", mode=Mode.static, calibration=Calibration.percentile, calibration_size=size)
+    cfg = QuantizeConfig(
+        preset="cpu-x86-vnni", mode=Mode.static, calibration=Calibration.percentile, calibration_size=size
+    )
     quantize_model(fp32, qdq, cfg, calibration)
     onnx_to_ir(qdq, workdir / "qdq.xml")
-    nncf_quantize(fp32, workdir / "nncf.xml", QuantizeConfig(runtime="openvino", mode="static", calibration_size=size), calibration, None)
+    nncf_quantize(
+        fp32,
+        workdir / "nncf.xml",
+        QuantizeConfig(runtime="openvino", mode="static", calibration_size=size),
+        calibration,
+        None,
+    )
     ort, ov = Runtime.ort, Runtime.openvino
     rows: list[dict[str, Any]] = [
         {"variant": "ORT fp32", "path": fp32, "runtime": ort},
         {"variant": "vitcompress static QDQ (edge-cpu-int8 settings) on ORT", "path": qdq, "runtime": ort},
         {"variant": "the same QDQ file on OpenVINO", "path": workdir / "qdq.xml", "runtime": ov},
-        {"variant": "OpenVINO + nncf.quantize INT8 (same 512 images)", "path": workdir / "nncf.xml", "runtime": ov},
+        {
+            "variant": "OpenVINO + nncf.quantize INT8 (same 512 images)",
+            "path": workdir / "nncf.xml",
+            "runtime": ov,
+        },
     ]
     for row in rows:
         result = evaluate_onnx(Path(row["path"]), test, threads=args.threads, runtime=row["runtime"])
-        row.update(top1=result.top1, evaluated_on=f"{result.runtime} {result.runtime_version} {result.precision}")
+        row.update(
+            top1=result.top1, evaluated_on=f"{result.runtime} {result.runtime_version} {result.precision}"
+        )
     time_rows(rows, args.threads, 1, args.runs, block=10)
     print(f"accuracy track: {len(test)} test images", file=sys.stderr)
     return rows
+
+
+def print_speed(name: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    import benchlib
+
+    big = 32 if not args.smoke else 4
+    benchlib.table(
+        f"{name} at 224, {args.threads} threads, one interleaved run",
+        [
+            ("variant", lambda r: r["variant"]),
+            ("ran on", lambda r: f"{r['ran']['runtime']} {r['ran']['version']} {r['ran']['precision']}"),
+            ("p50 ms (b1)", lambda r: f"{r['b1']['p50_ms']:.2f}"),
+            ("p90 ms (b1)", lambda r: f"{r['b1']['p90_ms']:.2f}"),
+            ("vs ORT fp32", lambda r: f"{r['b1']['vs_first']:.2f}x"),
+            (f"img/s (b{big})", lambda r, b=big: f"{r[f'b{b}']['images_per_s']:.1f}"),
+            (f"p90 ms (b{big})", lambda r, b=big: f"{r[f'b{b}']['p90_ms']:.1f}"),
+            ("floor ms", lambda r: f"{r['floor_ms']:.2f} ({r['compute'].split('_')[0]})"),
+            ("of floor", lambda r: f"{r['of_floor']:.0%}"),
+        ],
+        rows,
+    )
+
+
+def retime(args: argparse.Namespace) -> int:
+    """Time the files an earlier run built (its --json) again, with fresh GEMM peaks: for a quieter
+    machine than the one the models were built on."""
+    import os
+
+    import benchlib
+
+    from vitcompress.runtimes import Precision, Runtime
+
+    previous = json.loads(args.retime.read_text())
+    results = benchlib.start(args)
+    peak = peaks(args.threads)
+    results["peak_macs_per_s"] = peak
+    print("measured GEMM peaks, " + ", ".join(f"{k} {v / 1e9:.0f} GMAC/s" for k, v in peak.items()))
+    for name in args.models or [k for k, v in previous.items() if isinstance(v, list) and k != "accuracy"]:
+        rows = previous[name]
+        for row in rows:
+            row["runtime"] = Runtime(row["runtime"])
+            row["hint"] = Precision(row["hint"]) if row.get("hint") else None
+        results[f"{name}_load_before"] = os.getloadavg()
+        time_rows(rows, args.threads, 1, args.runs, block=10)
+        time_rows(rows, args.threads, 32, args.runs_b32, block=2)
+        results[f"{name}_load_after"] = os.getloadavg()
+        for row in rows:
+            row["floor_ms"] = row["macs"] / peak[row["compute"]] * 1e3
+            row["of_floor"] = row["floor_ms"] / row["b1"]["p50_ms"]
+        results[name] = rows
+        print_speed(name, rows, args)
+        print(
+            f"load average before/after: {results[f'{name}_load_before']} / {results[f'{name}_load_after']}"
+        )
+    return benchlib.finish(args, json.loads(json.dumps(results, default=str)))
 
 
 def main() -> int:
@@ -239,12 +397,19 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path)
+    p.add_argument("--retime", type=Path, help="time the files of an earlier run's --json again")
     args = p.parse_args()
+    if args.retime:
+        return retime(args)
     if args.smoke:
         args.runs, args.runs_b32 = min(args.runs, 10), min(args.runs_b32, 3)
         args.models = args.models and ["vit_tiny_patch16_224"]
     results = benchlib.start(args)
-    peak = peaks(args.threads) if not args.smoke else {k: 1e11 for k in ("fp32", "int8", "bf16", "fp32_openvino")}
+    peak = (
+        peaks(args.threads)
+        if not args.smoke
+        else {k: 1e11 for k in ("fp32", "int8", "bf16", "fp32_openvino")}
+    )
     results["peak_macs_per_s"] = peak
     print(
         "measured GEMM peaks, "
@@ -261,7 +426,10 @@ def main() -> int:
                 f"{name} at 224, {args.threads} threads, one interleaved run",
                 [
                     ("variant", lambda r: r["variant"]),
-                    ("ran on", lambda r: f"{r['ran']['runtime']} {r['ran']['version']} {r['ran']['precision']}"),
+                    (
+                        "ran on",
+                        lambda r: f"{r['ran']['runtime']} {r['ran']['version']} {r['ran']['precision']}",
+                    ),
                     ("p50 ms (b1)", lambda r: f"{r['b1']['p50_ms']:.2f}"),
                     ("p90 ms (b1)", lambda r: f"{r['b1']['p90_ms']:.2f}"),
                     ("vs ORT fp32", lambda r: f"{r['b1']['vs_first']:.2f}x"),

@@ -96,6 +96,7 @@ def test_bench_cli_json_fields_and_gate_exit_code(cli, onnx_pair):
         "warmup": 1,
         "runs": 10,
         "block": 10,
+        "precision": None,  # no OpenVINO precision hint asked for
     }
     assert {"p50_ms", "p90_ms", "p99_ms", "throughput_ips", "speedup_vs_first"} <= set(data["results"][0])
     assert len(data["results"]) == 4

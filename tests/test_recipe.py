@@ -36,7 +36,7 @@ BAD = [
     (
         "unknown top key",
         HEAD + "passes:\n  - kind: export\nbudget:\n  max_p50_ms: 3\n",
-        "<r>:6: unknown key 'budget' in top level; did you mean 'budgets'?",
+        "<r>:6: unknown key 'budget' in top level; did you mean 'budgets'",
     ),
     (
         "unknown budget key",
@@ -139,6 +139,8 @@ def test_resolved_recipe_spells_out_every_default():
         "atol": 1e-4,
         "rtol": 1e-4,
         "min_top1_agreement": 1.0,
+        "runtime": "ort",
+        "precision": None,
     }
     assert resolved["passes"][1]["provider"] == "cpu"
     assert resolved["run"] == {"seed": 0, "threads": 2}
@@ -159,6 +161,7 @@ def test_schema_and_validate_commands(cli, tmp_path):
         "passes",
         "budgets",
         "sweep",
+        "target",
     }
     assert "discriminator" in json.dumps(schema["properties"]["passes"])
 

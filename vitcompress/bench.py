@@ -240,15 +240,16 @@ def bench_models(
     block: int = 10,
     runtimes: Sequence[Runtime] | None = None,
     precision: Precision | None = None,
+    entries: Sequence[tuple[Path, Runtime]] | None = None,
 ) -> BenchReport:
     """Measure every model at every batch size, interleaved; on_step(n) reports progress in runs.
 
     Files of different runtimes (model.onnx, model.xml, model.engine) are timed in the same run;
     `runtimes` runs each file on several (see bench_entries). Every result names its runtime,
-    runtime version, precision and threads."""
-    if not paths:
+    runtime version, precision and threads. `entries` ((file, runtime) pairs) replaces paths/runtimes."""
+    if not paths and not entries:
         raise OnnxModelError("no models to bench", hint="pass one or more .onnx, .xml or .engine files")
-    entries = bench_entries(paths, runtimes)
+    entries = list(entries) if entries else bench_entries(paths, runtimes)
     runners = [open_bench_runner(p, rt, provider, precision, threads) for p, rt in entries]
     labels = [str(p) for p, _ in entries]
     results: list[Latency] = []

@@ -62,7 +62,9 @@ def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
         and measured.latency_p50_ms is not None
         and measured.latency_p50_ms > budgets.max_p50_ms
     ):
-        failures.append(f"p50 {measured.latency_p50_ms:.2f} ms > max_p50_ms {budgets.max_p50_ms:g}")
+        runner = measured.details.get("runner")  # the runtime the budget was checked on
+        on = f" on {runner['runtime']} {runner['version']} ({runner['precision']})" if runner else ""
+        failures.append(f"p50 {measured.latency_p50_ms:.2f} ms{on} > max_p50_ms {budgets.max_p50_ms:g}")
     speedup = measured.details.get("speedup_vs_baseline") if measured else None
     if budgets.min_speedup is not None and speedup is not None and speedup < budgets.min_speedup:
         failures.append(f"speed-up {speedup:.2f}x < min_speedup {budgets.min_speedup:g}x")

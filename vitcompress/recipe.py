@@ -34,6 +34,7 @@ from vitcompress.data import DataSection
 from vitcompress.errors import RecipeError, closest, did_you_mean
 from vitcompress.passes import PASS_CONFIGS, PASSES, Needs
 from vitcompress.passes.base import PassConfig
+from vitcompress.runtimes.target import TargetSection, apply_target
 
 RECIPE_VERSION = 1
 MAX_RECIPE_BYTES = 1 << 20  # 1 MiB; the ready recipes are about 1 KB
@@ -134,6 +135,16 @@ class Recipe(_Section):
     sweep: SweepSection | None = Field(
         None, description="Variants for `vitcompress sweep` (compress ignores it)."
     )
+    target: TargetSection | None = Field(
+        None,
+        description="Where the model will run: runtime (ort, openvino, tensorrt), device, threads, precision; "
+        "expanded into the passes' settings.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_target(cls, data: Any) -> Any:
+        return apply_target(data)
 
     @model_validator(mode="after")
     def _pass_order(self) -> Recipe:

@@ -267,11 +267,20 @@ def _run_sweep(
             hint=f"run one variant with `vitcompress compress --set ...` to see it; logs in {out_dir}",
         )
     baseline_path, baseline_top1 = _baseline(first, out_dir, provider, measured)
-    paths = [baseline_path] + [Path(v.onnx) for v in measured if v.onnx]
+    from vitcompress.runtimes import RUNTIMES, Runtime, runtime_for
+
+    # the fp32 baseline on ONNX Runtime; each variant's file on the recipe's target runtime where
+    # that runtime opens it (an .onnx file on OpenVINO), else on its own
+    target = Runtime(first.target.runtime) if first.target else None
+    entries = [(baseline_path, Runtime.ort)]
+    for path in (Path(v.onnx) for v in measured if v.onnx):
+        usable = target is not None and path.suffix.lower() in RUNTIMES[target].suffixes
+        entries.append((path, target if usable and target is not None else runtime_for(path)))
     report = bench_models(
-        paths, provider, first.run.threads, [1], warmup=5, runs=runs, on_step=on_bench, seed=first.run.seed
-    )
-    base = report.find(str(baseline_path), 1)
+        [], provider, first.run.threads, [1], warmup=5, runs=runs, on_step=on_bench, seed=first.run.seed,
+        entries=entries,
+    )  # fmt: skip
+    base = report.find(str(baseline_path), 1, "ort")
     for variant in measured:
         latency = report.find(str(variant.onnx), 1)
         variant.p50_ms, variant.p90_ms = latency.p50_ms, latency.p90_ms

@@ -35,8 +35,9 @@ def quantize(
     mode: Annotated[
         Mode | None,
         typer.Option(
-            help="static (int8, calibrated), dynamic (int8), auto (both, timed here, the faster kept; "
-            "the CPU presets' choice) or fp16."
+            help="static (int8, calibrated; openvino: NNCF), dynamic (int8), auto (two int8 forms timed "
+            "here, the faster kept; the CPU presets' choice: on ort static vs dynamic, on openvino NNCF vs "
+            "vitcompress's QDQ file) or fp16."
         ),
     ] = None,
     data: Annotated[

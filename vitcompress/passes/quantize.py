@@ -104,10 +104,11 @@ class QuantizeConfig(PassConfig):
     )
     mode: Mode = Field(
         Mode.static,
-        description="static (int8, calibrated), dynamic (int8, no data), auto (both int8 forms, timed on "
-        "this machine; the faster that holds max_top1_drop is kept; CPU only), fp16, or integer-only (every "
-        "op in integers, I-ViT: built from the PyTorch model in a recipe; uses calibration, calibration_size, "
-        "percentile and max_top1_drop, no layer falls back to float).",
+        description="static (int8, calibrated; openvino: NNCF), dynamic (int8, no data), auto (two int8 "
+        "forms timed on this machine, the faster that holds max_top1_drop kept; CPU only: on ort static vs "
+        "dynamic, on openvino NNCF vs vitcompress's QDQ file), fp16, or integer-only (every op in integers, "
+        "I-ViT: built from the PyTorch model in a recipe; uses calibration, calibration_size, percentile and "
+        "max_top1_drop, no layer falls back to float).",
     )
     calibration: Calibration = Field(Calibration.minmax, description="Activation range method (static).")
     calibration_size: int = Field(
@@ -551,9 +552,14 @@ def agreement(float_path: Path, quant_path: Path, data: Dataset) -> dict[str, fl
     import numpy as np
 
     from vitcompress.evaluate import EVAL_BATCH_SIZE, file_runner
+    from vitcompress.runtimes import Runtime
 
-    # each file on its own runtime (an OpenVINO IR on OpenVINO, with its recorded precision hint)
-    a, b = file_runner(float_path), file_runner(quant_path)
+    def runner(path: Path):  # type: ignore[no-untyped-def]
+        # an OpenVINO IR on OpenVINO (its recorded precision hint); anything else is ONNX, staged
+        # files (.onnx.XXXX.tmp) included
+        return file_runner(path, runtime=Runtime.openvino if path.suffix == ".xml" else Runtime.ort)
+
+    a, b = runner(Path(float_path)), runner(Path(quant_path))
     same = total = 0
     worst = 0.0
     correct_a = correct_b = 0

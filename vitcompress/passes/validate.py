@@ -1,4 +1,10 @@
-"""Measure the exported model on the target with ONNX Runtime, against the fp32 baseline, in one run.
+"""Measure the exported model on the target runtime, against the fp32 baseline on ONNX Runtime, in one run.
+
+The model file runs on `runtime` (default: the one its suffix names: .onnx on ONNX Runtime, an
+OpenVINO .xml on OpenVINO); with `compare_runtimes` it is also timed, in the same interleaved run,
+on every other runtime that opens it on this device (an .onnx file on OpenVINO too), and the
+record names the fastest. Budgets are checked on `runtime`, and the record says which one that was,
+with its version, the precision it ran in and the threads.
 
 The baseline is the fp32 export of the model as loaded. If the recipe changed the model before its
 first export, the original model is exported here (as `baseline.onnx`) so the ratio is always taken
@@ -43,6 +49,20 @@ class ValidateConfig(PassConfig):
         10, ge=1, description="Timed runs in a row per model before switching (1: round-robin)."
     )
     compare_baseline: bool = Field(True, description="Measure the fp32 baseline in the same run.")
+    runtime: Literal["ort", "openvino", "tensorrt"] | None = Field(
+        None,
+        description="Runtime the budgets are checked on (default: the model file's own: .onnx ort, .xml "
+        "openvino). The fp32 baseline always runs on ort.",
+    )
+    precision: Literal["fp32", "bf16"] | None = Field(
+        None,
+        description="OpenVINO's precision hint (default: the one recorded with the IR, else OpenVINO's choice).",
+    )
+    compare_runtimes: bool = Field(
+        False,
+        description="Also time the model on every other runtime that opens its file on this device, in "
+        "the same run, and record the fastest.",
+    )
     accuracy: bool = Field(
         True,
         description="With data.eval in the recipe: top-1 of the model and of the baseline (ONNX Runtime).",
@@ -77,21 +97,61 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
             input_spec=input_spec,
             classes=classes,
         ).path
+    from vitcompress.runtimes import RUNTIMES, Device, Precision, Runtime, runtime_for
+
+    runtime = Runtime(cfg.runtime) if cfg.runtime else runtime_for(state.onnx_path)
     paths = [state.onnx_path]
     if cfg.compare_baseline and baseline is not None and baseline.resolve() != state.onnx_path.resolve():
         paths = [baseline, state.onnx_path]
+    entries = [(p, Runtime.ort if p != state.onnx_path else runtime) for p in paths]
+    device = Device.gpu if cfg.provider is not Provider.cpu or runtime is Runtime.tensorrt else Device.cpu
+    if cfg.compare_runtimes:
+        entries += [
+            (state.onnx_path, spec.runtime)
+            for spec in RUNTIMES.values()
+            if spec.runtime is not runtime
+            and state.onnx_path.suffix.lower() in spec.suffixes
+            and device in spec.devices
+            and _installed(spec.runtime)
+        ]
     threads = cfg.threads or state.settings.threads
+    hint = Precision(cfg.precision) if cfg.precision else None
     report = bench_models(
-        paths, cfg.provider, threads, cfg.batch_sizes, cfg.warmup, cfg.runs, block=cfg.block
-    )
-    primary = report.find(str(state.onnx_path), cfg.batch_sizes[0])
+        [], cfg.provider, threads, cfg.batch_sizes, cfg.warmup, cfg.runs, block=cfg.block,
+        precision=hint, entries=entries,
+    )  # fmt: skip
+    primary = report.find(str(state.onnx_path), cfg.batch_sizes[0], runtime.value)
+    on_runtimes = {
+        r.runtime: {"p50_ms": r.p50_ms, "precision": r.precision, "version": r.runtime_version}
+        for r in report.results
+        if r.model == str(state.onnx_path) and r.batch_size == cfg.batch_sizes[0]
+    }
+    fastest = min(on_runtimes, key=lambda rt: float(on_runtimes[rt]["p50_ms"]))  # type: ignore[arg-type]
+    if len(on_runtimes) > 1:
+        log.info(
+            "fastest runtime for %s at batch %d: %s (%s)",
+            state.onnx_path.name,
+            cfg.batch_sizes[0],
+            fastest,
+            ", ".join(f"{rt} {v['p50_ms']:.2f} ms" for rt, v in on_runtimes.items()),
+        )
     log.info(
         "p50 %.2f ms at batch %d (%.2fx the fp32 baseline)",
         primary.p50_ms,
         primary.batch_size,
         primary.speedup_vs_first,
     )
-    details: dict[str, object] = {}
+    details: dict[str, object] = {
+        "runner": {
+            "runtime": primary.runtime,
+            "version": primary.runtime_version,
+            "precision": primary.precision,
+            "threads": primary.threads,
+        },
+        "budget_runtime": primary.runtime,
+        "runtimes": on_runtimes,
+        "fastest_runtime": fastest,
+    }
     last = state.records[-1] if state.records else None
     if cfg.provider is Provider.cpu and last is not None and last.macs:
         floor = compute_floor(state.onnx_path, last.macs, primary.p50_ms, threads)
@@ -103,7 +163,7 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
 
         data = state.load_split("eval", cfg.step_name)
         details["preprocessing"] = data.preprocessing()
-        result = evaluate_onnx(state.onnx_path, data, cfg.provider, threads)
+        result = evaluate_onnx(state.onnx_path, data, cfg.provider, threads, runtime=runtime, precision=hint)
         top1 = result.top1
         details["accuracy"] = result.to_dict()
         reference, reference_result = state.onnx_path, result
@@ -118,7 +178,16 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
             # is the baseline itself (or no baseline is measured)
             is_baseline = baseline is not None and reference.resolve() == baseline.resolve()
             label = f"fp32 baseline ({reference.name})" if is_baseline else reference.name
-            sanity = sanity_onnx(reference, data, reference_result, cfg.provider, threads, label=label)
+            sanity = sanity_onnx(
+                reference,
+                data,
+                reference_result,
+                cfg.provider,
+                threads,
+                label=label,
+                runtime=runtime if reference == state.onnx_path else None,
+                precision=hint if reference == state.onnx_path else None,
+            )
             details["sanity"] = sanity.to_dict()
             warn_if_insane(sanity)
     record = PassRecord(
@@ -139,3 +208,13 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
         },
     )
     return state.with_record(record, baseline_onnx=baseline)
+
+
+def _installed(runtime: object) -> bool:
+    """Whether a runtime's package imports here (OpenVINO is a dependency; TensorRT an extra)."""
+    import importlib.util
+
+    from vitcompress.runtimes import Runtime
+
+    package = {Runtime.ort: "onnxruntime", Runtime.openvino: "openvino", Runtime.tensorrt: "tensorrt"}
+    return importlib.util.find_spec(package[runtime]) is not None  # type: ignore[index]

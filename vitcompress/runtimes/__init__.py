@@ -105,12 +105,10 @@ def open_runner(
     runtime = runtime or runtime_for(path)
     spec = RUNTIMES[runtime]
     if path.suffix.lower() not in spec.suffixes:
+        opens = f"{runtime.value} opens {', '.join(spec.suffixes)}"
+        owner = f"; {path.suffix} files run on {runtime_for(path).value}" if _known(path) else ""
         raise RuntimeModelError(
-            f"{runtime.value} does not open {path.suffix or 'suffix-less'} files ({path})",
-            hint=f"{runtime.value} opens {', '.join(spec.suffixes)}; {path.suffix} files run on "
-            f"{runtime_for(path).value}"
-            if _known(path)
-            else f"{runtime.value} opens {', '.join(spec.suffixes)}",
+            f"{runtime.value} does not open {path.suffix or 'suffix-less'} files ({path})", hint=opens + owner
         )
     device = device or spec.devices[0]
     if device not in spec.devices:

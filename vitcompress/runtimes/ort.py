@@ -19,7 +19,18 @@ SUFFIXES = (".onnx", ".ort")
 
 # Op types whose presence makes a file an int8 model (QDQ or integer ops), also as bytes: the .ort
 # flatbuffer stores op types as plain strings.
-_INT8_OPS = ("QuantizeLinear", "DequantizeLinear", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear")
+_INT8_OPS = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "DynamicQuantizeLinear",
+    # ORT's fused int8 kernels, as an optimized (.ort) graph holds them
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QGemm",
+    "QAttention",
+)
 
 
 def version() -> str:

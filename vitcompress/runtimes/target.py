@@ -1,0 +1,116 @@
+"""The recipe's `target:` section: where the model will run, expanded into explicit pass settings.
+
+    target: {runtime: openvino, device: cpu, threads: 2, precision: int8}
+
+Like a quantization preset, the target writes what it means into the passes (explicit settings
+win), so the resolved recipe shows every choice:
+- export: `runtime: openvino` also writes the OpenVINO IR; a fp32/bf16 precision is its hint;
+- quantize: `runtime: openvino` makes INT8 OpenVINO IR (NNCF, or vitcompress's QDQ file, whichever
+  runs faster); on a GPU with ORT or TensorRT the provider follows the device;
+- validate: budgets are checked on the target's runtime, precision hint and threads, and the model
+  is also timed on the other runtimes that open it (the record names the fastest);
+- run.threads: the target's threads.
+TensorRT engines are built from the final ONNX file with `vitcompress convert --to tensorrt`; in a
+recipe, `runtime: tensorrt` measures through ONNX Runtime's TensorRT execution provider.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TargetSection(BaseModel):
+    """Where the compressed model will run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    runtime: Literal["ort", "openvino", "tensorrt"] = Field(
+        "ort", description="ort (portable), openvino (x86 CPUs), tensorrt (NVIDIA GPUs)."
+    )
+    device: Literal["cpu", "gpu"] | None = Field(None, description="Default: gpu for tensorrt, else cpu.")
+    threads: int | None = Field(None, ge=1, description="Threads on the target (sets run.threads).")
+    precision: Literal["fp32", "bf16", "fp16", "int8"] | None = Field(
+        None,
+        description="What the deployed model computes in: int8 needs a quantize pass; bf16 is OpenVINO's hint "
+        "(AVX512_BF16/AMX CPUs); fp16 for GPUs.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TargetSection:
+        device = self.device or ("gpu" if self.runtime == "tensorrt" else "cpu")
+        if self.runtime == "openvino" and device != "cpu":
+            raise ValueError(
+                "target: runtime openvino runs on device cpu here (use tensorrt or ort for GPUs)"
+            )
+        if self.runtime == "tensorrt" and device != "gpu":
+            raise ValueError(
+                "target: runtime tensorrt runs on device gpu (NVIDIA); use ort or openvino for CPUs"
+            )
+        if self.precision == "bf16" and self.runtime != "openvino":
+            raise ValueError(
+                "target: precision bf16 is an OpenVINO hint; use runtime openvino (or fp32/int8)"
+            )
+        if self.precision == "fp16" and device != "gpu":
+            raise ValueError("target: precision fp16 is for GPUs; on a CPU use fp32, bf16 (openvino) or int8")
+        return self
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("gpu" if self.runtime == "tensorrt" else "cpu")
+
+
+def apply_target(data: Any) -> Any:
+    """Expand `target` into the raw recipe's pass settings (explicit settings win)."""
+    if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
+        return data
+    target = TargetSection(**data["target"])
+    device = target.resolved_device
+    passes = data.get("passes")
+    if not isinstance(passes, list):
+        return data
+    kinds = [p.get("kind") for p in passes if isinstance(p, dict)]
+    if target.precision == "int8" and "quantize" not in kinds:
+        raise ValueError("target.precision int8 needs a quantize pass after the export")
+    if target.precision == "fp16" and "quantize" not in kinds:
+        raise ValueError("target.precision fp16 needs a quantize pass (preset gpu-fp16) after the export")
+    provider = {"tensorrt": "tensorrt", "ort": "cuda"}.get(target.runtime) if device == "gpu" else "cpu"
+    hint = target.precision if target.precision in ("fp32", "bf16") else None
+    expanded = []
+    for cfg in passes:
+        if not isinstance(cfg, dict):
+            expanded.append(cfg)
+            continue
+        cfg = dict(cfg)
+        kind = cfg.get("kind")
+        if kind == "export" and target.runtime == "openvino":
+            cfg.setdefault("runtime", "openvino")
+            if hint:
+                cfg.setdefault("precision", hint)
+        elif kind == "quantize":
+            if target.runtime == "openvino":
+                cfg.setdefault("runtime", "openvino")
+            elif device == "gpu":
+                cfg.setdefault("provider", provider)
+            if target.precision == "fp16":
+                cfg.setdefault("mode", "fp16")
+        elif kind == "validate":
+            cfg.setdefault("runtime", "ort" if target.runtime == "tensorrt" else target.runtime)
+            cfg.setdefault("provider", provider)
+            cfg.setdefault("compare_runtimes", True)
+            if hint and target.runtime == "openvino":
+                cfg.setdefault("precision", hint)
+            if target.threads:
+                cfg.setdefault("threads", target.threads)
+        expanded.append(cfg)
+    out = {**data, "passes": expanded}
+    if target.threads:
+        run = dict(out.get("run") or {})
+        if run.get("threads", target.threads) != target.threads:
+            raise ValueError(
+                f"target.threads {target.threads} and run.threads {run['threads']} disagree: set one of them"
+            )
+        run["threads"] = target.threads
+        out["run"] = run
+    return out
