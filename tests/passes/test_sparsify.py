@@ -288,3 +288,28 @@ def test_sparsify_and_inspect_commands(cli, tmp_path):
         failed = cli("sparsify", *args, *flags, "--out", tmp_path / "bad", "--overwrite")
         assert failed.exit_code == 2, (flags, failed.output)
         assert message in failed.output, (flags, failed.output)
+
+
+def test_tensorrt_sparsity_is_asked_for_only_where_weights_hold_2_4(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitcompress.runtime import holds_2_4_weights
+
+    weight = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    sparse = weight * magnitude_mask(torch.from_numpy(weight), parse_pattern("2:4"), 0.5).numpy()
+    for name, array, expected in [
+        ("dense", weight, False),
+        ("sparse", sparse, True),
+        ("sparse_t", sparse.T.copy(), True),
+    ]:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, array.shape[0]])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, array.shape[1]])],
+            [numpy_helper.from_array(array, "w")],
+        )
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph), str(path))
+        assert holds_2_4_weights(path) is expected, name
