@@ -222,6 +222,18 @@ def kernel_track(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _onnx_zeros(path: Path) -> int:
+    """Exact zeros among the 2-D float initializers (the linear weights) of an ONNX file."""
+    import onnx
+    from onnx import numpy_helper
+
+    return sum(
+        int((numpy_helper.to_array(t) == 0).sum())
+        for t in onnx.load(str(path)).graph.initializer
+        if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
+    )
+
+
 def _deflated(path: Path) -> int:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
@@ -280,7 +292,9 @@ def model_track(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], li
             {k: v.contiguous() for k, v in loaded.model.state_dict().items() if "sparsity_mask" not in k},
             str(weights),
         )
-        fp32 = export_model(loaded, workdir / f"{variant}.onnx", ExportConfig()).path
+        exported = export_model(loaded, workdir / f"{variant}.onnx", ExportConfig())
+        fp32 = exported.path
+        zeros_onnx = _onnx_zeros(fp32)
         calibration = load_dataset(
             DataSpec(source="synthetic", num_samples=32), loaded.input, loaded.num_classes
         )
@@ -301,6 +315,9 @@ def model_track(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], li
                 "onnx_mb": fp32.stat().st_size / 1e6,
                 "onnx_zip_mb": _deflated(fp32) / 1e6,
                 "int8_onnx_zip_mb": _deflated(int8) / 1e6,
+                "parity_max_abs_diff": exported.parity.max_abs_diff,
+                "parity_top1_agreement": exported.parity.top1_agreement,
+                "onnx_zero_weights": zeros_onnx,
                 "sparse_layers_dense_mb": encoded[0] / 1e6 if encoded else None,
                 "sparse_layers_encoded_mb": encoded[1] / 1e6 if encoded else None,
             }
@@ -378,9 +395,14 @@ def main() -> int:
                 results["model"],
             )
             benchlib.table(
-                f"{args.model}: size on disk (MB)",
+                f"{args.model}: export parity and size on disk (MB)",
                 [
                     ("variant", lambda r: r["variant"]),
+                    (
+                        "export parity max abs diff / top-1",
+                        lambda r: f"{r['parity_max_abs_diff']:.1e} / {r['parity_top1_agreement']:.0%}",
+                    ),
+                    ("zero weights in ONNX", lambda r: f"{r['onnx_zero_weights']:,}"),
                     ("safetensors", lambda r: f"{r['safetensors_mb']:.1f}"),
                     ("safetensors zip", lambda r: f"{r['safetensors_zip_mb']:.1f}"),
                     ("ONNX fp32", lambda r: f"{r['onnx_mb']:.1f}"),

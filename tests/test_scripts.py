@@ -245,7 +245,7 @@ def test_bench_sparsify_script_smoke(tmp_path):
         "50",
         out=tmp_path / "s.json",
     )
-    assert "dense vs BSR matmul" in run.stdout and "size on disk" in run.stdout
+    assert "dense vs BSR matmul" in run.stdout and "export parity and size on disk" in run.stdout
     accuracy = results["accuracy"]
     assert [r["variant"] for r in accuracy] == [
         "fp32 (dense)",
