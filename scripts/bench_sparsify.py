@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import benchlib
 
 from vitcompress.data import DataSpec, load_dataset
-from vitcompress.models import load_model
+from vitcompress.models import ModelRef, load_model
 from vitcompress.passes.export import ExportConfig, export_model
 from vitcompress.passes.sparsify.config import SparsifyConfig
 from vitcompress.passes.sparsify.engine import sparsify_model
@@ -342,9 +342,41 @@ def model_track(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], li
     return rows, sizes
 
 
+def parity_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """DeiT-S/B (random init): 2:4 OBS on synthetic calibration images, export, parity; wall times."""
+    rows = []
+    for name in args.parity_models:
+        torch.manual_seed(0)
+        loaded = load_model(ModelRef(f"timm:{name}", kwargs=json.loads(args.kwargs)))
+        calibration = load_dataset(
+            DataSpec(source="synthetic", num_samples=16), loaded.input, loaded.num_classes
+        )
+        start = time.perf_counter()
+        result = sparsify_model(loaded, SparsifyConfig(batch_size=8, calibration_batches=2), calibration)
+        wall = time.perf_counter() - start
+        exported = export_model(loaded, workdir / f"{name}.onnx", ExportConfig())
+        rows.append(
+            {
+                "model": name,
+                "layers": len(result.layers),
+                "sparsity": result.sparsity,
+                "sparsify_s": wall,
+                "onnx_zero_weights": _onnx_zeros(exported.path),
+                "zeros": result.zeros,
+                "parity_max_abs_diff": exported.parity.max_abs_diff,
+                "parity_top1_agreement": exported.parity.top1_agreement,
+            }
+        )
+        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
 def main() -> int:
     parser = benchlib.parser(__doc__)
-    parser.add_argument("--track", choices=["speed", "accuracy", "both"], default="both")
+    parser.add_argument("--track", choices=["speed", "accuracy", "parity", "both"], default="both")
+    parser.add_argument(
+        "--parity-models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"]
+    )
     parser.add_argument("--calibration", type=int, default=512, help="calibration images (stratified, train)")
     parser.add_argument("--kd", action="store_true", help="accuracy: also 2:4 + KD with the mask fixed")
     parser.add_argument("--kd-epochs", type=float, default=3.0)
@@ -369,6 +401,21 @@ def main() -> int:
                     ("wall s", lambda r: f"{r['wall_s']:.1f}"),
                 ],
                 results["accuracy"],
+            )
+        if args.track == "parity":
+            results["parity"] = parity_track(args, Path(tmp))
+            benchlib.table(
+                "2:4 OBS (synthetic calibration, random init), export, parity",
+                [
+                    ("model", lambda r: r["model"]),
+                    ("layers", lambda r: str(r["layers"])),
+                    ("sparsity", lambda r: f"{r['sparsity']:.1%}"),
+                    ("sparsify s", lambda r: f"{r['sparsify_s']:.0f}"),
+                    ("zeros in weights / in ONNX", lambda r: f"{r['zeros']:,} / {r['onnx_zero_weights']:,}"),
+                    ("max abs diff", lambda r: f"{r['parity_max_abs_diff']:.1e}"),
+                    ("top-1 agreement", lambda r: f"{r['parity_top1_agreement']:.0%}"),
+                ],
+                results["parity"],
             )
         if args.track in ("speed", "both"):
             results["kernels"] = kernel_track(args)
