@@ -313,3 +313,27 @@ def test_tensorrt_sparsity_is_asked_for_only_where_weights_hold_2_4(tmp_path):
         path = tmp_path / f"{name}.onnx"
         onnx.save(helper.make_model(graph), str(path))
         assert holds_2_4_weights(path) is expected, name
+
+
+def test_recipe_order_sparsify_before_export_and_after_structural_passes():
+    from vitcompress.errors import RecipeError
+    from vitcompress.recipe import parse_recipe
+
+    head = "version: 1\nname: t\nmodel: {source: timm:vit_tiny_patch16_224}\npasses:\n"
+    ok = parse_recipe(
+        head
+        + "  - {kind: prune, heads: 0.25}\n  - {kind: sparsify, method: magnitude}\n  - {kind: export}\n",
+        "r.yaml",
+    )
+    assert [p.kind for p in ok.passes] == ["prune", "sparsify", "export"]
+    with pytest.raises(
+        Exception,
+        match=r"passes\[1\] \(lowrank\) reshapes linear layers that passes\[0\] \(sparsify\) made sparse",
+    ):
+        parse_recipe(
+            head + "  - {kind: sparsify, method: magnitude}\n  - {kind: lowrank, rank: 8}\n", "r.yaml"
+        )
+    with pytest.raises(RecipeError, match="changes the PyTorch model after"):
+        parse_recipe(head + "  - {kind: export}\n  - {kind: sparsify, method: magnitude}\n", "r.yaml")
+    with pytest.raises(RecipeError, match="needs data"):
+        parse_recipe(head + "  - {kind: sparsify}\n  - {kind: export}\n", "r.yaml")
