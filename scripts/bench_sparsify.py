@@ -3,6 +3,8 @@ with the mask fixed) on the Fashion-MNIST reference, and what sparse weights buy
 
     python scripts/bench_sparsify.py --track accuracy            # needs the reference model
     python scripts/bench_sparsify.py --track speed --runs 100    # DeiT-S shapes, kernels and runtimes
+    python scripts/bench_sparsify.py --track parity              # DeiT-S/B: 2:4 OBS, export, parity
+    python scripts/bench_sparsify.py --track tensorrt            # GPU only: TensorRT 2:4 vs dense fp16
     python scripts/bench_sparsify.py --smoke                     # tiny, for the test suite
 
 Accuracy track: the reference ViT (scripts/train_reference.py); every attention (qkv, proj) and MLP
@@ -371,9 +373,52 @@ def parity_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
     return rows
 
 
+def tensorrt_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """GPU only: dense vs 2:4 engines (fp16 weights) with ONNX Runtime's TensorRT provider, one
+    interleaved run; the 2:4 session is built with sparsity on (vitcompress.runtime). Here, without
+    the provider, it stops with ProviderUnavailableError (exit 2) before building anything."""
+    from vitcompress.bench import bench_models
+    from vitcompress.passes.quantize import QuantizeConfig, quantize_model
+    from vitcompress.runtime import Provider, require_provider
+
+    require_provider(Provider.tensorrt)
+    rows = []
+    for name in args.parity_models:
+        paths = []
+        for variant in ("dense", "2:4"):
+            torch.manual_seed(0)
+            loaded = load_model(ModelRef(f"timm:{name}", kwargs=json.loads(args.kwargs)))
+            if variant == "2:4":
+                sparsify_model(
+                    loaded, SparsifyConfig(method="magnitude")
+                )  # speed does not depend on which zeros
+            fp32 = export_model(loaded, workdir / f"{name}-{variant}.onnx", ExportConfig()).path
+            fp16 = workdir / f"{name}-{variant}.fp16.onnx"
+            quantize_model(fp32, fp16, QuantizeConfig(preset="gpu-fp16", verify_provider=False), None)
+            paths.append(fp16)
+        report = bench_models(paths, Provider.tensorrt, args.threads, [1, 32], args.warmup, args.runs)
+        for batch in (1, 32):
+            base = report.find(str(paths[0]), batch).p50_ms
+            for variant, path in zip(("dense fp16", "2:4 fp16"), paths, strict=True):
+                latency = report.find(str(path), batch)
+                rows.append(
+                    {
+                        "model": name,
+                        "variant": variant,
+                        "batch": batch,
+                        "p50_ms": latency.p50_ms,
+                        "p90_ms": latency.p90_ms,
+                        "speedup": base / latency.p50_ms,
+                    }
+                )
+    return rows
+
+
 def main() -> int:
     parser = benchlib.parser(__doc__)
-    parser.add_argument("--track", choices=["speed", "accuracy", "parity", "both"], default="both")
+    parser.add_argument(
+        "--track", choices=["speed", "accuracy", "parity", "tensorrt", "both"], default="both"
+    )
     parser.add_argument(
         "--parity-models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"]
     )
@@ -401,6 +446,20 @@ def main() -> int:
                     ("wall s", lambda r: f"{r['wall_s']:.1f}"),
                 ],
                 results["accuracy"],
+            )
+        if args.track == "tensorrt":
+            results["tensorrt"] = tensorrt_track(args, Path(tmp))
+            benchlib.table(
+                "TensorRT (ONNX Runtime provider): dense fp16 vs 2:4 fp16 engines, interleaved",
+                [
+                    ("model", lambda r: r["model"]),
+                    ("variant", lambda r: r["variant"]),
+                    ("batch", lambda r: str(r["batch"])),
+                    ("p50 ms", lambda r: f"{r['p50_ms']:.3f}"),
+                    ("p90 ms", lambda r: f"{r['p90_ms']:.3f}"),
+                    ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
+                ],
+                results["tensorrt"],
             )
         if args.track == "parity":
             results["parity"] = parity_track(args, Path(tmp))
@@ -470,4 +529,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitcompress.errors import VitcompressError
+
+    try:
+        sys.exit(main())
+    except VitcompressError as err:  # e.g. --track tensorrt without the TensorRT provider
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

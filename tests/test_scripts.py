@@ -262,3 +262,16 @@ def test_bench_sparsify_script_smoke(tmp_path):
     dense, sparse = results["sizes"]
     assert sparse["safetensors_zip_mb"] < dense["safetensors_zip_mb"]  # the zeros deflate
     assert sparse["sparse_layers_encoded_mb"] < 0.6 * sparse["sparse_layers_dense_mb"]
+
+
+def test_bench_sparsify_tensorrt_track_is_a_clear_error_without_a_gpu():
+    import onnxruntime
+
+    if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
+        return  # a GPU machine: the track runs for real there
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_sparsify.py"), "--track", "tensorrt"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "TensorrtExecutionProvider" in run.stderr and "Traceback" not in run.stderr
