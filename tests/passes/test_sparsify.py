@@ -277,6 +277,25 @@ def test_sparsify_and_inspect_commands(cli, tmp_path):
     assert len(rows) == 8 and all(
         r["pattern"] == "block:1x8" and r["sparsity"] == 0.75 and r["holds"] for r in rows
     )
+    kd = cli(
+        "distill",
+        tmp_path / "sp",
+        "--data",
+        "digits",
+        "--data-limit",
+        "96",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--out",
+        tmp_path / "kd",
+        "--json",
+    )
+    assert kd.exit_code == 0, kd.output
+    assert json.loads(kd.stdout)["ledger"][-1]["details"]["sparse_layers_kept"] == 8
+    kept = json.loads(cli("inspect", tmp_path / "kd", "--json").stdout)["sparse_layers"]
+    assert [r["sparsity"] for r in kept] == [0.75] * 8 and all(r["holds"] for r in kept)
     table = cli("inspect", tmp_path / "sp")
     assert "sparse layers: 8, 75.0% of their weights zero" in table.stdout
     for flags, message in [
