@@ -356,3 +356,20 @@ def test_recipe_order_sparsify_before_export_and_after_structural_passes():
         parse_recipe(head + "  - {kind: export}\n  - {kind: sparsify, method: magnitude}\n", "r.yaml")
     with pytest.raises(RecipeError, match="needs data"):
         parse_recipe(head + "  - {kind: sparsify}\n  - {kind: export}\n", "r.yaml")
+
+
+def test_a_factorized_model_sparsifies_both_thin_linears_and_reloads(tmp_path):
+    from vitcompress.passes.lowrank import LowRankConfig, factorize_model
+
+    loaded = _small()
+    factorize_model(loaded, LowRankConfig(rank=16))  # every MLP fc1/fc2 -> first (16 x in), second (out x 16)
+    result = sparsify_model(loaded, SparsifyConfig(method="magnitude"))
+    names = [r.name for r in result.layers]
+    assert "blocks.0.mlp.fc1.first" in names and "blocks.1.mlp.fc2.second" in names and len(names) == 12
+    save_artifact(loaded, tmp_path / "art")
+    kinds = [e["kind"] for e in json.loads((tmp_path / "art" / "model.json").read_text())["edits"]]
+    assert kinds == ["lowrank"] * 4 + ["sparse"] * 12  # the factorized modules exist before their masks
+    back = load_artifact(tmp_path / "art")
+    x = loaded.example_input(2)
+    torch.testing.assert_close(back.model(x), loaded.model(x), atol=0, rtol=0)
+    assert [r.name for r in sparse_layers(back.model)] == names
