@@ -149,3 +149,25 @@ def test_gpu_recipes_build_their_model_on_cpu(cli, tmp_path, name, expected_op):
     # float32 in and out, whatever is inside
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_gpu_tensorrt_sparse_recipe_builds_a_2_4_int8_model_on_cpu(cli, tmp_path):
+    from vitcompress.runtime import holds_2_4_weights
+
+    report, out = _run(
+        cli,
+        tmp_path,
+        "gpu-tensorrt-sparse.yaml",
+        "passes.sparsify.calibration_batches=1",
+        "passes.quantize.verify_provider=false",
+        "passes.quantize.max_top1_drop=null",
+        "passes.quantize.calibration_size=32",
+        "passes.validate.provider=cpu",
+        "passes.validate.runs=5",
+        "passes.validate.batch_sizes=[1]",
+    )
+    assert _kinds(report) == ["load", "sparsify", "export", "quantize", "validate"]
+    sparsify = report["ledger"][1]
+    assert sparsify["details"]["pattern"] == "2:4" and sparsify["details"]["sparsity"] == 0.5
+    assert holds_2_4_weights(out / "model.onnx") and holds_2_4_weights(report["final_onnx"])
+    assert _quantized_ops(report["final_onnx"]).get("QuantizeLinear", 0) > 0

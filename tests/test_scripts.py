@@ -225,3 +225,54 @@ def test_time_readme_script_smoke(tmp_path):
     assert "| version |" in run.stdout
     assert readme_command("python scripts/make_example.py")[:2] == ["python", "scripts/make_example.py"]
     assert "prune-kd-int8" in readme_command("vitcompress compress --recipe prune-kd-int8")
+
+
+def test_bench_sparsify_script_smoke(tmp_path):
+    run, results = _run_script(
+        "bench_sparsify.py",
+        "--smoke",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--kwargs",
+        TINY,
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--eval-limit",
+        "50",
+        out=tmp_path / "s.json",
+    )
+    assert "dense vs BSR matmul" in run.stdout and "export parity and size on disk" in run.stdout
+    accuracy = results["accuracy"]
+    assert [r["variant"] for r in accuracy] == [
+        "fp32 (dense)",
+        "2:4 magnitude",
+        "2:4 obs",
+        "block:16x16 50% obs, global",
+    ]
+    assert all(abs(r["sparsity"] - 0.5) < 0.01 for r in accuracy[1:])
+    assert {r["variant"] for r in results["kernels"]} >= {"dense", "BSR 16x16 50%", "BSR 32x32 75%"}
+    assert [(r["runtime"], r["variant"]) for r in results["model"]][:2] == [
+        ("ORT fp32", "dense"),
+        ("ORT fp32", "2:4"),
+    ]
+    dense, sparse = results["sizes"]
+    assert sparse["safetensors_zip_mb"] < dense["safetensors_zip_mb"]  # the zeros deflate
+    assert sparse["sparse_layers_encoded_mb"] < 0.6 * sparse["sparse_layers_dense_mb"]
+
+
+def test_bench_sparsify_tensorrt_track_is_a_clear_error_without_a_gpu():
+    import onnxruntime
+    import pytest
+
+    if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("TensorRT is here: the track runs for real")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_sparsify.py"), "--track", "tensorrt"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "TensorrtExecutionProvider" in run.stderr and "Traceback" not in run.stderr

@@ -151,6 +151,7 @@ class Recipe(_Section):
         # The first pass that produces the ONNX model (label, step name): from there on, the passes
         # work on that file, and a pass that changes the PyTorch model would not reach it.
         exported: tuple[str, str] | None = None
+        sparsified: tuple[str, str] | None = None  # the first pass that leaves sparsity masks
         names: set[str] = set()
         for index, cfg in enumerate(self.passes):
             spec = PASSES[cfg.kind]
@@ -175,6 +176,13 @@ class Recipe(_Section):
                 )
             if spec.produces_onnx and exported is None:
                 exported = label, step_name
+            if spec.reshapes_linears and sparsified is not None:
+                raise ValueError(
+                    f"{label} reshapes linear layers that {sparsified[0]} made sparse (their masks would no "
+                    f"longer fit): move step {step_name!r} before {sparsified[1]!r}"
+                )
+            if spec.makes_sparse and sparsified is None:
+                sparsified = label, step_name
         return self
 
     def resolved(self) -> dict[str, Any]:

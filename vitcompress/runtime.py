@@ -144,6 +144,27 @@ def check_onnx_file(path: Path) -> None:
         check_input_dims(path, name, dims)
 
 
+def holds_2_4_weights(path: Path, min_size: int = 4096) -> bool:
+    """Whether some weight of the model holds NVIDIA's 2:4 pattern: a 2-D initializer (float, or int8
+    with zero point 0, as TensorRT's symmetric QDQ has it) with at most 2 non-zeros in every group of 4
+    along either axis."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if len(tensor.dims) != 2 or tensor.dims[0] * tensor.dims[1] < min_size or tensor.data_location == 1:
+            continue
+        if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8):
+            continue
+        nonzero = numpy_helper.to_array(tensor) != 0
+        for grouped in (nonzero, nonzero.T):
+            rows, cols = grouped.shape
+            if cols % 4 == 0 and grouped.reshape(rows, cols // 4, 4).sum(axis=2).max() <= 2:
+                return True
+    return False
+
+
 def require_provider(provider: Provider) -> list[str]:
     import onnxruntime as ort
 
@@ -169,7 +190,11 @@ class OnnxRunner:
         import onnxruntime as ort
 
         check_onnx_file(self.path)
-        providers = require_provider(self.provider)
+        providers: list[Any] = list(require_provider(self.provider))
+        if self.provider is Provider.tensorrt and holds_2_4_weights(self.path):
+            # TensorRT considers its sparse tensor-core kernels only when the engine is built with
+            # sparsity on; it then picks them per layer where the weights hold 2:4 and they are faster.
+            providers[0] = (providers[0], {"trt_sparsity_enable": "True"})
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
@@ -179,9 +204,10 @@ class OnnxRunner:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as err:
             raise OnnxModelError(f"ONNX Runtime cannot open {self.path}: {str(err).splitlines()[0]}") from err
-        if self.provider is not Provider.cpu and self.session.get_providers()[0] != providers[0]:
+        wanted = ORT_PROVIDERS[self.provider][0]
+        if self.provider is not Provider.cpu and self.session.get_providers()[0] != wanted:
             raise ProviderUnavailableError(
-                f"{providers[0]} failed to initialise for {self.path} (session fell back to "
+                f"{wanted} failed to initialise for {self.path} (session fell back to "
                 f"{self.session.get_providers()[0]})",
                 hint="check the CUDA/TensorRT libraries on this machine",
             )

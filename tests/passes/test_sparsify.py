@@ -277,6 +277,25 @@ def test_sparsify_and_inspect_commands(cli, tmp_path):
     assert len(rows) == 8 and all(
         r["pattern"] == "block:1x8" and r["sparsity"] == 0.75 and r["holds"] for r in rows
     )
+    kd = cli(
+        "distill",
+        tmp_path / "sp",
+        "--data",
+        "digits",
+        "--data-limit",
+        "96",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--out",
+        tmp_path / "kd",
+        "--json",
+    )
+    assert kd.exit_code == 0, kd.output
+    assert json.loads(kd.stdout)["ledger"][-1]["details"]["sparse_layers_kept"] == 8
+    kept = json.loads(cli("inspect", tmp_path / "kd", "--json").stdout)["sparse_layers"]
+    assert [r["sparsity"] for r in kept] == [0.75] * 8 and all(r["holds"] for r in kept)
     table = cli("inspect", tmp_path / "sp")
     assert "sparse layers: 8, 75.0% of their weights zero" in table.stdout
     for flags, message in [
@@ -288,3 +307,69 @@ def test_sparsify_and_inspect_commands(cli, tmp_path):
         failed = cli("sparsify", *args, *flags, "--out", tmp_path / "bad", "--overwrite")
         assert failed.exit_code == 2, (flags, failed.output)
         assert message in failed.output, (flags, failed.output)
+
+
+def test_tensorrt_sparsity_is_asked_for_only_where_weights_hold_2_4(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitcompress.runtime import holds_2_4_weights
+
+    weight = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    sparse = weight * magnitude_mask(torch.from_numpy(weight), parse_pattern("2:4"), 0.5).numpy()
+    for name, array, expected in [
+        ("dense", weight, False),
+        ("sparse", sparse, True),
+        ("sparse_t", sparse.T.copy(), True),
+    ]:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, array.shape[0]])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, array.shape[1]])],
+            [numpy_helper.from_array(array, "w")],
+        )
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph), str(path))
+        assert holds_2_4_weights(path) is expected, name
+
+
+def test_recipe_order_sparsify_before_export_and_after_structural_passes():
+    from vitcompress.errors import RecipeError
+    from vitcompress.recipe import parse_recipe
+
+    head = "version: 1\nname: t\nmodel: {source: timm:vit_tiny_patch16_224}\npasses:\n"
+    ok = parse_recipe(
+        head
+        + "  - {kind: prune, heads: 0.25}\n  - {kind: sparsify, method: magnitude}\n  - {kind: export}\n",
+        "r.yaml",
+    )
+    assert [p.kind for p in ok.passes] == ["prune", "sparsify", "export"]
+    with pytest.raises(
+        Exception,
+        match=r"passes\[1\] \(lowrank\) reshapes linear layers that passes\[0\] \(sparsify\) made sparse",
+    ):
+        parse_recipe(
+            head + "  - {kind: sparsify, method: magnitude}\n  - {kind: lowrank, rank: 8}\n", "r.yaml"
+        )
+    with pytest.raises(RecipeError, match="changes the PyTorch model after"):
+        parse_recipe(head + "  - {kind: export}\n  - {kind: sparsify, method: magnitude}\n", "r.yaml")
+    with pytest.raises(RecipeError, match="needs data"):
+        parse_recipe(head + "  - {kind: sparsify}\n  - {kind: export}\n", "r.yaml")
+
+
+def test_a_factorized_model_sparsifies_both_thin_linears_and_reloads(tmp_path):
+    from vitcompress.passes.lowrank import LowRankConfig, factorize_model
+
+    loaded = _small()
+    factorize_model(loaded, LowRankConfig(rank=16))  # every MLP fc1/fc2 -> first (16 x in), second (out x 16)
+    result = sparsify_model(loaded, SparsifyConfig(method="magnitude"))
+    names = [r.name for r in result.layers]
+    assert "blocks.0.mlp.fc1.first" in names and "blocks.1.mlp.fc2.second" in names and len(names) == 12
+    save_artifact(loaded, tmp_path / "art")
+    kinds = [e["kind"] for e in json.loads((tmp_path / "art" / "model.json").read_text())["edits"]]
+    assert kinds == ["lowrank"] * 4 + ["sparse"] * 12  # the factorized modules exist before their masks
+    back = load_artifact(tmp_path / "art")
+    x = loaded.example_input(2)
+    torch.testing.assert_close(back.model(x), loaded.model(x), atol=0, rtol=0)
+    assert [r.name for r in sparse_layers(back.model)] == names

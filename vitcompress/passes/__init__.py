@@ -38,6 +38,8 @@ class PassSpec:
     changes_model: bool  # edits the PyTorch model (the ONNX file must be exported after it)
     produces_onnx: bool
     module: str  # where `run` lives; imported only when the pass runs (keeps CLI start-up fast)
+    makes_sparse: bool = False  # leaves sparsity masks on linears
+    reshapes_linears: bool = False  # replaces or resizes linears (a sparsity mask would no longer fit)
 
     def runner(self) -> Callable[[Any, Any], Any]:
         import importlib
@@ -56,6 +58,7 @@ PASSES: dict[str, PassSpec] = {
             changes_model=True,
             produces_onnx=False,
             module="vitcompress.passes.prune",
+            reshapes_linears=True,
         ),
         PassSpec(
             "lowrank",
@@ -65,6 +68,7 @@ PASSES: dict[str, PassSpec] = {
             changes_model=True,
             produces_onnx=False,
             module="vitcompress.passes.lowrank",
+            reshapes_linears=True,
         ),
         PassSpec(
             "tokens",
@@ -92,6 +96,7 @@ PASSES: dict[str, PassSpec] = {
             changes_model=True,
             produces_onnx=False,
             module="vitcompress.passes.sparsify.engine",
+            makes_sparse=True,
         ),
         PassSpec(
             "export",

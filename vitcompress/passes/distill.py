@@ -711,6 +711,7 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
     from vitcompress.data import load_dataset
     from vitcompress.models import ModelRef, load_model
     from vitcompress.models.artifact import save_artifact
+    from vitcompress.models.layers import masked_linears
     from vitcompress.state import PassRecord
 
     start = time.perf_counter()
@@ -808,6 +809,7 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
             "evals": result.evals,
             "images_per_s": result.images_per_s,
             "train_wall_s": result.wall_s,
+            "sparse_layers_kept": len(masked_linears(student.model)),  # trained with their masks fixed
         },
     )
     if cfg.become_teacher:

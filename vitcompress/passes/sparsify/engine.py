@@ -174,7 +174,9 @@ def global_sparsities(
 
     def pruned_at(threshold: torch.Tensor, right: bool) -> dict[str, int]:
         """Tiles each layer loses at this score threshold (right: ties included), capped."""
-        return {n: min(caps[n], int(torch.searchsorted(s, threshold, right=right))) for n, s in ordered.items()}
+        return {
+            n: min(caps[n], int(torch.searchsorted(s, threshold, right=right))) for n, s in ordered.items()
+        }
 
     # The smallest score at which the (capped) ranking reaches `wanted`: bisection over all scores.
     candidates = torch.unique(torch.cat(list(ordered.values())))

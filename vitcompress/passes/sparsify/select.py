@@ -84,8 +84,10 @@ def _damped_inverse_factor(hessian: torch.Tensor, damping: float) -> tuple[torch
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damping * torch.diagonal(h).mean())
-    lower = torch.linalg.cholesky(h)
-    inverse = torch.cholesky_inverse(lower)
+    lower_inv = torch.linalg.solve_triangular(
+        torch.linalg.cholesky(h), torch.eye(h.shape[0], dtype=h.dtype), upper=False
+    )
+    inverse = lower_inv.T @ lower_inv  # H^-1 = L^-T L^-1
     return torch.linalg.cholesky(inverse, upper=True), dead
 
 
@@ -146,22 +148,22 @@ def obs_prune(
             mask1 = _expand_tiles(
                 _lowest(tiles, tile_count(tiles.numel(), sparsity)), pattern.rows, pattern.cols
             )
+        keep1 = (~mask1).to(w1.dtype)
         for i in range(count):
-            column = w1[:, i]
-            d = u1[i, i]
             if pattern.is_nm and i % pattern.m == 0:
                 group = w1[:, i : i + pattern.m].pow(2) / d1[i : i + pattern.m][None, :].pow(2)
                 mask1[:, i : i + pattern.m] = nm_prune_mask(group, pattern.n, pattern.m)
-            q = column.clone()
-            q[mask1[:, i]] = 0
+                keep1[:, i : i + pattern.m] = (~mask1[:, i : i + pattern.m]).to(w1.dtype)
+            column = w1[:, i]
+            q = column * keep1[:, i]
             q1[:, i] = q
-            loss += float(((column - q) ** 2 / d**2).sum()) / 2
-            err = (column - q) / d
-            w1[:, i:] -= err[:, None] @ u1[i, i:][None, :]
+            err = (column - q) / u1[i, i]
+            w1[:, i:].addr_(err, u1[i, i:], alpha=-1)  # OBS update of this block's later columns
             err1[:, i] = err
+        loss += float(err1.pow(2).sum()) / 2
         w[:, i1:i2] = q1
         pruned[:, i1:i2] = mask1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]  # the lazy update of every column beyond the block
     keep = ~pruned
     return ObsResult(w * keep, keep, loss)
 
