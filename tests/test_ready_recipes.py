@@ -149,3 +149,25 @@ def test_gpu_recipes_build_their_model_on_cpu(cli, tmp_path, name, expected_op):
     # float32 in and out, whatever is inside
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_int_only_recipe_builds_a_proven_integer_graph_that_eval_reads(cli, tmp_path):
+    report, out = _run(
+        cli,
+        tmp_path,
+        "int-only.yaml",
+        "passes.quantize.calibration_size=1",  # one calibration image is allowed (I-Segmenter's setting)
+        "passes.quantize.max_top1_drop=null",
+        "passes.validate.runs=5",
+        "passes.validate.batch_sizes=[1]",
+    )
+    assert _kinds(report) == ["load", "export", "quantize", "validate"]
+    quantize = next(r for r in report["ledger"] if r["kind"] == "quantize")
+    details = quantize["details"]
+    assert details["integer_only"]["integer_only"] is True and details["reference_match"]["bit_exact"]
+    assert details["calibration_images"] == 1 and details["integer_only"]["ops"]["MatMulInteger"] == 14
+    assert report["final_onnx"] == str(out / "model.intonly.onnx")
+    assert "integer-only: yes" in (out / "report.md").read_text()
+    result = cli("eval", report["final_onnx"], "--data", "fashion-mnist:test", "--data-limit", "64", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["samples"] == 64

@@ -284,31 +284,35 @@ class Dyadic:
 
 
 def rounding_shift(ops: IntOps, x: Any, k: np.ndarray) -> Any:
-    """round(x / 2**k) for a signed int64 x (half rounds up), with only non-negative divisions."""
+    """round(x / 2**k) for a signed int64 x (half rounds up): an arithmetic shift built from ONNX's
+    unsigned BitShift. x + 2**62 is non-negative; shift it as uint64, then take 2**62 >> k off."""
     k = np.asarray(k, dtype=np.int64)
-    shifted_in = ops.const(
-        np.left_shift(np.int64(1), _OFFSET_BITS) + (np.left_shift(np.int64(1), k) >> 1), "round"
-    )
-    divisor = ops.const(np.left_shift(np.int64(1), k), "pow2")
-    shifted_out = ops.const(np.left_shift(np.int64(1), _OFFSET_BITS - k), "offset")
-    return ops.sub(ops.div(ops.add(x, shifted_in), divisor), shifted_out)
+    one = np.int64(1)
+    shifted_in = ops.const(np.left_shift(one, _OFFSET_BITS) + (np.left_shift(one, k) >> 1), "round")
+    shifted_out = ops.const(np.left_shift(one, _OFFSET_BITS - k), "offset")
+    unsigned = ops.cast(ops.add(x, shifted_in), np.uint64)
+    shifted = ops.shift_right(unsigned, ops.const(k.astype(np.uint64), "shift"))
+    return ops.sub(ops.cast(shifted, np.int64), shifted_out)
 
 
 def requantize(
     ops: IntOps,
     x: Any,
     factor: Dyadic,
-    lo: int,
-    hi: int,
+    lo: int | None,
+    hi: int | None,
     out: type[np.generic],
     bias: np.ndarray | None = None,
 ) -> Any:
-    """Dyadic requantization: clip(round(x * m / 2**k) + bias, lo, hi) as `out` (x: int32 or int64)."""
+    """Dyadic requantization: clip(round(x * m / 2**k) + bias, lo, hi) as `out` (x: int32 or int64).
+    Without bounds, no clip: for int64 intermediates bounded by construction."""
     x = ops.cast(x, np.int64)
     y = rounding_shift(ops, ops.mul(x, ops.const(factor.m.astype(np.int64), "m")), factor.k)
     if bias is not None:
         y = ops.add(y, ops.const(bias.astype(np.int64), "bias"))
-    return ops.cast(ops.clip(y, lo, hi), out)
+    if lo is not None and hi is not None:
+        y = ops.clip(y, lo, hi)
+    return ops.cast(y, out)
 
 
 def add_bias(ops: IntOps, acc: Any, bias: np.ndarray) -> Any:
@@ -319,25 +323,23 @@ def add_bias(ops: IntOps, acc: Any, bias: np.ndarray) -> Any:
 
 
 def exp_shift(ops: IntOps, u: Any, unit: int, n: int) -> Any:
-    """I-ViT's shift-based exponential: ≈ 2**n * unit * exp(-u / unit) for int64 u >= 0.
+    """I-ViT's shift-based exponential: ≈ 2**n * unit * exp(-u / unit) for u >= 0 (uint64 in and out).
 
     e**-t = 2**(-t·log2 e); t·log2 e ≈ t + t/2 - t/16 (shifts); its integer part q becomes a right
     shift and the fraction f in [0, 1) the linear piece 2**-f ≈ 1 - f/2. `unit` is the integer
     that stands for 1.0 (ceil(1 / scale)); q is capped at n (below 2**-n everything is 0).
     """
-    one, fifteen = ops.const(np.array(1, np.int64)), ops.const(np.array(15, np.int64))
-    two, sixteen = ops.const(np.array(2, np.int64)), ops.const(np.array(16, np.int64))
-    v = ops.add(u, ops.div(ops.add(u, one), two))  # u + ceil(u/2)
-    v = ops.sub(v, ops.div(ops.add(u, fifteen), sixteen))  # - ceil(u/16)
-    unit_c = ops.const(np.array(unit, np.int64), "unit")
-    v = ops.minimum(v, ops.const(np.array(n * unit, np.int64), "cap"))
-    q = ops.div(v, unit_c)
-    rem = ops.sub(v, ops.mul(q, unit_c))
-    mantissa = ops.mul(
-        ops.sub(ops.const(np.array(2 * unit, np.int64)), rem), ops.const(np.array(1 << n, np.int64))
-    )
-    shifted = ops.shift_right(ops.cast(mantissa, np.uint64), ops.cast(ops.add(q, one), np.uint64))
-    return ops.cast(shifted, np.int64)
+
+    def c(value: int) -> Any:
+        return ops.const(np.array(value, np.uint64))
+
+    v = ops.add(u, ops.shift_right(ops.add(u, c(1)), c(1)))  # u + ceil(u/2)
+    v = ops.sub(v, ops.shift_right(ops.add(u, c(15)), c(4)))  # - ceil(u/16)
+    v = ops.minimum(v, c(n * unit))
+    q = ops.div(v, c(unit))
+    rem = ops.sub(v, ops.mul(q, c(unit)))
+    mantissa = ops.mul(ops.sub(c(2 * unit), rem), c(1 << n))
+    return ops.shift_right(mantissa, ops.add(q, c(1)))
 
 
 def unit_of(scale: float) -> int:
@@ -351,34 +353,40 @@ SHIFTGELU_N = 23  # I-ViT's n for ShiftGELU
 SIGMOID_BITS = 8
 
 
+_NORMALIZE_BITS = 62  # Shiftmax divides once per row (2**62 / sum), then multiplies and shifts
+
+
 def shiftmax(ops: IntOps, scores: Any, scale: float) -> Any:
     """Shiftmax (I-ViT): softmax of int32 `scores` (real value scores * scale) over the last axis,
     as uint8 probabilities in units of 2**-8 (1.0 saturates at 255)."""
-    x = ops.cast(scores, np.int64)
-    u = ops.sub(ops.reduce_max(x), x)  # max - x >= 0
+    u = ops.cast(ops.sub(ops.reduce_max(scores), scores), np.uint64)  # max - x >= 0
     e = exp_shift(ops, u, unit_of(scale), SHIFTMAX_N)
-    total = ops.reduce_sum(e)
-    half = ops.div(total, ops.const(np.array(2, np.int64)))
-    p = ops.div(ops.add(ops.mul(e, ops.const(np.array(1 << SHIFTMAX_BITS, np.int64))), half), total)
-    return ops.cast(ops.clip(p, 0, (1 << SHIFTMAX_BITS) - 1), np.uint8)
+    # ONNX Runtime has no uint64 ReduceSum; the sum of the row fits int64 by far
+    total = ops.cast(ops.reduce_sum(ops.cast(e, np.int64)), np.uint64)
+    factor = ops.div(ops.const(np.array(1 << _NORMALIZE_BITS, np.uint64)), total)  # e <= total
+    drop = _NORMALIZE_BITS - SHIFTMAX_BITS
+    p = ops.add(ops.mul(e, factor), ops.const(np.array(1 << (drop - 1), np.uint64)))
+    p = ops.shift_right(p, ops.const(np.array(drop, np.uint64)))
+    p = ops.minimum(p, ops.const(np.array((1 << SHIFTMAX_BITS) - 1, np.uint64)))
+    return ops.cast(p, np.uint8)
 
 
 GELU_SIGMOID_SLOPE = 1.702  # GELU(x) ≈ x · sigmoid(1.702 x)
 
 
 def shiftgelu(ops: IntOps, x: Any, scale: float) -> Any:
-    """ShiftGELU (I-ViT): x · sigmoid(1.702 x) for integer x (real value x * scale); returns int64
-    in units of scale / 2**8. The sigmoid is e**(t-m) / (e**(t-m) + e**-m), m = max(max t, 0)."""
-    x = ops.cast(x, np.int64)
-    zero = ops.const(np.array(0, np.int64))
-    top = ops.maximum(ops.reduce_max(x), zero)
+    """ShiftGELU (I-ViT): x · sigmoid(1.702 x) for int32 x with |x| < 2**23 (real value x * scale);
+    returns int32 in units of scale / 2**8. The sigmoid is e**(t-m) / (e**(t-m) + e**-m),
+    m = max(max t, 0), so both exponents are <= 0."""
+    top = ops.maximum(ops.reduce_max(x), ops.const(np.array(0, np.int32)))
     unit = unit_of(scale * GELU_SIGMOID_SLOPE)
-    e_x = exp_shift(ops, ops.sub(top, x), unit, SHIFTGELU_N)
-    e_0 = exp_shift(ops, top, unit, SHIFTGELU_N)
+    e_x = exp_shift(ops, ops.cast(ops.sub(top, x), np.uint64), unit, SHIFTGELU_N)
+    e_0 = exp_shift(ops, ops.cast(top, np.uint64), unit, SHIFTGELU_N)
     total = ops.add(e_x, e_0)
-    half = ops.div(total, ops.const(np.array(2, np.int64)))
-    sigmoid = ops.div(ops.add(ops.mul(e_x, ops.const(np.array(1 << SIGMOID_BITS, np.int64))), half), total)
-    return ops.mul(x, sigmoid)
+    half = ops.shift_right(total, ops.const(np.array(1, np.uint64)))
+    scaled = ops.mul(e_x, ops.const(np.array(1 << SIGMOID_BITS, np.uint64)))
+    sigmoid = ops.div(ops.add(scaled, half), total)
+    return ops.mul(x, ops.cast(sigmoid, np.int32))
 
 
 # --------------------------------------------------------------------------- integer LayerNorm

@@ -526,8 +526,8 @@ def linear(ops: IntOps, x: Any, layer: IntLinear) -> Any:
 
 def residual_add(ops: IntOps, skip: Any, acc: Any, skip_factor: Dyadic, branch_factor: Dyadic) -> Any:
     """The residual add with aligned scales: both sides requantized to the sum's scale, added, clipped."""
-    skip = arith.requantize(ops, skip, skip_factor, *INT32, np.int64)
-    branch = arith.requantize(ops, acc, branch_factor, *INT32, np.int64)
+    skip = arith.requantize(ops, skip, skip_factor, None, None, np.int64)
+    branch = arith.requantize(ops, acc, branch_factor, None, None, np.int64)
     return ops.cast(ops.clip(ops.add(skip, branch), *RESIDUAL), np.int32)
 
 
