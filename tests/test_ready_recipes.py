@@ -165,7 +165,7 @@ def test_int_only_recipe_builds_a_proven_integer_graph_that_eval_reads(cli, tmp_
     quantize = next(r for r in report["ledger"] if r["kind"] == "quantize")
     details = quantize["details"]
     assert details["integer_only"]["integer_only"] is True and details["reference_match"]["bit_exact"]
-    assert details["calibration_images"] == 1 and details["integer_only"]["ops"]["MatMulInteger"] == 14
+    assert details["calibration_images"] == 1 and details["integer_only"]["ops"]["MatMulInteger"] == 16
     assert report["final_onnx"] == str(out / "model.intonly.onnx")
     assert "integer-only: yes" in (out / "report.md").read_text()
     result = cli("eval", report["final_onnx"], "--data", "fashion-mnist:test", "--data-limit", "64", "--json")

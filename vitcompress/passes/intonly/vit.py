@@ -388,8 +388,10 @@ def quantize_linear(w: np.ndarray, b: np.ndarray, s_in: float) -> IntLinear:
 @dataclass(frozen=True)
 class IntBlock:
     ln1: IntLayerNormParams
-    qkv: IntLinear
-    qkv_out: Dyadic  # per channel, to the q / k / v int8 scales
+    q: IntLinear  # the query third of qkv: its output is the uint8 A input of q @ k^T
+    q_out: Dyadic
+    kv: IntLinear  # keys and values: int8, the B inputs of q @ k^T and probs @ v
+    kv_out: Dyadic  # per channel, to the k / v int8 scales
     heads: int
     head_dim: int
     score_scale: float  # s_q * s_k / sqrt(head_dim): Shiftmax's input scale
@@ -458,10 +460,10 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
         ln1 = IntLayerNormParams.make(
             b.norm1.weight, b.norm1.bias, s_ln1, _root_start(stats, f"{i}.ln1", s_res)
         )
-        qkv = quantize_linear(b.qkv_w, b.qkv_b, s_ln1)
-        s_q, s_k, s_v = (int8_scale(f"{i}.{p}") for p in "qkv")
         attn_dim = b.heads * b.head_dim
-        targets = np.repeat([s_q, s_k, s_v], attn_dim)
+        q = quantize_linear(b.qkv_w[:attn_dim], b.qkv_b[:attn_dim], s_ln1)
+        kv = quantize_linear(b.qkv_w[attn_dim:], b.qkv_b[attn_dim:], s_ln1)
+        s_q, s_k, s_v = (int8_scale(f"{i}.{p}") for p in "qkv")
         s_ctx = int8_scale(f"{i}.ctx")
         proj = quantize_linear(b.proj_w, b.proj_b, s_ctx)
         s_res1 = residual_scale(f"{i}.res1")
@@ -478,8 +480,10 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
         blocks.append(
             IntBlock(
                 ln1=ln1,
-                qkv=qkv,
-                qkv_out=Dyadic.of(qkv.acc_scale / targets),
+                q=q,
+                q_out=Dyadic.of(q.acc_scale / s_q),
+                kv=kv,
+                kv_out=Dyadic.of(kv.acc_scale / np.repeat([s_k, s_v], attn_dim)),
                 heads=b.heads,
                 head_dim=b.head_dim,
                 score_scale=s_q * s_k / math.sqrt(b.head_dim),
@@ -520,8 +524,9 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
 
 
 def linear(ops: IntOps, x: Any, layer: IntLinear) -> Any:
-    """int8 x int8 -> int32 accumulator plus the int32 bias."""
-    return arith.add_bias(ops, ops.matmul_integer(x, ops.const(layer.weight, "weight")), layer.bias)
+    """int8 activation (uint8 + 128) x int8 weight -> int32 accumulator plus the int32 bias."""
+    acc = ops.matmul_integer(x, ops.const(layer.weight, "weight"), arith.ACT_ZERO)
+    return arith.add_bias(ops, acc, layer.bias)
 
 
 def residual_add(ops: IntOps, skip: Any, acc: Any, skip_factor: Dyadic, branch_factor: Dyadic) -> Any:
@@ -533,24 +538,25 @@ def residual_add(ops: IntOps, skip: Any, acc: Any, skip_factor: Dyadic, branch_f
 
 def block_forward(ops: IntOps, r: Any, b: IntBlock) -> Any:
     h = arith.layernorm(ops, r, b.ln1)
-    qkv = arith.requantize(ops, linear(ops, h, b.qkv), b.qkv_out, *INT8, np.int8)
-    qkv = ops.reshape(qkv, (0, 0, 3, b.heads, b.head_dim))
-    q = ops.transpose(ops.take(qkv, 0, 2), (0, 2, 1, 3))
-    k_t = ops.transpose(ops.take(qkv, 1, 2), (0, 2, 3, 1))
-    v = ops.transpose(ops.take(qkv, 2, 2), (0, 2, 1, 3))
-    probs = arith.shiftmax(ops, ops.matmul_integer(q, k_t), b.score_scale)
+    q = arith.to_act8(ops, linear(ops, h, b.q), b.q_out)
+    q = ops.transpose(ops.reshape(q, (0, 0, b.heads, b.head_dim)), (0, 2, 1, 3))
+    kv = arith.requantize(ops, linear(ops, h, b.kv), b.kv_out, *INT8, np.int8)
+    kv = ops.reshape(kv, (0, 0, 2, b.heads, b.head_dim))
+    k_t = ops.transpose(ops.take(kv, 0, 2), (0, 2, 3, 1))
+    v = ops.transpose(ops.take(kv, 1, 2), (0, 2, 1, 3))
+    probs = arith.shiftmax(ops, ops.matmul_integer(q, k_t, arith.ACT_ZERO), b.score_scale)
     ctx = ops.transpose(ops.matmul_integer(probs, v), (0, 2, 1, 3))
     ctx = ops.reshape(ctx, (0, 0, b.heads * b.head_dim))
-    ctx = arith.requantize(ops, ctx, b.ctx_out, *INT8, np.int8)
+    ctx = arith.to_act8(ops, ctx, b.ctx_out)
     r = residual_add(ops, r, linear(ops, ctx, b.proj), b.res1_skip, b.res1_branch)
     h = arith.layernorm(ops, r, b.ln2)
     h = arith.requantize(ops, linear(ops, h, b.fc1), b.fc1_out, *GELU_IN, np.int32)
-    h = arith.requantize(ops, arith.shiftgelu(ops, h, b.gelu_scale), b.gelu_out, *INT8, np.int8)
+    h = arith.to_act8(ops, arith.shiftgelu(ops, h, b.gelu_scale), b.gelu_out)
     return residual_add(ops, r, linear(ops, h, b.fc2), b.res2_skip, b.res2_branch)
 
 
 def integer_forward(ops: IntOps, x: Any, plan: IntViT) -> Any:
-    """int8 image [B, C, H, W] -> int32 logit accumulators [B, classes] (scale plan.head.acc_scale)."""
+    """The input image [B, C, H, W] as uint8 + 128 -> int32 logit accumulators [B, classes] (scale plan.head.acc_scale)."""
     p = plan.patch
     gh, gw = plan.image[0] // p, plan.image[1] // p
     patches = ops.reshape(x, (0, plan.in_chans, gh, p, gw, p))
@@ -572,9 +578,10 @@ def integer_forward(ops: IntOps, x: Any, plan: IntViT) -> Any:
 
 
 def quantize_input(images: np.ndarray, scale: float) -> np.ndarray:
-    """The input quantizer, as ONNX Runtime's QuantizeLinear computes it (float32, half to even)."""
-    q = np.rint(images.astype(np.float32) / np.float32(scale))
-    return np.clip(q, -128, 127).astype(np.int8)
+    """The input quantizer, as ONNX Runtime's QuantizeLinear computes it (float32, half to even,
+    then zero point 128, saturated to uint8)."""
+    q = np.rint(images.astype(np.float32) / np.float32(scale)) + arith.ACT_ZERO
+    return np.clip(q, 0, 255).astype(np.uint8)
 
 
 def reference_accumulators(plan: IntViT, images: np.ndarray) -> np.ndarray:
@@ -603,14 +610,14 @@ def build_onnx(plan: IntViT, expose_accumulators: bool = False) -> Any:
 
     ops = arith.OnnxOps(scope="embed")
     scale = numpy_helper.from_array(np.array(plan.input_scale, np.float32), "input_scale")
-    zero = numpy_helper.from_array(np.array(0, np.int8), "input_zero_point")
+    zero = numpy_helper.from_array(np.array(arith.ACT_ZERO, np.uint8), "input_zero_point")
     ops.initializers += [scale, zero]
     ops.nodes.append(
         helper.make_node(
-            "QuantizeLinear", [INPUT_NAME, scale.name, zero.name], ["input_int8"], name="input_quantizer"
+            "QuantizeLinear", [INPUT_NAME, scale.name, zero.name], ["input_uint8"], name="input_quantizer"
         )
     )
-    acc = integer_forward(ops, arith.Sym("input_int8", np.int8), plan)
+    acc = integer_forward(ops, arith.Sym("input_uint8", np.uint8), plan)
     out_scale = numpy_helper.from_array(plan.head.acc_scale.astype(np.float32), "output_scale")
     ops.initializers.append(out_scale)
     ops.nodes.append(
