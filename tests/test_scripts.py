@@ -225,3 +225,30 @@ def test_time_readme_script_smoke(tmp_path):
     assert "| version |" in run.stdout
     assert readme_command("python scripts/make_example.py")[:2] == ["python", "scripts/make_example.py"]
     assert "prune-kd-int8" in readme_command("vitcompress compress --recipe prune-kd-int8")
+
+
+def test_bench_intonly_script_smoke(tmp_path):
+    run, results = _run_script(
+        "bench_intonly.py",
+        "--smoke",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        out=tmp_path / "r.json",
+    )
+    assert "| integer-only (int-only) |" in run.stdout and "where the time goes" in run.stdout
+    accuracy = results["accuracy"]
+    assert accuracy["chosen"] in {row["setting"] for row in accuracy["selection"]}
+    assert [row["samples"] for row in accuracy["test"]] == [64] * 4
+    assert results["parity"]["correlation"] > 0.99 and results["parity"]["ops"]["MatMulInteger"] == 16
+    speed = results["speed"]
+    assert [row["variant"] for row in speed[:3]] == [
+        "ORT fp32",
+        "vitcompress INT8 (cpu-x86-vnni)",
+        "integer-only (int-only)",
+    ]
+    assert all(row["p50_ms"] > 0 for row in speed)
+    assert speed[2]["profile"][0]["ms"] > 0

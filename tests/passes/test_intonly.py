@@ -301,3 +301,27 @@ def test_cli_integer_check(cli, tmp_path, tiny_timm):
     result = cli("integer-check", tmp_path / "float.onnx")
     assert result.exit_code == 4
     assert "is not integer-only" in result.output and "x is float32" in result.output
+
+
+def test_bad_calibration_data_is_refused_before_any_work():
+    import torch
+
+    from vitcompress.passes.intonly.build import IntegerOnlyError, _calibration_batches
+
+    class Data:
+        def __init__(self, images):
+            self.images = images
+
+        def batches(self, size):
+            for i in range(0, len(self.images), size):
+                yield torch.from_numpy(self.images[i : i + size]), torch.zeros(0)
+
+    with pytest.raises(IntegerOnlyError, match="empty"):
+        _calibration_batches(Data(np.zeros((0, 3, 32, 32), np.float32)), (3, 32, 32), 4)
+    nan = np.zeros((2, 3, 32, 32), np.float32)
+    nan[1, 0, 0, 0] = np.nan
+    with pytest.raises(IntegerOnlyError, match="NaN or Inf"):
+        _calibration_batches(Data(nan), (3, 32, 32), 4)
+    with pytest.raises(IntegerOnlyError, match=r"shape \(3, 16, 16\)"):
+        _calibration_batches(Data(np.zeros((1, 3, 16, 16), np.float32)), (3, 32, 32), 4)
+    assert IntegerOnlyError("x").exit_code == 2

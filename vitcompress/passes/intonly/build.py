@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class IntegerOnlyError(VitcompressError):
-    """An integer-only model cannot be built, or a graph claimed integer-only holds float math."""
+    """An integer-only model cannot be built from this model or data (bad input: exit code 2)."""
+
+
+class IntegerOnlyVerificationError(VitcompressError):
+    """A graph claimed integer-only holds float math, or disagrees with the NumPy reference."""
 
     exit_code = 4  # a failed verification
 
@@ -70,7 +74,7 @@ def check_integer_only(model: Any) -> IntegerOnlyReport:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     except Exception as err:
-        raise IntegerOnlyError(
+        raise IntegerOnlyVerificationError(
             f"shape inference failed, types cannot be proven: {str(err).splitlines()[0]}"
         ) from err
     graph = inferred.graph
@@ -168,13 +172,13 @@ def write_integer_only(
     model = build_onnx(plan, expose_accumulators=True)
     report = check_integer_only(model)
     if not report.integer_only:
-        raise IntegerOnlyError(f"the built graph is not integer-only: {report.violations[0]}")
+        raise IntegerOnlyVerificationError(f"the built graph is not integer-only: {report.violations[0]}")
     onnx.checker.check_model(model, full_check=True)
     got = _run_accumulators(model, check_images)
     expected = reference_accumulators(plan, check_images)
     if not np.array_equal(got, expected):
         diff = int(np.abs(got.astype(np.int64) - expected).max())
-        raise IntegerOnlyError(
+        raise IntegerOnlyVerificationError(
             f"ONNX Runtime's integer logits differ from the NumPy reference (max |Δ| {diff})",
             hint="this onnxruntime's integer kernels changed semantics; report it with --debug",
         )
