@@ -264,38 +264,27 @@ class OnnxOps:
 
 @dataclass(frozen=True)
 class Dyadic:
-    """A positive real factor as integer multiplier(s) over a power of two: r ≈ m / 2**k.
+    """A positive (or, for LayerNorm's gamma, signed) real factor as integer multiplier(s) over one
+    power of two: r ≈ m / 2**k.
 
-    m keeps `bits` significant bits (default 15: m in [2**14, 2**15)), so an int32 accumulator
-    times m stays far inside int64. Vectors give one factor per output channel.
+    The largest |m| keeps `bits` significant bits (default 22); per-channel vectors share k, so a
+    requantization shifts by one constant and clips with scalar bounds. An int32 accumulator
+    times m stays inside 2**53, far from int64's limit.
     """
 
     m: np.ndarray  # int64
-    k: np.ndarray  # int64, >= 0
+    k: int  # >= 0
 
     @classmethod
-    def of(cls, ratio: float | np.ndarray, bits: int = 15) -> Dyadic:
+    def of(cls, ratio: float | np.ndarray, bits: int = 22) -> Dyadic:
         r = np.asarray(ratio, dtype=np.float64)
-        if not np.all(np.isfinite(r)) or np.any(r <= 0):
-            raise ValueError(f"a dyadic factor must be a positive finite number, got {r.min()}")
-        k = np.clip(bits - 1 - np.floor(np.log2(r)), 0, _OFFSET_BITS - 2).astype(np.int64)
-        m = np.rint(r * np.exp2(k)).astype(np.int64)
-        return cls(np.maximum(m, 1), k)
+        if not np.all(np.isfinite(r)) or not np.any(r):
+            raise ValueError(f"a dyadic factor must be finite and not all zero, got {r.min()}..{r.max()}")
+        k = int(np.clip(bits - 1 - np.floor(np.log2(np.abs(r).max())), 0, _OFFSET_BITS - 2))
+        return cls(np.rint(r * 2.0**k).astype(np.int64), k)
 
     def value(self) -> np.ndarray:
-        return self.m.astype(np.float64) / np.exp2(self.k.astype(np.float64))
-
-
-def rounding_shift(ops: IntOps, x: Any, k: np.ndarray, zero: int = 0) -> Any:
-    """round(x / 2**k) + zero for a signed int64 x (half rounds up): an arithmetic shift built from
-    ONNX's unsigned BitShift. x + 2**62 is non-negative; shift it as uint64, then take 2**62 >> k off."""
-    k = np.asarray(k, dtype=np.int64)
-    one = np.int64(1)
-    shifted_in = ops.const(np.left_shift(one, _OFFSET_BITS) + (np.left_shift(one, k) >> 1), "round")
-    shifted_out = ops.const(np.left_shift(one, _OFFSET_BITS - k) - zero, "offset")  # zero: added free
-    unsigned = ops.cast(ops.add(x, shifted_in), np.uint64)
-    shifted = ops.shift_right(unsigned, ops.const(k.astype(np.uint64), "shift"))
-    return ops.sub(ops.cast(shifted, np.int64), shifted_out)
+        return self.m.astype(np.float64) / 2.0**self.k
 
 
 def requantize(
@@ -307,28 +296,48 @@ def requantize(
     out: type[np.generic],
     bias: np.ndarray | None = None,
     zero: int = 0,
+    acc_bias: np.ndarray | None = None,
 ) -> Any:
-    """Dyadic requantization: clip(round(x * m / 2**k) + bias, lo, hi) + zero as `out` (x: int32 or
-    int64). Without bounds, no clip: for int64 intermediates bounded by construction. `zero` 128
-    with `out` uint8 gives the uint8 + zero point 128 form of an int8 value (folded into the
-    shift's offset, no extra op), which ONNX Runtime's fast u8 x s8 MatMulInteger kernel reads."""
-    x = ops.cast(x, np.int64)
-    y = rounding_shift(ops, ops.mul(x, ops.const(factor.m.astype(np.int64), "m")), factor.k, zero)
+    """Dyadic requantization: clip(round((x + acc_bias) * m / 2**k) + bias, lo, hi) + zero as `out`
+    (x: int32 or int64; half rounds up).
+
+    An arithmetic shift from ONNX's unsigned BitShift: x * m plus 2**62 is non-negative; it is
+    shifted as uint64 and 2**62 >> k is taken off again. Both biases and the rounding half are
+    folded into the one constant added before the shift. The clip happens in the shifted uint64
+    domain (scalar bounds, as k is shared); the final Cast wraps modulo 2**bits, which turns the
+    uint64 difference back into the signed value. Without bounds (int64 intermediates bounded by
+    construction), no clip. `zero` 128 with `out` uint8 gives the uint8 + zero point 128 form of an
+    int8 value at no extra op: what ONNX Runtime's fast u8 x s8 MatMulInteger reads.
+    """
+    k = factor.k
+    offset = 1 << (_OFFSET_BITS - k)  # 2**62 >> k
+    added = np.int64(1 << _OFFSET_BITS) + np.int64((1 << k) >> 1)
+    if acc_bias is not None:
+        added = added + acc_bias.astype(np.int64) * factor.m
     if bias is not None:
-        y = ops.add(y, ops.const(bias.astype(np.int64), "bias"))
-    if lo is not None and hi is not None:
-        y = ops.clip(y, lo + zero, hi + zero)
-    return ops.cast(y, out)
+        added = added + (bias.astype(np.int64) << k)
+    y = ops.mul(ops.cast(x, np.int64), ops.const(factor.m.astype(np.int64), "m"))
+    unsigned = ops.cast(ops.add(y, ops.const(np.asarray(added, np.int64), "round")), np.uint64)
+    shifted = ops.shift_right(unsigned, ops.const(np.array(k, np.uint64), "shift"))
+    if lo is None or hi is None:
+        return ops.cast(
+            ops.sub(ops.cast(shifted, np.int64), ops.const(np.array(offset - zero, np.int64))), out
+        )
+    shifted = ops.maximum(shifted, ops.const(np.array(offset + lo, np.uint64), "lo"))
+    shifted = ops.minimum(shifted, ops.const(np.array(offset + hi, np.uint64), "hi"))
+    return ops.cast(ops.sub(shifted, ops.const(np.array(offset - zero, np.uint64), "offset")), out)
 
 
 ACT_ZERO = 128  # int8 activations travel as uint8 with zero point 128 (ORT's fast u8 x s8 GEMM path)
 
 
-def to_act8(ops: IntOps, x: Any, factor: Dyadic, bias: np.ndarray | None = None) -> Any:
+def to_act8(
+    ops: IntOps, x: Any, factor: Dyadic, bias: np.ndarray | None = None, acc_bias: np.ndarray | None = None
+) -> Any:
     """Requantize to an int8 activation in [-127, 127], stored as uint8 = value + 128: the A input
     of MatMulInteger with a_zero_point 128. (ONNX Runtime's int8 x int8 MatMulInteger measured
     14x slower than uint8 x int8 on AVX-512 VNNI, 197x384 @ 384x1536.)"""
-    return requantize(ops, x, factor, *INT8, np.uint8, bias=bias, zero=ACT_ZERO)
+    return requantize(ops, x, factor, *INT8, np.uint8, bias=bias, zero=ACT_ZERO, acc_bias=acc_bias)
 
 
 def add_bias(ops: IntOps, acc: Any, bias: np.ndarray) -> Any:
@@ -429,12 +438,8 @@ class IntLayerNormParams:
     @classmethod
     def make(cls, gamma: np.ndarray, beta: np.ndarray, s_out: float, sqrt_start: int) -> IntLayerNormParams:
         width = gamma.shape[0]
-        ratio = np.abs(gamma).astype(np.float64) * math.sqrt(width) / s_out / 2.0**LAYERNORM_FACTOR_BITS
-        ratio = np.maximum(ratio, 1e-30)
-        factor = Dyadic.of(ratio)
-        sign = np.where(gamma < 0, -1, 1).astype(np.int64)
-        factor = Dyadic(factor.m * sign, factor.k)
-        return cls(width, factor, np.rint(beta / s_out).astype(np.int64), max(1, int(sqrt_start)))
+        ratio = gamma.astype(np.float64) * math.sqrt(width) / s_out / 2.0**LAYERNORM_FACTOR_BITS
+        return cls(width, Dyadic.of(ratio), np.rint(beta / s_out).astype(np.int64), max(1, int(sqrt_start)))
 
 
 def integer_sqrt(ops: IntOps, n: Any, start: int, steps: int = LAYERNORM_SQRT_STEPS) -> Any:

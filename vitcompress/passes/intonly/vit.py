@@ -524,23 +524,28 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
 
 
 def linear(ops: IntOps, x: Any, layer: IntLinear) -> Any:
-    """int8 activation (uint8 + 128) x int8 weight -> int32 accumulator plus the int32 bias."""
-    acc = ops.matmul_integer(x, ops.const(layer.weight, "weight"), arith.ACT_ZERO)
-    return arith.add_bias(ops, acc, layer.bias)
+    """int8 activation (uint8 + 128) x int8 weight -> int32 accumulator, without the bias (the
+    requantization after it adds the bias in its one constant)."""
+    return ops.matmul_integer(x, ops.const(layer.weight, "weight"), arith.ACT_ZERO)
 
 
-def residual_add(ops: IntOps, skip: Any, acc: Any, skip_factor: Dyadic, branch_factor: Dyadic) -> Any:
-    """The residual add with aligned scales: both sides requantized to the sum's scale, added, clipped."""
+def residual_add(
+    ops: IntOps, skip: Any, x: Any, layer: IntLinear, skip_factor: Dyadic, branch_factor: Dyadic
+) -> Any:
+    """The residual add with aligned scales: the skip and the branch's linear (bias included)
+    requantized to the sum's scale, added, clipped to the residual range."""
     skip = arith.requantize(ops, skip, skip_factor, None, None, np.int64)
-    branch = arith.requantize(ops, acc, branch_factor, None, None, np.int64)
+    branch = arith.requantize(
+        ops, linear(ops, x, layer), branch_factor, None, None, np.int64, acc_bias=layer.bias
+    )
     return ops.cast(ops.clip(ops.add(skip, branch), *RESIDUAL), np.int32)
 
 
 def block_forward(ops: IntOps, r: Any, b: IntBlock) -> Any:
     h = arith.layernorm(ops, r, b.ln1)
-    q = arith.to_act8(ops, linear(ops, h, b.q), b.q_out)
+    q = arith.to_act8(ops, linear(ops, h, b.q), b.q_out, acc_bias=b.q.bias)
     q = ops.transpose(ops.reshape(q, (0, 0, b.heads, b.head_dim)), (0, 2, 1, 3))
-    kv = arith.requantize(ops, linear(ops, h, b.kv), b.kv_out, *INT8, np.int8)
+    kv = arith.requantize(ops, linear(ops, h, b.kv), b.kv_out, *INT8, np.int8, acc_bias=b.kv.bias)
     kv = ops.reshape(kv, (0, 0, 2, b.heads, b.head_dim))
     k_t = ops.transpose(ops.take(kv, 0, 2), (0, 2, 3, 1))
     v = ops.transpose(ops.take(kv, 1, 2), (0, 2, 1, 3))
@@ -548,11 +553,11 @@ def block_forward(ops: IntOps, r: Any, b: IntBlock) -> Any:
     ctx = ops.transpose(ops.matmul_integer(probs, v), (0, 2, 1, 3))
     ctx = ops.reshape(ctx, (0, 0, b.heads * b.head_dim))
     ctx = arith.to_act8(ops, ctx, b.ctx_out)
-    r = residual_add(ops, r, linear(ops, ctx, b.proj), b.res1_skip, b.res1_branch)
+    r = residual_add(ops, r, ctx, b.proj, b.res1_skip, b.res1_branch)
     h = arith.layernorm(ops, r, b.ln2)
-    h = arith.requantize(ops, linear(ops, h, b.fc1), b.fc1_out, *GELU_IN, np.int32)
+    h = arith.requantize(ops, linear(ops, h, b.fc1), b.fc1_out, *GELU_IN, np.int32, acc_bias=b.fc1.bias)
     h = arith.to_act8(ops, arith.shiftgelu(ops, h, b.gelu_scale), b.gelu_out)
-    return residual_add(ops, r, linear(ops, h, b.fc2), b.res2_skip, b.res2_branch)
+    return residual_add(ops, r, h, b.fc2, b.res2_skip, b.res2_branch)
 
 
 def integer_forward(ops: IntOps, x: Any, plan: IntViT) -> Any:
@@ -562,7 +567,12 @@ def integer_forward(ops: IntOps, x: Any, plan: IntViT) -> Any:
     patches = ops.reshape(x, (0, plan.in_chans, gh, p, gw, p))
     patches = ops.reshape(ops.transpose(patches, (0, 2, 4, 1, 3, 5)), (0, gh * gw, plan.in_chans * p * p))
     tokens = arith.requantize(
-        ops, linear(ops, patches, plan.patch_embed), plan.embed_out, *RESIDUAL, np.int32
+        ops,
+        linear(ops, patches, plan.patch_embed),
+        plan.embed_out,
+        *RESIDUAL,
+        np.int32,
+        acc_bias=plan.patch_embed.bias,
     )
     tokens = ops.clip(ops.add(tokens, ops.const(plan.patch_pos, "pos")), *RESIDUAL)
     prefix = ops.batch_broadcast(ops.const(plan.prefix, "prefix"), tokens)
@@ -574,7 +584,7 @@ def integer_forward(ops: IntOps, x: Any, plan: IntViT) -> Any:
     if hasattr(ops, "scope"):
         ops.scope = "head"
     cls = ops.take(r, 0, 1)
-    return linear(ops, arith.layernorm(ops, cls, plan.norm), plan.head)
+    return arith.add_bias(ops, linear(ops, arith.layernorm(ops, cls, plan.norm), plan.head), plan.head.bias)
 
 
 def quantize_input(images: np.ndarray, scale: float) -> np.ndarray:
