@@ -311,7 +311,7 @@ def requantize(
     """
     k = factor.k
     offset = 1 << (_OFFSET_BITS - k)  # 2**62 >> k
-    added = np.int64(1 << _OFFSET_BITS) + np.int64((1 << k) >> 1)
+    added: np.ndarray = np.asarray((1 << _OFFSET_BITS) + ((1 << k) >> 1), dtype=np.int64)
     if acc_bias is not None:
         added = added + acc_bias.astype(np.int64) * factor.m
     if bias is not None:
