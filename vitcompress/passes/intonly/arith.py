@@ -40,6 +40,7 @@ class IntOps(Protocol):
     def clip(self, x: Any, lo: int, hi: int) -> Any: ...
     def cast(self, x: Any, dtype: type[np.generic]) -> Any: ...
     def shift_right(self, x: Any, bits: Any) -> Any: ...
+    def shift_left(self, x: Any, bits: Any) -> Any: ...
     def reduce_max(self, x: Any) -> Any: ...
     def reduce_sum(self, x: Any) -> Any: ...
     def matmul_integer(self, a: Any, b: Any, a_zero: int = 0) -> Any: ...
@@ -103,6 +104,10 @@ class NumpyOps:
     def shift_right(self, x: np.ndarray, bits: np.ndarray) -> np.ndarray:
         self._same(x, bits)
         return np.right_shift(x, bits)
+
+    def shift_left(self, x: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        self._same(x, bits)
+        return np.left_shift(x, bits)
 
     def reduce_max(self, x: np.ndarray) -> np.ndarray:
         return x.max(axis=-1, keepdims=True)
@@ -223,6 +228,11 @@ class OnnxOps:
         if x.dtype != bits.dtype:
             raise TypeError("BitShift needs one unsigned type")
         return self.node("BitShift", [x.name, bits.name], x.dtype, direction="RIGHT")
+
+    def shift_left(self, x: Sym, bits: Sym) -> Sym:
+        if x.dtype != bits.dtype:
+            raise TypeError("BitShift needs one unsigned type")
+        return self.node("BitShift", [x.name, bits.name], x.dtype, direction="LEFT")
 
     def reduce_max(self, x: Sym) -> Sym:
         return self.node("ReduceMax", [x.name], x.dtype, axes=[-1], keepdims=1)
@@ -348,28 +358,26 @@ def add_bias(ops: IntOps, acc: Any, bias: np.ndarray) -> Any:
 
 
 def exp_shift(ops: IntOps, u: Any, unit: int, n: int) -> Any:
-    """I-ViT's shift-based exponential: ≈ 2**n * unit * exp(-u / unit) for u >= 0 (uint64 in and out).
+    """The shift-based exponential of I-ViT's Shiftmax: ≈ unit · 2**n · 2**(-u / unit), uint64 u >= 0.
 
-    e**-t = 2**(-t·log2 e); t·log2 e ≈ t + t/2 - t/16 (shifts); its integer part q becomes a right
-    shift and the fraction f in [0, 1) the linear piece 2**-f ≈ 1 - f/2. `unit` is the integer
-    that stands for 1.0 (ceil(1 / scale)); q is capped at n (below 2**-n everything is 0).
+    The exponent's integer part q becomes a shift and its fraction f in [0, 1) the linear piece
+    2**-f ≈ 1 - f/2. `unit` is the integer standing for one halving (ln 2 / scale for e**-x, see
+    `exp_unit`): I-ViT approximates x·log2 e with shifts (x + x/2 - x/16) instead; folding log2 e
+    into the unit is exact and saves five ops per element. q is capped below n (2**-n: zero).
     """
 
     def c(value: int) -> Any:
         return ops.const(np.array(value, np.uint64))
 
-    v = ops.add(u, ops.shift_right(ops.add(u, c(1)), c(1)))  # u + ceil(u/2)
-    v = ops.sub(v, ops.shift_right(ops.add(u, c(15)), c(4)))  # - ceil(u/16)
-    v = ops.minimum(v, c(n * unit))
+    v = ops.minimum(u, c(n * unit - 1))
     q = ops.div(v, c(unit))
     rem = ops.sub(v, ops.mul(q, c(unit)))
-    mantissa = ops.mul(ops.sub(c(2 * unit), rem), c(1 << n))
-    return ops.shift_right(mantissa, ops.add(q, c(1)))
+    return ops.shift_left(ops.sub(c(2 * unit), rem), ops.sub(c(n - 1), q))
 
 
-def unit_of(scale: float) -> int:
-    """The integer standing for 1.0 at `scale` (I-ViT's -x0)."""
-    return max(1, math.ceil(1.0 / scale))
+def exp_unit(scale: float) -> int:
+    """The integer standing for ln 2 at `scale`: exp(-x) = 2**(-x / exp_unit) for integer x."""
+    return max(1, round(math.log(2) / scale))
 
 
 SHIFTMAX_BITS = 8  # probabilities as uint8 in units of 2**-8
@@ -385,7 +393,7 @@ def shiftmax(ops: IntOps, scores: Any, scale: float) -> Any:
     """Shiftmax (I-ViT): softmax of int32 `scores` (real value scores * scale) over the last axis,
     as uint8 probabilities in units of 2**-8 (1.0 saturates at 255)."""
     u = ops.cast(ops.sub(ops.reduce_max(scores), scores), np.uint64)  # max - x >= 0
-    e = exp_shift(ops, u, unit_of(scale), SHIFTMAX_N)
+    e = exp_shift(ops, u, exp_unit(scale), SHIFTMAX_N)
     # ONNX Runtime has no uint64 ReduceSum; the sum of the row fits int64 by far
     total = ops.cast(ops.reduce_sum(ops.cast(e, np.int64)), np.uint64)
     factor = ops.div(ops.const(np.array(1 << _NORMALIZE_BITS, np.uint64)), total)  # e <= total
@@ -404,7 +412,7 @@ def shiftgelu(ops: IntOps, x: Any, scale: float) -> Any:
     returns int32 in units of scale / 2**8. The sigmoid is e**(t-m) / (e**(t-m) + e**-m),
     m = max(max t, 0), so both exponents are <= 0."""
     top = ops.maximum(ops.reduce_max(x), ops.const(np.array(0, np.int32)))
-    unit = unit_of(scale * GELU_SIGMOID_SLOPE)
+    unit = exp_unit(scale * GELU_SIGMOID_SLOPE)
     e_x = exp_shift(ops, ops.cast(ops.sub(top, x), np.uint64), unit, SHIFTGELU_N)
     e_0 = exp_shift(ops, ops.cast(top, np.uint64), unit, SHIFTGELU_N)
     total = ops.add(e_x, e_0)
