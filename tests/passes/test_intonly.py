@@ -273,6 +273,36 @@ def test_distilled_deit_averages_its_two_heads_in_integers():
     assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > 0.99
 
 
+def test_unsupported_variants_are_refused_by_name():
+    import timm
+
+    from vitcompress.errors import UnsupportedModelError
+    from vitcompress.passes.intonly.vit import read_vit
+
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        num_classes=10,
+        depth=1,
+        patch_size=8,
+        global_pool="avg",
+    )
+    with pytest.raises(UnsupportedModelError, match="pooling 'avg'"):
+        read_vit(model, (32, 32))
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        num_classes=10,
+        depth=1,
+        patch_size=8,
+        qk_norm=True,
+    )
+    with pytest.raises(UnsupportedModelError, match="blocks.0.attn.q_norm"):
+        read_vit(model, (32, 32))
+
+
 # --------------------------------------------------------------------------- configuration and CLI
 
 
