@@ -7,8 +7,9 @@ Accuracy track (Fashion-MNIST reference): the calibration setting (minmax, or th
 on the int8 points) is chosen on a validation set (2,000 stratified training images, seed 1, not the
 256 calibration images' seed 0; the reference trained on all of train, so this is a selection set,
 not held-out data); the test split (10k) is scored once: fp32, integer-only calibrated on 256
-images, integer-only calibrated on one image (I-Segmenter's one-shot setting), and today's INT8
-(`cpu-x86-vnni`, static QDQ, float LayerNorm/Softmax/GELU) for comparison.
+images, integer-only calibrated on one image (I-Segmenter's one-shot setting), integer-only after
+integer-aware KD (`--finetune-steps` of batch 64 on training images, seed 2, scales frozen at
+calibration), and today's INT8 (`cpu-x86-vnni`, static QDQ, float LayerNorm/Softmax/GELU).
 
 Parity track (`--model`, random init, 224): integer vs float logits on 32 synthetic images
 (Pearson correlation, top-1 agreement), calibrated on 8 synthetic images, and the op list.
@@ -39,17 +40,21 @@ from vitcompress.data import DataSpec, load_dataset
 from vitcompress.evaluate import evaluate_onnx, onnx_metadata
 from vitcompress.models import load_model
 from vitcompress.passes.export import ExportConfig, export_model
-from vitcompress.passes.intonly.build import plan_model, write_integer_only
+from vitcompress.passes.intonly.build import Finetune, plan_model, write_integer_only
 from vitcompress.passes.quantize import QuantizeConfig, quantize_model
 from vitcompress.runtime import OnnxRunner
 
 SETTINGS: dict[str, float | None] = {"minmax": None, "percentile 99.99": 99.99, "percentile 99.9": 99.9}
 
 
-def _int_only(loaded, fp32: Path, out: Path, calibration, percentile: float | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    plan = plan_model(loaded, calibration, percentile)
+def _int_only(
+    loaded, fp32: Path, out: Path, calibration, percentile: float | None, finetune=None
+) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    plan = plan_model(loaded, calibration, percentile, finetune=finetune)
     images = next(iter(calibration.batches(2)))[0].numpy()
-    return write_integer_only(plan, out, onnx_metadata(fp32), images)
+    details = write_integer_only(plan, out, onnx_metadata(fp32), images)
+    details["finetune_losses"] = plan.finetune_losses
+    return details
 
 
 def _int8(fp32: Path, out: Path, calibration, threads: int) -> None:  # type: ignore[no-untyped-def]
@@ -76,11 +81,20 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     _int_only(loaded, fp32, one_path, one, SETTINGS[best["setting"]])
     int8 = workdir / "int8.onnx"
     _int8(fp32, int8, calibration, args.threads)
+    train = load_dataset(
+        DataSpec(source=source, split="train", limit=args.finetune_images, seed=2), spec, classes
+    )
+    tuned = workdir / "int-finetuned.onnx"
+    steps, lr = args.finetune_steps, args.finetune_lr
+    tuned_details = _int_only(
+        loaded, fp32, tuned, calibration, SETTINGS[best["setting"]], Finetune(train, steps, lr)
+    )
     variants = {
         "ORT fp32": fp32,
         f"integer-only, 256 calibration images ({best['setting']})": workdir
         / f"int-{best['setting'].replace(' ', '-')}.onnx",
         f"integer-only, 1 calibration image ({best['setting']})": one_path,
+        f"integer-only + integer-aware KD ({steps} steps, lr {lr:g})": tuned,
         "vitcompress INT8 (cpu-x86-vnni, float LN/Softmax/GELU)": int8,
     }
     base = OnnxRunner(fp32, threads=args.threads)
@@ -97,7 +111,12 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     for row in rows:
         row["drop_points"] = 100 * (rows[0]["top1"] - row["top1"])
-    return {"selection": selection, "chosen": best["setting"], "test": rows}
+    return {
+        "selection": selection,
+        "chosen": best["setting"],
+        "test": rows,
+        "finetune_losses": tuned_details["finetune_losses"],
+    }
 
 
 def parity_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -149,10 +168,14 @@ def speed_track(
 def main() -> int:
     p = benchlib.parser(__doc__)
     p.add_argument("--val-limit", type=int, default=2000, help="validation images (training split, seed 1)")
+    p.add_argument("--finetune-steps", type=int, default=300, help="integer-aware KD steps (batch 64)")
+    p.add_argument("--finetune-lr", type=float, default=2e-5)
+    p.add_argument("--finetune-images", type=int, default=20000, help="training images for the KD (seed 2)")
     args = p.parse_args()
     if args.smoke:
         args.model, args.kwargs = "vit_tiny_patch16_224", '{"depth": 2, "img_size": 32, "patch_size": 8}'
         args.val_limit, args.eval_limit = 64, args.eval_limit or 64
+        args.finetune_steps, args.finetune_images = 2, 64
     results = benchlib.start(args)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -242,7 +242,7 @@ def test_bench_intonly_script_smoke(tmp_path):
     assert "| integer-only (int-only) |" in run.stdout and "where the time goes" in run.stdout
     accuracy = results["accuracy"]
     assert accuracy["chosen"] in {row["setting"] for row in accuracy["selection"]}
-    assert [row["samples"] for row in accuracy["test"]] == [64] * 4
+    assert [row["samples"] for row in accuracy["test"]] == [64] * 5
     assert results["parity"]["correlation"] > 0.99 and results["parity"]["ops"]["MatMulInteger"] == 16
     speed = results["speed"]
     assert [row["variant"] for row in speed[:3]] == [

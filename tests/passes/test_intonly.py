@@ -371,3 +371,37 @@ def test_bad_calibration_data_is_refused_before_any_work():
     with pytest.raises(IntegerOnlyError, match=r"shape \(3, 16, 16\)"):
         _calibration_batches(Data(np.zeros((1, 3, 16, 16), np.float32)), (3, 32, 32), 4)
     assert IntegerOnlyError("x").exit_code == 2
+
+
+def test_integer_aware_finetuning_trains_through_the_integer_arithmetic():
+    import torch
+    import torch.nn.functional as F
+
+    from tests.conftest import tiny_ref
+    from vitcompress.data import DataSpec, load_dataset
+    from vitcompress.models import load_model
+    from vitcompress.passes.intonly.build import Finetune, plan_model
+    from vitcompress.passes.intonly.qat import FakeQuantViT
+    from vitcompress.passes.intonly.vit import float_forward, read_vit, reference_accumulators
+
+    torch.manual_seed(0)
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224", kwargs={"depth": 1, "patch_size": 8}))
+    data = load_dataset(DataSpec(source="synthetic", num_samples=32), loaded.input, loaded.num_classes)
+    images = next(iter(data.batches(32)))[0]
+    base = plan_model(loaded, data, None)
+    vit = read_vit(loaded.model, (32, 32))
+    student = FakeQuantViT(vit, base.scales)
+    with torch.no_grad():
+        expected = float_forward(vit, images)
+        fake = student(images)
+    integer = reference_accumulators(base, images.numpy()) * base.output_scale
+    # the fake-quant model computes like the integer one: closer to it than the float model is
+    assert np.abs(fake.numpy() - integer).mean() < np.abs(expected.numpy() - integer).mean()
+    loss = F.kl_div(F.log_softmax(student(images), -1), F.log_softmax(expected, -1), log_target=True)
+    loss.backward()  # gradients reach every weight through the rounding (straight-through)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.module.parameters())
+
+    tuned = plan_model(loaded, data, None, finetune=Finetune(data, steps=4, lr=1e-5, batch_size=16))
+    assert tuned.finetune_losses is not None and all(np.isfinite(tuned.finetune_losses))
+    assert tuned.scales == base.scales  # frozen at calibration: the graph quantizes where training did
+    assert not np.array_equal(tuned.blocks[0].fc1.weight, base.blocks[0].fc1.weight)

@@ -450,6 +450,7 @@ class IntViT:
     head2_align: Dyadic | None
     output_scale: np.ndarray  # float32 per class: logits = accumulator * output_scale (the dequantizer)
     scales: dict[str, float]
+    finetune_losses: tuple[float, float] | None = None  # KD loss at the first and last step, when fine-tuned
 
 
 def _root_start(stats: RangeStats, name: str, s_res: float) -> int:
