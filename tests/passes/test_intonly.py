@@ -317,6 +317,8 @@ def test_int_only_preset_and_its_rules():
         QuantizeConfig(preset="int-only", calibration="entropy")
     with pytest.raises(ValidationError, match="integer-only takes 1"):
         QuantizeConfig(mode="static", calibration_size=1)
+    with pytest.raises(ValidationError, match="finetune_steps is integer-only's"):
+        QuantizeConfig(mode="static", finetune_steps=10)
 
 
 def test_cli_quantize_int_only_needs_a_recipe(cli, tmp_path):
@@ -397,7 +399,12 @@ def test_integer_aware_finetuning_trains_through_the_integer_arithmetic():
     integer = reference_accumulators(base, images.numpy()) * base.output_scale
     # the fake-quant model computes like the integer one: closer to it than the float model is
     assert np.abs(fake.numpy() - integer).mean() < np.abs(expected.numpy() - integer).mean()
-    loss = F.kl_div(F.log_softmax(student(images), -1), F.log_softmax(expected, -1), log_target=True)
+    loss = F.kl_div(
+        F.log_softmax(student(images), -1),
+        F.log_softmax(expected, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
     loss.backward()  # gradients reach every weight through the rounding (straight-through)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.module.parameters())
 
