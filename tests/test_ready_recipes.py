@@ -171,3 +171,25 @@ def test_gpu_tensorrt_sparse_recipe_builds_a_2_4_int8_model_on_cpu(cli, tmp_path
     assert sparsify["details"]["pattern"] == "2:4" and sparsify["details"]["sparsity"] == 0.5
     assert holds_2_4_weights(out / "model.onnx") and holds_2_4_weights(report["final_onnx"])
     assert _quantized_ops(report["final_onnx"]).get("QuantizeLinear", 0) > 0
+
+
+def test_int_only_recipe_builds_a_proven_integer_graph_that_eval_reads(cli, tmp_path):
+    report, out = _run(
+        cli,
+        tmp_path,
+        "int-only.yaml",
+        "passes.quantize.calibration_size=1",  # one calibration image is allowed (I-Segmenter's setting)
+        "passes.quantize.max_top1_drop=null",
+        "passes.validate.runs=5",
+        "passes.validate.batch_sizes=[1]",
+    )
+    assert _kinds(report) == ["load", "export", "quantize", "validate"]
+    quantize = next(r for r in report["ledger"] if r["kind"] == "quantize")
+    details = quantize["details"]
+    assert details["integer_only"]["integer_only"] is True and details["reference_match"]["bit_exact"]
+    assert details["calibration_images"] == 1 and details["integer_only"]["ops"]["MatMulInteger"] == 16
+    assert report["final_onnx"] == str(out / "model.intonly.onnx")
+    assert "integer-only: yes" in (out / "report.md").read_text()
+    result = cli("eval", report["final_onnx"], "--data", "fashion-mnist:test", "--data-limit", "64", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["samples"] == 64

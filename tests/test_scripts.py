@@ -276,3 +276,30 @@ def test_bench_sparsify_tensorrt_track_is_a_clear_error_without_a_gpu():
         text=True,
     )
     assert run.returncode == 2 and "TensorrtExecutionProvider" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bench_intonly_script_smoke(tmp_path):
+    run, results = _run_script(
+        "bench_intonly.py",
+        "--smoke",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        out=tmp_path / "r.json",
+    )
+    assert "| integer-only (int-only) |" in run.stdout and "where the time goes" in run.stdout
+    accuracy = results["accuracy"]
+    assert accuracy["chosen"] in {row["setting"] for row in accuracy["selection"]}
+    assert [row["samples"] for row in accuracy["test"]] == [64] * 5
+    assert results["parity"]["correlation"] > 0.99 and results["parity"]["ops"]["MatMulInteger"] == 16
+    speed = results["speed"]
+    assert [row["variant"] for row in speed[:3]] == [
+        "ORT fp32",
+        "vitcompress INT8 (cpu-x86-vnni)",
+        "integer-only (int-only)",
+    ]
+    assert all(row["p50_ms"] > 0 for row in speed)
+    assert speed[2]["profile"][0]["ms"] > 0

@@ -162,6 +162,15 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
             "quantize/dequantize) and per-op overhead.",
             "",
         ]
+    integer = next((r.details["integer_only"] for r in result.ledger if "integer_only" in r.details), None)
+    if integer:
+        verdict_int = "yes" if integer["integer_only"] else "NO: " + "; ".join(integer["violations"][:3])
+        ops = ", ".join(f"{op} ({n})" for op, n in integer["ops"].items())
+        types = ", ".join(f"{t} ({n})" for t, n in integer["tensor_types"].items())
+        lines += [
+            f"integer-only: {verdict_int}. Ops a target must support: {ops}. Tensor types inside: {types}.",
+            "",
+        ]
     noise = [*((env or {}).get("noise_reasons") or []), *((floor or {}).get("noise_reasons") or [])]
     if noise:
         lines += [

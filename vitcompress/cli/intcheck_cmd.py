@@ -23,7 +23,7 @@ def integer_check(
       vitcompress integer-check out/model.intonly.onnx
       vitcompress integer-check out/model.onnx --json      # a float export: exit code 4
     """
-    from vitcompress.passes.intonly.build import IntegerOnlyError, check_integer_only
+    from vitcompress.passes.intonly.build import IntegerOnlyVerificationError, check_integer_only
     from vitcompress.runtime import check_onnx_file
 
     check_onnx_file(model)
@@ -35,7 +35,7 @@ def integer_check(
         for line in report.violations:
             out_console.print(f"  float inside: {line}")
     if not report.integer_only:
-        raise IntegerOnlyError(
+        raise IntegerOnlyVerificationError(
             f"{model} is not integer-only: {report.violations[0]}",
             hint="build it with a quantize pass, preset: int-only",
         )

@@ -139,6 +139,15 @@ class QuantizeConfig(PassConfig):
     fallback_time_limit_s: float = Field(
         600, gt=0, description="Time for the sensitivity fallback; the best model found is kept."
     )
+    finetune_steps: int = Field(
+        0,
+        ge=0,
+        description="integer-only: steps of integer-aware fine-tuning on data.train (KD from the float "
+        "model through fake-quant modules that compute like the integer kernels) before the build; 0: off.",
+    )
+    finetune_lr: float = Field(
+        2e-5, gt=0, le=1, description="integer-only: fine-tuning learning rate (AdamW, cosine decay)."
+    )
     filename: str = Field("model.int8.onnx", description="Output file name in the run directory.")
     ort_format: bool = Field(
         False,
@@ -174,6 +183,8 @@ class QuantizeConfig(PassConfig):
 
     @model_validator(mode="after")
     def _integer_only_settings(self) -> QuantizeConfig:
+        if self.finetune_steps and self.mode is not Mode.integer_only:
+            raise ValueError("finetune_steps is integer-only's fine-tuning; fine-tune int8 with a distill pass")
         if self.mode is Mode.integer_only:
             if self.calibration is Calibration.entropy:
                 raise ValueError("integer-only calibrates with minmax or percentile, not entropy")
@@ -723,13 +734,19 @@ def _integer_only(
     """The integer-only model of the current PyTorch model, with the exported file's metadata; the
     accuracy gate measures it (there is no float to fall back to)."""
     from vitcompress.evaluate import onnx_metadata
-    from vitcompress.passes.intonly.build import quantize_integer_only
+    from vitcompress.passes.intonly.build import Finetune, quantize_integer_only
 
     assert state.onnx_path is not None
     if state.model_changed and state.records and state.records[-1].kind != "export":
         log.info("integer-only reads the current PyTorch model, as exported by the last export pass")
     percentile = cfg.percentile if cfg.calibration is Calibration.percentile else None
-    details = quantize_integer_only(state.model, target, calibration, percentile, onnx_metadata(state.onnx_path))
+    finetune = None
+    if cfg.finetune_steps:
+        train = state.load_split("train", f"{cfg.step_name} (finetune_steps)")
+        finetune = Finetune(train, cfg.finetune_steps, cfg.finetune_lr)
+    details = quantize_integer_only(
+        state.model, target, calibration, percentile, onnx_metadata(state.onnx_path), finetune
+    )
     if cfg.max_top1_drop is not None and eval_data is not None:
         measured = agreement(state.onnx_path, target, eval_data)
         drop = 100 * (measured["float_top1"] - measured["quantized_top1"])

@@ -40,9 +40,10 @@ class IntOps(Protocol):
     def clip(self, x: Any, lo: int, hi: int) -> Any: ...
     def cast(self, x: Any, dtype: type[np.generic]) -> Any: ...
     def shift_right(self, x: Any, bits: Any) -> Any: ...
+    def shift_left(self, x: Any, bits: Any) -> Any: ...
     def reduce_max(self, x: Any) -> Any: ...
     def reduce_sum(self, x: Any) -> Any: ...
-    def matmul_integer(self, a: Any, b: Any) -> Any: ...
+    def matmul_integer(self, a: Any, b: Any, a_zero: int = 0) -> Any: ...
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any: ...
     def transpose(self, x: Any, perm: tuple[int, ...]) -> Any: ...
     def take(self, x: Any, index: int, axis: int) -> Any: ...
@@ -104,14 +105,18 @@ class NumpyOps:
         self._same(x, bits)
         return np.right_shift(x, bits)
 
+    def shift_left(self, x: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        self._same(x, bits)
+        return np.left_shift(x, bits)
+
     def reduce_max(self, x: np.ndarray) -> np.ndarray:
         return x.max(axis=-1, keepdims=True)
 
     def reduce_sum(self, x: np.ndarray) -> np.ndarray:
         return x.sum(axis=-1, keepdims=True, dtype=x.dtype)
 
-    def matmul_integer(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.matmul(a.astype(np.int32), b.astype(np.int32))
+    def matmul_integer(self, a: np.ndarray, b: np.ndarray, a_zero: int = 0) -> np.ndarray:
+        return np.matmul(a.astype(np.int32) - np.int32(a_zero), b.astype(np.int32))
 
     def reshape(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         dims = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]  # ONNX: 0 copies the input dim
@@ -224,6 +229,11 @@ class OnnxOps:
             raise TypeError("BitShift needs one unsigned type")
         return self.node("BitShift", [x.name, bits.name], x.dtype, direction="RIGHT")
 
+    def shift_left(self, x: Sym, bits: Sym) -> Sym:
+        if x.dtype != bits.dtype:
+            raise TypeError("BitShift needs one unsigned type")
+        return self.node("BitShift", [x.name, bits.name], x.dtype, direction="LEFT")
+
     def reduce_max(self, x: Sym) -> Sym:
         return self.node("ReduceMax", [x.name], x.dtype, axes=[-1], keepdims=1)
 
@@ -231,8 +241,11 @@ class OnnxOps:
         axes = self.const(np.array([-1], dtype=np.int64), "axes")
         return self.node("ReduceSum", [x.name, axes.name], x.dtype, keepdims=1)
 
-    def matmul_integer(self, a: Sym, b: Sym) -> Sym:
-        return self.node("MatMulInteger", [a.name, b.name], np.int32)
+    def matmul_integer(self, a: Sym, b: Sym, a_zero: int = 0) -> Sym:
+        if not a_zero:
+            return self.node("MatMulInteger", [a.name, b.name], np.int32)
+        zero = self.const(np.array(a_zero, a.dtype), "a_zero_point")
+        return self.node("MatMulInteger", [a.name, b.name, zero.name], np.int32)
 
     def reshape(self, x: Sym, shape: tuple[int, ...]) -> Sym:
         dims = self.const(np.array(shape, dtype=np.int64), "shape")
@@ -261,54 +274,80 @@ class OnnxOps:
 
 @dataclass(frozen=True)
 class Dyadic:
-    """A positive real factor as integer multiplier(s) over a power of two: r ≈ m / 2**k.
+    """A positive (or, for LayerNorm's gamma, signed) real factor as integer multiplier(s) over one
+    power of two: r ≈ m / 2**k.
 
-    m keeps `bits` significant bits (default 15: m in [2**14, 2**15)), so an int32 accumulator
-    times m stays far inside int64. Vectors give one factor per output channel.
+    The largest |m| keeps `bits` significant bits (default 22); per-channel vectors share k, so a
+    requantization shifts by one constant and clips with scalar bounds. An int32 accumulator
+    times m stays inside 2**53, far from int64's limit.
     """
 
     m: np.ndarray  # int64
-    k: np.ndarray  # int64, >= 0
+    k: int  # >= 0
 
     @classmethod
-    def of(cls, ratio: float | np.ndarray, bits: int = 15) -> Dyadic:
+    def of(cls, ratio: float | np.ndarray, bits: int = 22) -> Dyadic:
         r = np.asarray(ratio, dtype=np.float64)
-        if not np.all(np.isfinite(r)) or np.any(r <= 0):
-            raise ValueError(f"a dyadic factor must be a positive finite number, got {r.min()}")
-        k = np.clip(bits - 1 - np.floor(np.log2(r)), 0, _OFFSET_BITS - 2).astype(np.int64)
-        m = np.rint(r * np.exp2(k)).astype(np.int64)
-        return cls(np.maximum(m, 1), k)
+        if not np.all(np.isfinite(r)) or not np.any(r):
+            raise ValueError(f"a dyadic factor must be finite and not all zero, got {r.min()}..{r.max()}")
+        k = int(np.clip(bits - 1 - np.floor(np.log2(np.abs(r).max())), 0, _OFFSET_BITS - 2))
+        return cls(np.rint(r * 2.0**k).astype(np.int64), k)
 
     def value(self) -> np.ndarray:
-        return self.m.astype(np.float64) / np.exp2(self.k.astype(np.float64))
-
-
-def rounding_shift(ops: IntOps, x: Any, k: np.ndarray) -> Any:
-    """round(x / 2**k) for a signed int64 x (half rounds up), with only non-negative divisions."""
-    k = np.asarray(k, dtype=np.int64)
-    shifted_in = ops.const(
-        np.left_shift(np.int64(1), _OFFSET_BITS) + (np.left_shift(np.int64(1), k) >> 1), "round"
-    )
-    divisor = ops.const(np.left_shift(np.int64(1), k), "pow2")
-    shifted_out = ops.const(np.left_shift(np.int64(1), _OFFSET_BITS - k), "offset")
-    return ops.sub(ops.div(ops.add(x, shifted_in), divisor), shifted_out)
+        return self.m.astype(np.float64) / 2.0**self.k
 
 
 def requantize(
     ops: IntOps,
     x: Any,
     factor: Dyadic,
-    lo: int,
-    hi: int,
+    lo: int | None,
+    hi: int | None,
     out: type[np.generic],
     bias: np.ndarray | None = None,
+    zero: int = 0,
+    acc_bias: np.ndarray | None = None,
 ) -> Any:
-    """Dyadic requantization: clip(round(x * m / 2**k) + bias, lo, hi) as `out` (x: int32 or int64)."""
-    x = ops.cast(x, np.int64)
-    y = rounding_shift(ops, ops.mul(x, ops.const(factor.m.astype(np.int64), "m")), factor.k)
+    """Dyadic requantization: clip(round((x + acc_bias) * m / 2**k) + bias, lo, hi) + zero as `out`
+    (x: int32 or int64; half rounds up).
+
+    An arithmetic shift from ONNX's unsigned BitShift: x * m plus 2**62 is non-negative; it is
+    shifted as uint64 and 2**62 >> k is taken off again. Both biases and the rounding half are
+    folded into the one constant added before the shift. The clip happens in the shifted uint64
+    domain (scalar bounds, as k is shared); the final Cast wraps modulo 2**bits, which turns the
+    uint64 difference back into the signed value. Without bounds (int64 intermediates bounded by
+    construction), no clip. `zero` 128 with `out` uint8 gives the uint8 + zero point 128 form of an
+    int8 value at no extra op: what ONNX Runtime's fast u8 x s8 MatMulInteger reads.
+    """
+    k = factor.k
+    offset = 1 << (_OFFSET_BITS - k)  # 2**62 >> k
+    added: np.ndarray = np.asarray((1 << _OFFSET_BITS) + ((1 << k) >> 1), dtype=np.int64)
+    if acc_bias is not None:
+        added = added + acc_bias.astype(np.int64) * factor.m
     if bias is not None:
-        y = ops.add(y, ops.const(bias.astype(np.int64), "bias"))
-    return ops.cast(ops.clip(y, lo, hi), out)
+        added = added + (bias.astype(np.int64) << k)
+    y = ops.mul(ops.cast(x, np.int64), ops.const(factor.m.astype(np.int64), "m"))
+    unsigned = ops.cast(ops.add(y, ops.const(np.asarray(added, np.int64), "round")), np.uint64)
+    shifted = ops.shift_right(unsigned, ops.const(np.array(k, np.uint64), "shift"))
+    if lo is None or hi is None:
+        return ops.cast(
+            ops.sub(ops.cast(shifted, np.int64), ops.const(np.array(offset - zero, np.int64))), out
+        )
+    shifted = ops.maximum(shifted, ops.const(np.array(offset + lo, np.uint64), "lo"))
+    shifted = ops.minimum(shifted, ops.const(np.array(offset + hi, np.uint64), "hi"))
+    return ops.cast(ops.sub(shifted, ops.const(np.array(offset - zero, np.uint64), "offset")), out)
+
+
+ACT_ZERO = 128  # int8 activations travel as uint8 with zero point 128 (ORT's fast u8 x s8 GEMM path)
+
+
+def to_act8(
+    ops: IntOps, x: Any, factor: Dyadic, bias: np.ndarray | None = None, acc_bias: np.ndarray | None = None
+) -> Any:
+    """Requantize to an int8 activation in [-127, 127], stored as uint8 = value + 128: the A input
+    of MatMulInteger with a_zero_point 128. (ONNX Runtime's int8 x int8 MatMulInteger measured
+    14x slower than uint8 x int8 on AVX-512 VNNI, 197x384 @ 384x1536.)"""
+    return requantize(ops, x, factor, *INT8, np.uint8, bias=bias, zero=ACT_ZERO, acc_bias=acc_bias)
 
 
 def add_bias(ops: IntOps, acc: Any, bias: np.ndarray) -> Any:
@@ -319,30 +358,26 @@ def add_bias(ops: IntOps, acc: Any, bias: np.ndarray) -> Any:
 
 
 def exp_shift(ops: IntOps, u: Any, unit: int, n: int) -> Any:
-    """I-ViT's shift-based exponential: ≈ 2**n * unit * exp(-u / unit) for int64 u >= 0.
+    """The shift-based exponential of I-ViT's Shiftmax: ≈ unit · 2**n · 2**(-u / unit), uint64 u >= 0.
 
-    e**-t = 2**(-t·log2 e); t·log2 e ≈ t + t/2 - t/16 (shifts); its integer part q becomes a right
-    shift and the fraction f in [0, 1) the linear piece 2**-f ≈ 1 - f/2. `unit` is the integer
-    that stands for 1.0 (ceil(1 / scale)); q is capped at n (below 2**-n everything is 0).
+    The exponent's integer part q becomes a shift and its fraction f in [0, 1) the linear piece
+    2**-f ≈ 1 - f/2. `unit` is the integer standing for one halving (ln 2 / scale for e**-x, see
+    `exp_unit`): I-ViT approximates x·log2 e with shifts (x + x/2 - x/16) instead; folding log2 e
+    into the unit is exact and saves five ops per element. q is capped below n (2**-n: zero).
     """
-    one, fifteen = ops.const(np.array(1, np.int64)), ops.const(np.array(15, np.int64))
-    two, sixteen = ops.const(np.array(2, np.int64)), ops.const(np.array(16, np.int64))
-    v = ops.add(u, ops.div(ops.add(u, one), two))  # u + ceil(u/2)
-    v = ops.sub(v, ops.div(ops.add(u, fifteen), sixteen))  # - ceil(u/16)
-    unit_c = ops.const(np.array(unit, np.int64), "unit")
-    v = ops.minimum(v, ops.const(np.array(n * unit, np.int64), "cap"))
-    q = ops.div(v, unit_c)
-    rem = ops.sub(v, ops.mul(q, unit_c))
-    mantissa = ops.mul(
-        ops.sub(ops.const(np.array(2 * unit, np.int64)), rem), ops.const(np.array(1 << n, np.int64))
-    )
-    shifted = ops.shift_right(ops.cast(mantissa, np.uint64), ops.cast(ops.add(q, one), np.uint64))
-    return ops.cast(shifted, np.int64)
+
+    def c(value: int) -> Any:
+        return ops.const(np.array(value, np.uint64))
+
+    v = ops.minimum(u, c(n * unit - 1))
+    q = ops.div(v, c(unit))
+    rem = ops.sub(v, ops.mul(q, c(unit)))
+    return ops.shift_left(ops.sub(c(2 * unit), rem), ops.sub(c(n - 1), q))
 
 
-def unit_of(scale: float) -> int:
-    """The integer standing for 1.0 at `scale` (I-ViT's -x0)."""
-    return max(1, math.ceil(1.0 / scale))
+def exp_unit(scale: float) -> int:
+    """The integer standing for ln 2 at `scale`: exp(-x) = 2**(-x / exp_unit) for integer x."""
+    return max(1, round(math.log(2) / scale))
 
 
 SHIFTMAX_BITS = 8  # probabilities as uint8 in units of 2**-8
@@ -351,34 +386,40 @@ SHIFTGELU_N = 23  # I-ViT's n for ShiftGELU
 SIGMOID_BITS = 8
 
 
+_NORMALIZE_BITS = 62  # Shiftmax divides once per row (2**62 / sum), then multiplies and shifts
+
+
 def shiftmax(ops: IntOps, scores: Any, scale: float) -> Any:
     """Shiftmax (I-ViT): softmax of int32 `scores` (real value scores * scale) over the last axis,
     as uint8 probabilities in units of 2**-8 (1.0 saturates at 255)."""
-    x = ops.cast(scores, np.int64)
-    u = ops.sub(ops.reduce_max(x), x)  # max - x >= 0
-    e = exp_shift(ops, u, unit_of(scale), SHIFTMAX_N)
-    total = ops.reduce_sum(e)
-    half = ops.div(total, ops.const(np.array(2, np.int64)))
-    p = ops.div(ops.add(ops.mul(e, ops.const(np.array(1 << SHIFTMAX_BITS, np.int64))), half), total)
-    return ops.cast(ops.clip(p, 0, (1 << SHIFTMAX_BITS) - 1), np.uint8)
+    u = ops.cast(ops.sub(ops.reduce_max(scores), scores), np.uint64)  # max - x >= 0
+    e = exp_shift(ops, u, exp_unit(scale), SHIFTMAX_N)
+    # ONNX Runtime has no uint64 ReduceSum; the sum of the row fits int64 by far
+    total = ops.cast(ops.reduce_sum(ops.cast(e, np.int64)), np.uint64)
+    factor = ops.div(ops.const(np.array(1 << _NORMALIZE_BITS, np.uint64)), total)  # e <= total
+    drop = _NORMALIZE_BITS - SHIFTMAX_BITS
+    p = ops.add(ops.mul(e, factor), ops.const(np.array(1 << (drop - 1), np.uint64)))
+    p = ops.shift_right(p, ops.const(np.array(drop, np.uint64)))
+    p = ops.minimum(p, ops.const(np.array((1 << SHIFTMAX_BITS) - 1, np.uint64)))
+    return ops.cast(p, np.uint8)
 
 
 GELU_SIGMOID_SLOPE = 1.702  # GELU(x) ≈ x · sigmoid(1.702 x)
 
 
 def shiftgelu(ops: IntOps, x: Any, scale: float) -> Any:
-    """ShiftGELU (I-ViT): x · sigmoid(1.702 x) for integer x (real value x * scale); returns int64
-    in units of scale / 2**8. The sigmoid is e**(t-m) / (e**(t-m) + e**-m), m = max(max t, 0)."""
-    x = ops.cast(x, np.int64)
-    zero = ops.const(np.array(0, np.int64))
-    top = ops.maximum(ops.reduce_max(x), zero)
-    unit = unit_of(scale * GELU_SIGMOID_SLOPE)
-    e_x = exp_shift(ops, ops.sub(top, x), unit, SHIFTGELU_N)
-    e_0 = exp_shift(ops, top, unit, SHIFTGELU_N)
+    """ShiftGELU (I-ViT): x · sigmoid(1.702 x) for int32 x with |x| < 2**23 (real value x * scale);
+    returns int32 in units of scale / 2**8. The sigmoid is e**(t-m) / (e**(t-m) + e**-m),
+    m = max(max t, 0), so both exponents are <= 0."""
+    top = ops.maximum(ops.reduce_max(x), ops.const(np.array(0, np.int32)))
+    unit = exp_unit(scale * GELU_SIGMOID_SLOPE)
+    e_x = exp_shift(ops, ops.cast(ops.sub(top, x), np.uint64), unit, SHIFTGELU_N)
+    e_0 = exp_shift(ops, ops.cast(top, np.uint64), unit, SHIFTGELU_N)
     total = ops.add(e_x, e_0)
-    half = ops.div(total, ops.const(np.array(2, np.int64)))
-    sigmoid = ops.div(ops.add(ops.mul(e_x, ops.const(np.array(1 << SIGMOID_BITS, np.int64))), half), total)
-    return ops.mul(x, sigmoid)
+    half = ops.shift_right(total, ops.const(np.array(1, np.uint64)))
+    scaled = ops.mul(e_x, ops.const(np.array(1 << SIGMOID_BITS, np.uint64)))
+    sigmoid = ops.div(ops.add(scaled, half), total)
+    return ops.mul(x, ops.cast(sigmoid, np.int32))
 
 
 # --------------------------------------------------------------------------- integer LayerNorm
@@ -405,12 +446,8 @@ class IntLayerNormParams:
     @classmethod
     def make(cls, gamma: np.ndarray, beta: np.ndarray, s_out: float, sqrt_start: int) -> IntLayerNormParams:
         width = gamma.shape[0]
-        ratio = np.abs(gamma).astype(np.float64) * math.sqrt(width) / s_out / 2.0**LAYERNORM_FACTOR_BITS
-        ratio = np.maximum(ratio, 1e-30)
-        factor = Dyadic.of(ratio)
-        sign = np.where(gamma < 0, -1, 1).astype(np.int64)
-        factor = Dyadic(factor.m * sign, factor.k)
-        return cls(width, factor, np.rint(beta / s_out).astype(np.int64), max(1, int(sqrt_start)))
+        ratio = gamma.astype(np.float64) * math.sqrt(width) / s_out / 2.0**LAYERNORM_FACTOR_BITS
+        return cls(width, Dyadic.of(ratio), np.rint(beta / s_out).astype(np.int64), max(1, int(sqrt_start)))
 
 
 def integer_sqrt(ops: IntOps, n: Any, start: int, steps: int = LAYERNORM_SQRT_STEPS) -> Any:
@@ -424,7 +461,7 @@ def integer_sqrt(ops: IntOps, n: Any, start: int, steps: int = LAYERNORM_SQRT_ST
 
 
 def layernorm(ops: IntOps, x: Any, params: IntLayerNormParams) -> Any:
-    """Integer LayerNorm over the last axis of int32 `x`: int8 output."""
+    """Integer LayerNorm over the last axis of int32 `x`: an int8 value as uint8 + 128 (`to_act8`)."""
     x = ops.cast(x, np.int64)
     width = params.width
     total = ops.reduce_sum(x)
@@ -434,7 +471,7 @@ def layernorm(ops: IntOps, x: Any, params: IntLayerNormParams) -> Any:
     root = integer_sqrt(ops, sum_sq, params.sqrt_start)
     inverse = ops.div(ops.const(np.array(1 << LAYERNORM_FACTOR_BITS, np.int64)), root)
     normalized = ops.mul(centered, inverse)  # (x - mean) / root in units of 2**-31
-    return requantize(ops, normalized, params.factor, *INT8, np.int8, bias=params.bias)
+    return to_act8(ops, normalized, params.factor, bias=params.bias)
 
 
 def rounding_div(ops: IntOps, x: Any, divisor: int) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class IntegerOnlyError(VitcompressError):
-    """An integer-only model cannot be built, or a graph claimed integer-only holds float math."""
+    """An integer-only model cannot be built from this model or data (bad input: exit code 2)."""
+
+
+class IntegerOnlyVerificationError(VitcompressError):
+    """A graph claimed integer-only holds float math, or disagrees with the NumPy reference."""
 
     exit_code = 4  # a failed verification
 
@@ -70,7 +75,7 @@ def check_integer_only(model: Any) -> IntegerOnlyReport:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     except Exception as err:
-        raise IntegerOnlyError(
+        raise IntegerOnlyVerificationError(
             f"shape inference failed, types cannot be proven: {str(err).splitlines()[0]}"
         ) from err
     graph = inferred.graph
@@ -135,11 +140,27 @@ def _calibration_batches(data: Dataset, image: tuple[int, int, int], batch: int)
     return batches
 
 
+@dataclass(frozen=True)
+class Finetune:
+    """Integer-aware fine-tuning before the build (see `qat`): steps of KD from the float model."""
+
+    data: Dataset
+    steps: int
+    lr: float
+    batch_size: int = 64
+
+
 def plan_model(
-    loaded: LoadedModel, calibration: Dataset, percentile: float | None, batch: int = 16
+    loaded: LoadedModel,
+    calibration: Dataset,
+    percentile: float | None,
+    batch: int = 16,
+    finetune: Finetune | None = None,
 ) -> IntViT:
     """Read the model, calibrate it on `calibration` (minmax, or the mean per-batch percentile of |x|
-    on the int8 points when `percentile` is given) and fix every integer constant."""
+    on the int8 points when `percentile` is given) and fix every integer constant. With `finetune`,
+    the weights are first trained through the integer arithmetic at the calibrated scales, which
+    stay frozen: the plan quantizes where training did."""
     from vitcompress.passes.intonly.vit import calibrate, plan_integer, read_vit
 
     c, h, w = loaded.input.shape
@@ -147,7 +168,19 @@ def plan_model(
     vit = read_vit(loaded.model, (h, w))
     batches = _calibration_batches(calibration, (c, h, w), batch)
     stats = calibrate(vit, batches, percentile if percentile is not None else 100.0)
-    return plan_integer(vit, stats, use_percentile=percentile is not None)
+    plan = plan_integer(vit, stats, use_percentile=percentile is not None)
+    if finetune is None or finetune.steps == 0:
+        return plan
+    from vitcompress.passes.intonly.qat import finetune as integer_aware_finetune
+
+    trained, losses = integer_aware_finetune(
+        vit, plan.scales, finetune.data, finetune.steps, finetune.lr, finetune.batch_size
+    )
+    log.info(
+        "integer-aware fine-tuning: KD loss %.4f -> %.4f in %d steps", losses[0], losses[-1], len(losses)
+    )
+    tuned = plan_integer(trained, stats, use_percentile=percentile is not None)
+    return dataclasses.replace(tuned, finetune_losses=(losses[0], losses[-1]))
 
 
 SELF_CHECK_IMAGES = 2  # images run through both the NumPy reference and ONNX Runtime after every build
@@ -168,13 +201,13 @@ def write_integer_only(
     model = build_onnx(plan, expose_accumulators=True)
     report = check_integer_only(model)
     if not report.integer_only:
-        raise IntegerOnlyError(f"the built graph is not integer-only: {report.violations[0]}")
+        raise IntegerOnlyVerificationError(f"the built graph is not integer-only: {report.violations[0]}")
     onnx.checker.check_model(model, full_check=True)
     got = _run_accumulators(model, check_images)
     expected = reference_accumulators(plan, check_images)
     if not np.array_equal(got, expected):
         diff = int(np.abs(got.astype(np.int64) - expected).max())
-        raise IntegerOnlyError(
+        raise IntegerOnlyVerificationError(
             f"ONNX Runtime's integer logits differ from the NumPy reference (max |Δ| {diff})",
             hint="this onnxruntime's integer kernels changed semantics; report it with --debug",
         )
@@ -206,13 +239,20 @@ def quantize_integer_only(
     calibration: Dataset,
     percentile: float | None,
     metadata: dict[str, Any] | None,
+    finetune: Finetune | None = None,
 ) -> dict[str, Any]:
-    """Calibrate, build, verify and write the integer-only model of `loaded`; returns the details."""
-    plan = plan_model(loaded, calibration, percentile)
+    """Calibrate (fine-tune), build, verify and write the integer-only model of `loaded`; returns the details."""
+    plan = plan_model(loaded, calibration, percentile, finetune=finetune)
     images = next(iter(calibration.batches(SELF_CHECK_IMAGES)))[0].numpy()
     details = write_integer_only(plan, target, metadata, images)
     ops = details["integer_only"]["ops"]
     details["quantized_counts"] = {op: n for op, n in ops.items() if op in ("MatMulInteger", "BitShift")}
     details["calibration_images"] = len(calibration)
     details["scales"] = {k: float(v) for k, v in plan.scales.items()}
+    if plan.finetune_losses is not None and finetune is not None:
+        details["finetune"] = {
+            "steps": finetune.steps,
+            "lr": finetune.lr,
+            "kd_loss_first_last": plan.finetune_losses,
+        }
     return details

@@ -58,7 +58,7 @@ class FloatBlock:
 @dataclass(frozen=True)
 class FloatViT:
     """A plain ViT classifier: patch embedding, prefix tokens, pre-norm blocks, final norm, one head
-    reading the first token."""
+    reading the first token (or, distilled DeiT, two heads on the first two tokens, averaged)."""
 
     in_chans: int
     image: tuple[int, int]
@@ -71,6 +71,8 @@ class FloatViT:
     norm: FloatNorm
     head_w: np.ndarray
     head_b: np.ndarray
+    head2_w: np.ndarray | None = None  # distilled DeiT: a second head on the distillation token,
+    head2_b: np.ndarray | None = None  # the two heads' logits averaged
 
     @property
     def width(self) -> int:
@@ -125,6 +127,13 @@ def _patch_conv(conv: nn.Module, image: tuple[int, int]) -> int:
     return patch
 
 
+HF_CLASSIFIERS = (
+    "ViTForImageClassification",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+)
+
+
 def read_vit(model: nn.Module, image: tuple[int, int]) -> FloatViT:
     """The weights of a timm VisionTransformer or a Hugging Face ViT classifier, in one layout."""
     from timm.models.vision_transformer import VisionTransformer
@@ -132,19 +141,19 @@ def read_vit(model: nn.Module, image: tuple[int, int]) -> FloatViT:
     inner = getattr(model, "net", model)  # vitcompress wraps Hugging Face models (HFClassifier)
     if isinstance(inner, VisionTransformer):
         return _read_timm(inner, image)
-    if type(inner).__name__ == "ViTForImageClassification":
+    if type(inner).__name__ in HF_CLASSIFIERS:
         return _read_hf(inner, image)
     raise UnsupportedModelError(
-        f"integer-only quantization supports timm ViT/DeiT and Hugging Face ViT, not {type(inner).__name__}",
+        f"integer-only quantization supports timm ViT/DeiT and Hugging Face ViT/DeiT, not {type(inner).__name__}",
         hint="use mode static or dynamic for this model",
     )
 
 
 def _read_timm(m: Any, image: tuple[int, int]) -> FloatViT:
-    if getattr(m, "head_dist", None) is not None:
+    distilled = getattr(m, "head_dist", None) is not None
+    if distilled and getattr(m, "distilled_training", False):
         raise UnsupportedModelError(
-            "integer-only: distilled DeiT (two heads averaged) is not supported yet",
-            hint="use a model with one head, e.g. deit_small_patch16_224",
+            "integer-only: a distilled DeiT in distilled-training mode returns two outputs"
         )
     if m.global_pool != "token" or m.num_prefix_tokens < 1 or getattr(m, "num_reg_tokens", 0):
         raise UnsupportedModelError(
@@ -209,20 +218,27 @@ def _read_timm(m: Any, image: tuple[int, int]) -> FloatViT:
         norm=_norm(m.norm, "norm"),
         head_w=_np(m.head.weight),
         head_b=_np(m.head.bias),
+        head2_w=_np(m.head_dist.weight) if distilled else None,
+        head2_b=_np(m.head_dist.bias) if distilled else None,
     )
 
 
 def _read_hf(m: Any, image: tuple[int, int]) -> FloatViT:
     """Hugging Face ViTForImageClassification, transformers 5 (`layers`, q/k/v/o_proj, `mlp`) or 4
     (`encoder.layer`, query/key/value, `intermediate`/`output`)."""
-    vit = m.vit
+    vit = getattr(m, "vit", None) or m.deit
     emb = vit.embeddings
     conv = emb.patch_embeddings.projection
     patch = _patch_conv(conv, image)
     pos = _np(emb.position_embeddings)[0]
-    if pos.shape[0] != 1 + (image[0] // patch) * (image[1] // patch):
+    tokens = [_np(emb.cls_token)[0]]
+    if getattr(emb, "distillation_token", None) is not None:
+        tokens.append(_np(emb.distillation_token)[0])
+    if pos.shape[0] != len(tokens) + (image[0] // patch) * (image[1] // patch):
         raise UnsupportedModelError("integer-only: the position embedding does not match the image size")
     layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
+    two_heads = hasattr(m, "distillation_classifier")
+    head = m.cls_classifier if two_heads else m.classifier
     blocks = []
     for i, layer in enumerate(layers):
         if hasattr(layer, "mlp"):  # transformers 5
@@ -262,12 +278,14 @@ def _read_hf(m: Any, image: tuple[int, int]) -> FloatViT:
         patch=patch,
         patch_w=_np(conv.weight),
         patch_b=_np(conv.bias),
-        prefix=_np(emb.cls_token)[0] + pos[:1],
-        patch_pos=pos[1:],
+        prefix=np.concatenate(tokens, axis=0) + pos[: len(tokens)],
+        patch_pos=pos[len(tokens) :],
         blocks=tuple(blocks),
         norm=_norm(vit.layernorm, "layernorm"),
-        head_w=_np(m.classifier.weight),
-        head_b=_np(m.classifier.bias),
+        head_w=_np(head.weight),
+        head_b=_np(head.bias),
+        head2_w=_np(m.distillation_classifier.weight) if two_heads else None,
+        head2_b=_np(m.distillation_classifier.bias) if two_heads else None,
     )
 
 
@@ -351,9 +369,13 @@ def float_forward(vit: FloatViT, images: torch.Tensor, stats: RangeStats | None 
         see(f"{i}.gelu", h)
         x = x + F.linear(h, t(b.fc2_w), t(b.fc2_b))
         see(f"{i}.res2", x)
-    cls = norm("lnf", x[:, 0], vit.norm)
+    heads = 1 if vit.head2_w is None else 2
+    cls = norm("lnf", x[:, :heads], vit.norm)
     see("lnf", cls)
-    return F.linear(cls, t(vit.head_w), t(vit.head_b))
+    logits = F.linear(cls[:, 0], t(vit.head_w), t(vit.head_b))
+    if vit.head2_w is not None and vit.head2_b is not None:
+        logits = (logits + F.linear(cls[:, 1], t(vit.head2_w), t(vit.head2_b))) / 2
+    return logits
 
 
 def calibrate(vit: FloatViT, batches: list[np.ndarray], percentile: float) -> RangeStats:
@@ -388,8 +410,10 @@ def quantize_linear(w: np.ndarray, b: np.ndarray, s_in: float) -> IntLinear:
 @dataclass(frozen=True)
 class IntBlock:
     ln1: IntLayerNormParams
-    qkv: IntLinear
-    qkv_out: Dyadic  # per channel, to the q / k / v int8 scales
+    q: IntLinear  # the query third of qkv: its output is the uint8 A input of q @ k^T
+    q_out: Dyadic
+    kv: IntLinear  # keys and values: int8, the B inputs of q @ k^T and probs @ v
+    kv_out: Dyadic  # per channel, to the k / v int8 scales
     heads: int
     head_dim: int
     score_scale: float  # s_q * s_k / sqrt(head_dim): Shiftmax's input scale
@@ -421,8 +445,12 @@ class IntViT:
     patch_pos: np.ndarray  # int32 [1, N, D]
     blocks: tuple[IntBlock, ...]
     norm: IntLayerNormParams
-    head: IntLinear  # logits = accumulator * head.acc_scale (the output dequantizer)
+    head: IntLinear
+    head2: IntLinear | None  # distilled DeiT: its accumulator joins head's at head's scale
+    head2_align: Dyadic | None
+    output_scale: np.ndarray  # float32 per class: logits = accumulator * output_scale (the dequantizer)
     scales: dict[str, float]
+    finetune_losses: tuple[float, float] | None = None  # KD loss at the first and last step, when fine-tuned
 
 
 def _root_start(stats: RangeStats, name: str, s_res: float) -> int:
@@ -458,10 +486,10 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
         ln1 = IntLayerNormParams.make(
             b.norm1.weight, b.norm1.bias, s_ln1, _root_start(stats, f"{i}.ln1", s_res)
         )
-        qkv = quantize_linear(b.qkv_w, b.qkv_b, s_ln1)
-        s_q, s_k, s_v = (int8_scale(f"{i}.{p}") for p in "qkv")
         attn_dim = b.heads * b.head_dim
-        targets = np.repeat([s_q, s_k, s_v], attn_dim)
+        q = quantize_linear(b.qkv_w[:attn_dim], b.qkv_b[:attn_dim], s_ln1)
+        kv = quantize_linear(b.qkv_w[attn_dim:], b.qkv_b[attn_dim:], s_ln1)
+        s_q, s_k, s_v = (int8_scale(f"{i}.{p}") for p in "qkv")
         s_ctx = int8_scale(f"{i}.ctx")
         proj = quantize_linear(b.proj_w, b.proj_b, s_ctx)
         s_res1 = residual_scale(f"{i}.res1")
@@ -478,8 +506,10 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
         blocks.append(
             IntBlock(
                 ln1=ln1,
-                qkv=qkv,
-                qkv_out=Dyadic.of(qkv.acc_scale / targets),
+                q=q,
+                q_out=Dyadic.of(q.acc_scale / s_q),
+                kv=kv,
+                kv_out=Dyadic.of(kv.acc_scale / np.repeat([s_k, s_v], attn_dim)),
                 heads=b.heads,
                 head_dim=b.head_dim,
                 score_scale=s_q * s_k / math.sqrt(b.head_dim),
@@ -500,6 +530,12 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
         s_res = s_res2
     s_lnf = int8_scale("lnf")
     norm = IntLayerNormParams.make(vit.norm.weight, vit.norm.bias, s_lnf, _root_start(stats, "lnf", s_res))
+    head = quantize_linear(vit.head_w, vit.head_b, s_lnf)
+    head2 = (
+        None
+        if vit.head2_w is None or vit.head2_b is None
+        else quantize_linear(vit.head2_w, vit.head2_b, s_lnf)
+    )
     return IntViT(
         in_chans=vit.in_chans,
         image=vit.image,
@@ -511,7 +547,10 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
         patch_pos=patch_pos,
         blocks=tuple(blocks),
         norm=norm,
-        head=quantize_linear(vit.head_w, vit.head_b, s_lnf),
+        head=head,
+        head2=head2,
+        head2_align=None if head2 is None else Dyadic.of(head2.acc_scale / head.acc_scale),
+        output_scale=(head.acc_scale / (1 if head2 is None else 2)).astype(np.float32),
         scales=scales,
     )
 
@@ -520,43 +559,56 @@ def plan_integer(vit: FloatViT, stats: RangeStats, use_percentile: bool) -> IntV
 
 
 def linear(ops: IntOps, x: Any, layer: IntLinear) -> Any:
-    """int8 x int8 -> int32 accumulator plus the int32 bias."""
-    return arith.add_bias(ops, ops.matmul_integer(x, ops.const(layer.weight, "weight")), layer.bias)
+    """int8 activation (uint8 + 128) x int8 weight -> int32 accumulator, without the bias (the
+    requantization after it adds the bias in its one constant)."""
+    return ops.matmul_integer(x, ops.const(layer.weight, "weight"), arith.ACT_ZERO)
 
 
-def residual_add(ops: IntOps, skip: Any, acc: Any, skip_factor: Dyadic, branch_factor: Dyadic) -> Any:
-    """The residual add with aligned scales: both sides requantized to the sum's scale, added, clipped."""
-    skip = arith.requantize(ops, skip, skip_factor, *INT32, np.int64)
-    branch = arith.requantize(ops, acc, branch_factor, *INT32, np.int64)
+def residual_add(
+    ops: IntOps, skip: Any, x: Any, layer: IntLinear, skip_factor: Dyadic, branch_factor: Dyadic
+) -> Any:
+    """The residual add with aligned scales: the skip and the branch's linear (bias included)
+    requantized to the sum's scale, added, clipped to the residual range."""
+    skip = arith.requantize(ops, skip, skip_factor, None, None, np.int64)
+    branch = arith.requantize(
+        ops, linear(ops, x, layer), branch_factor, None, None, np.int64, acc_bias=layer.bias
+    )
     return ops.cast(ops.clip(ops.add(skip, branch), *RESIDUAL), np.int32)
 
 
 def block_forward(ops: IntOps, r: Any, b: IntBlock) -> Any:
     h = arith.layernorm(ops, r, b.ln1)
-    qkv = arith.requantize(ops, linear(ops, h, b.qkv), b.qkv_out, *INT8, np.int8)
-    qkv = ops.reshape(qkv, (0, 0, 3, b.heads, b.head_dim))
-    q = ops.transpose(ops.take(qkv, 0, 2), (0, 2, 1, 3))
-    k_t = ops.transpose(ops.take(qkv, 1, 2), (0, 2, 3, 1))
-    v = ops.transpose(ops.take(qkv, 2, 2), (0, 2, 1, 3))
-    probs = arith.shiftmax(ops, ops.matmul_integer(q, k_t), b.score_scale)
+    q = arith.to_act8(ops, linear(ops, h, b.q), b.q_out, acc_bias=b.q.bias)
+    q = ops.transpose(ops.reshape(q, (0, 0, b.heads, b.head_dim)), (0, 2, 1, 3))
+    kv = arith.requantize(ops, linear(ops, h, b.kv), b.kv_out, *INT8, np.int8, acc_bias=b.kv.bias)
+    kv = ops.reshape(kv, (0, 0, 2, b.heads, b.head_dim))
+    k_t = ops.transpose(ops.take(kv, 0, 2), (0, 2, 3, 1))
+    v = ops.transpose(ops.take(kv, 1, 2), (0, 2, 1, 3))
+    probs = arith.shiftmax(ops, ops.matmul_integer(q, k_t, arith.ACT_ZERO), b.score_scale)
     ctx = ops.transpose(ops.matmul_integer(probs, v), (0, 2, 1, 3))
     ctx = ops.reshape(ctx, (0, 0, b.heads * b.head_dim))
-    ctx = arith.requantize(ops, ctx, b.ctx_out, *INT8, np.int8)
-    r = residual_add(ops, r, linear(ops, ctx, b.proj), b.res1_skip, b.res1_branch)
+    ctx = arith.to_act8(ops, ctx, b.ctx_out)
+    r = residual_add(ops, r, ctx, b.proj, b.res1_skip, b.res1_branch)
     h = arith.layernorm(ops, r, b.ln2)
-    h = arith.requantize(ops, linear(ops, h, b.fc1), b.fc1_out, *GELU_IN, np.int32)
-    h = arith.requantize(ops, arith.shiftgelu(ops, h, b.gelu_scale), b.gelu_out, *INT8, np.int8)
-    return residual_add(ops, r, linear(ops, h, b.fc2), b.res2_skip, b.res2_branch)
+    h = arith.requantize(ops, linear(ops, h, b.fc1), b.fc1_out, *GELU_IN, np.int32, acc_bias=b.fc1.bias)
+    h = arith.to_act8(ops, arith.shiftgelu(ops, h, b.gelu_scale), b.gelu_out)
+    return residual_add(ops, r, h, b.fc2, b.res2_skip, b.res2_branch)
 
 
 def integer_forward(ops: IntOps, x: Any, plan: IntViT) -> Any:
-    """int8 image [B, C, H, W] -> int32 logit accumulators [B, classes] (scale plan.head.acc_scale)."""
+    """The input image [B, C, H, W] as uint8 + 128 -> int32 logit accumulators [B, classes] (scale
+    plan.output_scale)."""
     p = plan.patch
     gh, gw = plan.image[0] // p, plan.image[1] // p
     patches = ops.reshape(x, (0, plan.in_chans, gh, p, gw, p))
     patches = ops.reshape(ops.transpose(patches, (0, 2, 4, 1, 3, 5)), (0, gh * gw, plan.in_chans * p * p))
     tokens = arith.requantize(
-        ops, linear(ops, patches, plan.patch_embed), plan.embed_out, *RESIDUAL, np.int32
+        ops,
+        linear(ops, patches, plan.patch_embed),
+        plan.embed_out,
+        *RESIDUAL,
+        np.int32,
+        acc_bias=plan.patch_embed.bias,
     )
     tokens = ops.clip(ops.add(tokens, ops.const(plan.patch_pos, "pos")), *RESIDUAL)
     prefix = ops.batch_broadcast(ops.const(plan.prefix, "prefix"), tokens)
@@ -567,14 +619,22 @@ def integer_forward(ops: IntOps, x: Any, plan: IntViT) -> Any:
         r = block_forward(ops, r, b)
     if hasattr(ops, "scope"):
         ops.scope = "head"
-    cls = ops.take(r, 0, 1)
-    return linear(ops, arith.layernorm(ops, cls, plan.norm), plan.head)
+    logits = arith.add_bias(
+        ops, linear(ops, arith.layernorm(ops, ops.take(r, 0, 1), plan.norm), plan.head), plan.head.bias
+    )
+    if plan.head2 is None or plan.head2_align is None:
+        return logits
+    # distilled DeiT: (head + head_dist) / 2, the second accumulator requantized to the first's scale
+    dist = linear(ops, arith.layernorm(ops, ops.take(r, 1, 1), plan.norm), plan.head2)
+    dist = arith.requantize(ops, dist, plan.head2_align, None, None, np.int64, acc_bias=plan.head2.bias)
+    return ops.cast(ops.clip(ops.add(ops.cast(logits, np.int64), dist), *INT32), np.int32)
 
 
 def quantize_input(images: np.ndarray, scale: float) -> np.ndarray:
-    """The input quantizer, as ONNX Runtime's QuantizeLinear computes it (float32, half to even)."""
-    q = np.rint(images.astype(np.float32) / np.float32(scale))
-    return np.clip(q, -128, 127).astype(np.int8)
+    """The input quantizer, as ONNX Runtime's QuantizeLinear computes it (float32, half to even,
+    then zero point 128, saturated to uint8)."""
+    q = np.rint(images.astype(np.float32) / np.float32(scale)) + arith.ACT_ZERO
+    return np.clip(q, 0, 255).astype(np.uint8)
 
 
 def reference_accumulators(plan: IntViT, images: np.ndarray) -> np.ndarray:
@@ -584,7 +644,7 @@ def reference_accumulators(plan: IntViT, images: np.ndarray) -> np.ndarray:
 
 
 def dequantize_output(acc: np.ndarray, plan: IntViT) -> np.ndarray:
-    return acc.astype(np.float32) * plan.head.acc_scale.astype(np.float32)
+    return acc.astype(np.float32) * plan.output_scale
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -603,15 +663,15 @@ def build_onnx(plan: IntViT, expose_accumulators: bool = False) -> Any:
 
     ops = arith.OnnxOps(scope="embed")
     scale = numpy_helper.from_array(np.array(plan.input_scale, np.float32), "input_scale")
-    zero = numpy_helper.from_array(np.array(0, np.int8), "input_zero_point")
+    zero = numpy_helper.from_array(np.array(arith.ACT_ZERO, np.uint8), "input_zero_point")
     ops.initializers += [scale, zero]
     ops.nodes.append(
         helper.make_node(
-            "QuantizeLinear", [INPUT_NAME, scale.name, zero.name], ["input_int8"], name="input_quantizer"
+            "QuantizeLinear", [INPUT_NAME, scale.name, zero.name], ["input_uint8"], name="input_quantizer"
         )
     )
-    acc = integer_forward(ops, arith.Sym("input_int8", np.int8), plan)
-    out_scale = numpy_helper.from_array(plan.head.acc_scale.astype(np.float32), "output_scale")
+    acc = integer_forward(ops, arith.Sym("input_uint8", np.uint8), plan)
+    out_scale = numpy_helper.from_array(plan.output_scale, "output_scale")
     ops.initializers.append(out_scale)
     ops.nodes.append(
         helper.make_node(
