@@ -124,13 +124,25 @@ def _attention(
 
 
 def merge_tokens(
-    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, prefix: int
+    x: torch.Tensor,
+    size: torch.Tensor,
+    metric: torch.Tensor,
+    r: int,
+    prefix: int,
+    tokens: int | None = None,
+    channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe bipartite soft matching on the patch tokens: merge the r most similar A->B pairs.
 
     x (B, N, C), size (B, N, 1), metric (B, N, D); returns x and size with N - r tokens, the
-    prefix tokens first and unchanged. Merged values are size-weighted averages.
+    prefix tokens first and unchanged. Merged values are size-weighted averages. `tokens` and
+    `channels` are N and C as plain numbers (the schedule's, the block's width), so the exported
+    top-k and index shapes are constants rather than computed from the input's shape.
     """
+    count = (tokens if tokens is not None else int(x.shape[1])) - prefix
+    num_a = (count + 1) // 2
+    channels = channels if channels is not None else int(x.shape[-1])
+    batch = x.shape[0]
     head_x, patches = x[:, :prefix], x[:, prefix:]
     head_size, patch_size = size[:, :prefix], size[:, prefix:]
     metric = metric[:, prefix:]
@@ -138,21 +150,20 @@ def merge_tokens(
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)  # (B, |A|, |B|) cosine similarity
     node_max, node_idx = scores.max(dim=-1)  # each A token's best B partner
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    edge_idx = node_max.topk(num_a, dim=-1).indices[..., None]  # A tokens, most similar first
     unmerged_idx = edge_idx[:, r:]  # A tokens that stay
     src_idx = edge_idx[:, :r]  # A tokens merged into their partner
     dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
 
-    def merge(values: torch.Tensor) -> torch.Tensor:
-        channels = values.shape[-1]
+    def merge(values: torch.Tensor, width: int) -> torch.Tensor:
         src, dst = values[:, ::2], values[:, 1::2]
-        kept = src.gather(dim=1, index=unmerged_idx.expand(-1, -1, channels))
-        moved = src.gather(dim=1, index=src_idx.expand(-1, -1, channels))
-        dst = dst.scatter_add(1, dst_idx.expand(-1, -1, channels), moved)
+        kept = src.gather(dim=1, index=unmerged_idx.expand(batch, num_a - r, width))
+        moved = src.gather(dim=1, index=src_idx.expand(batch, r, width))
+        dst = dst.scatter_add(1, dst_idx.expand(batch, r, width), moved)
         return torch.cat([kept, dst], dim=1)
 
-    merged = merge(patches * patch_size)
-    merged_size = merge(patch_size)
+    merged = merge(patches * patch_size, channels)
+    merged_size = merge(patch_size, 1)
     return (
         torch.cat([head_x, merged / merged_size], dim=1),
         torch.cat([head_size, merged_size], dim=1),
@@ -160,24 +171,35 @@ def merge_tokens(
 
 
 def prune_tokens(
-    x: torch.Tensor, size: torch.Tensor, cls_attention: torch.Tensor, r: int, prefix: int, fuse: bool
+    x: torch.Tensor,
+    size: torch.Tensor,
+    cls_attention: torch.Tensor,
+    r: int,
+    prefix: int,
+    fuse: bool,
+    tokens: int | None = None,
+    channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EViT: keep the patch tokens the class token attends to most; `fuse` adds one token that is
-    the attention-weighted average of the dropped ones. Returns N - r tokens."""
+    the attention-weighted average of the dropped ones. Returns N - r tokens (`tokens`: N as a
+    plain number, for constant shapes in the exported graph)."""
     head_x, patches = x[:, :prefix], x[:, prefix:]
     head_size, patch_size = size[:, :prefix], size[:, prefix:]
-    channels = patches.shape[-1]
-    patch_count = patches.shape[1]
+    channels = channels if channels is not None else int(x.shape[-1])
+    batch = x.shape[0]
+    patch_count = (tokens if tokens is not None else int(x.shape[1])) - prefix
     keep = patch_count - r - (1 if fuse else 0)
-    order = cls_attention.argsort(dim=-1, descending=True)[..., None]  # (B, Np, 1)
+    order = cls_attention.topk(patch_count if fuse else keep, dim=-1).indices[
+        ..., None
+    ]  # most attended first
     kept_idx = order[:, :keep]
-    kept = patches.gather(dim=1, index=kept_idx.expand(-1, -1, channels))
+    kept = patches.gather(dim=1, index=kept_idx.expand(batch, keep, channels))
     kept_size = patch_size.gather(dim=1, index=kept_idx)
     parts, sizes = [head_x, kept], [head_size, kept_size]
     if fuse:
         dropped_idx = order[:, keep:]
         weight = cls_attention[..., None].gather(dim=1, index=dropped_idx)  # (B, r + 1, 1)
-        dropped = patches.gather(dim=1, index=dropped_idx.expand(-1, -1, channels))
+        dropped = patches.gather(dim=1, index=dropped_idx.expand(batch, r + 1, channels))
         fused = (dropped * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
         parts.append(fused)
         sizes.append(patch_size.gather(dim=1, index=dropped_idx).sum(dim=1, keepdim=True))
@@ -196,6 +218,7 @@ class _TokenBlock:
     """
 
     token_r: int
+    token_count: int  # tokens entering the block, from the schedule
     token_method: Method
     token_prefix: int
     token_proportional: bool
@@ -213,13 +236,16 @@ class _TokenBlock:
         )
         x = x + block.drop_path1(block.ls1(out))
         if r > 0:
+            width = int(block.mlp.fc1.in_features)  # a number, not the input's traced shape
             if size is None:
                 size = torch.ones_like(x[..., :1])
             if prune:
                 assert cls_attention is not None
-                x, size = prune_tokens(x, size, cls_attention, r, self.token_prefix, self.token_fuse)
+                x, size = prune_tokens(
+                    x, size, cls_attention, r, self.token_prefix, self.token_fuse, self.token_count, width
+                )
             else:
-                x, size = merge_tokens(x, size, metric, r, self.token_prefix)
+                x, size = merge_tokens(x, size, metric, r, self.token_prefix, self.token_count, width)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         self.token_size_out = size
         return x
@@ -307,11 +333,13 @@ def apply_token_schedule(model: nn.Module, schedule: TokenSchedule) -> None:
                 f"{type(getattr(block, 'attn', None)).__name__}; only timm's standard Block and Attention are supported"
             )
     prefix = int(model.num_prefix_tokens)
+    counts = tokens_per_block(int(model.patch_embed.num_patches) + prefix, schedule)
     model.__class__ = _subclass(_TokenViT, _base(type(model), _TokenViT))
     model.token_schedule = schedule  # type: ignore[assignment]
-    for block, r in zip(blocks, schedule.r, strict=True):
+    for block, r, (count, _) in zip(blocks, schedule.r, counts, strict=True):
         block.__class__ = _subclass(_TokenBlock, _base(type(block), _TokenBlock))
         block.token_r = int(r)
+        block.token_count = count
         block.token_method = schedule.method
         block.token_prefix = prefix
         block.token_proportional = schedule.proportional_attention
