@@ -382,3 +382,15 @@ def test_cli_bad_input_exits_2(cli, tmp_path, flags, message):
     result = cli("tokens", "timm:vit_tiny_patch16_224", "--out", tmp_path / "t", *args, *flags)
     assert result.exit_code == 2
     assert message in " ".join(result.stderr.split())
+
+
+def test_feature_kd_with_merged_tokens_is_refused_clearly(tmp_path):
+    from vitcompress.data import DataSpec, load_dataset
+    from vitcompress.passes.distill import DistillConfig, DistillError, distill_model
+
+    teacher = _tiny()
+    student = copy.deepcopy(teacher)
+    reduce_tokens(student, TokensConfig(r=8))
+    data = load_dataset(DataSpec(source="digits", limit=32), student.input, student.num_classes)
+    with pytest.raises(DistillError, match="feature KD compares block outputs token by token"):
+        distill_model(student, teacher, DistillConfig(steps=1, feature=1.0, soft_kd=0.5), data, None, tmp_path)
