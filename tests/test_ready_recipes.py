@@ -149,3 +149,20 @@ def test_gpu_recipes_build_their_model_on_cpu(cli, tmp_path, name, expected_op):
     # float32 in and out, whatever is inside
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_tome_int8_recipe_runs(cli, tmp_path):
+    report, _ = _run(
+        cli,
+        tmp_path,
+        "tome-int8.yaml",
+        "passes.quantize.calibration_size=32",
+        "passes.quantize.max_top1_drop=null",
+        "passes.validate.runs=5",
+        "passes.validate.batch_sizes=[1]",
+    )
+    assert _kinds(report) == ["load", "tokens", "export", "quantize", "validate"]
+    tokens = report["ledger"][1]
+    assert tokens["details"]["r"] == [4, 4] and tokens["details"]["final_tokens"] == 50 - 8
+    assert tokens["macs"] < report["ledger"][0]["macs"]
+    _assert_int8(report)
