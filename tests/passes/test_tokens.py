@@ -146,9 +146,9 @@ def test_merging_identical_tokens_changes_nothing(pool):
     x = torch.full((2, 3, 32, 32), 0.3)
     x[1] = -0.7
     expected = loaded.model(x)
+    without = copy.deepcopy(loaded.model)
     apply_token_schedule(loaded.model, TokenSchedule("merge", (20, 20)))
     torch.testing.assert_close(loaded.model(x), expected, atol=1e-5, rtol=1e-5)
-    without = copy.deepcopy(loaded.model)
     apply_token_schedule(without, TokenSchedule("merge", (20, 20), proportional_attention=False))
     if pool == "token":  # the class token sees the merged tokens: without it, they weigh as one
         assert (without(x) - expected).abs().max() > 1e-3
@@ -194,12 +194,34 @@ def test_macs_follow_the_tokens_of_every_block():
         reduce_tokens(loaded, cfg)
 
 
-def test_hugging_face_models_are_refused_clearly(hf_vit_dir):
-    loaded = load_model(ModelRef(f"hf:{hf_vit_dir}"))
-    with pytest.raises(TokensError, match="supports timm ViT/DeiT models; .* is hf-vit"):
-        reduce_tokens(loaded, TokensConfig(r=2))
-    with pytest.raises(UnsupportedModelError, match="supports timm ViT/DeiT"):
+@pytest.mark.parametrize("fixture", ["hf_vit_dir", "hf_deit_dir"])
+def test_hugging_face_vit_and_deit_merge_and_export(request, tmp_path, fixture):
+    from vitcompress.passes.export import ExportConfig, export_model
+
+    loaded = load_model(ModelRef(f"hf:{request.getfixturevalue(fixture)}"))
+    prefix = loaded.adapter.num_prefix_tokens
+    x = loaded.example_input(2)
+    expected = loaded.model(x)
+    zero = copy.deepcopy(loaded.model)
+    apply_token_schedule(zero, TokenSchedule("merge", (0, 0)))
+    torch.testing.assert_close(zero(x), expected, atol=1e-5, rtol=1e-5)  # same arithmetic, no merge
+    details = reduce_tokens(loaded, TokensConfig(r=[6, 4]))
+    assert details["tokens"][1] == {"block": 1, "attention": 16 + prefix - 6, "mlp": 16 + prefix - 10}
+    _, per_module = count_macs(loaded)
+    fc1 = next(name for name in per_module if name.endswith("layers.1.mlp.fc1"))
+    assert per_module[fc1] == (16 + prefix - 10) * 64 * 128
+    result = export_model(loaded, tmp_path / "m.onnx", ExportConfig())
+    assert result.parity.max_abs_diff < 1e-4 and result.op_counts["ScatterElements"] == 4
+    directory = save_artifact(loaded, tmp_path / "a")
+    torch.testing.assert_close(load_model(ModelRef(str(directory))).model(x), loaded.model(x), atol=0, rtol=0)
+
+
+def test_unsupported_blocks_are_refused_clearly():
+    loaded = _tiny()
+    loaded.model.global_pool = "avgmax"  # an unweighted max would not see merged sizes
+    with pytest.raises(UnsupportedModelError, match="pooling 'avgmax' is not supported"):
         apply_token_schedule(loaded.model, TokenSchedule("merge", (1, 1)))
+    assert token_schedule_of(loaded.model) is None
 
 
 # --------------------------------------------------------------------------- export, runtimes, quantize
@@ -294,8 +316,8 @@ def test_artifact_rebuilds_the_schedule_in_a_fresh_process(tmp_path):
     assert token_schedule_of(reloaded.model) == TokenSchedule("prune", (10, 20), True, True)
 
 
-def test_recipe_prune_then_tokens_then_distill_export_quantize(tmp_path):
-    """The chain the pass is meant for: structured pruning, merging, a KD step with merging on, INT8."""
+def test_recipe_prune_then_tokens_then_distill_then_export(tmp_path):
+    """The chain the pass is meant for: structured pruning, merging, a KD step with merging on, export."""
     from vitcompress.pipeline import run_recipe
     from vitcompress.recipe import Recipe
 
@@ -310,14 +332,12 @@ def test_recipe_prune_then_tokens_then_distill_export_quantize(tmp_path):
             },
             "data": {
                 "train": {"source": "digits", "split": "train", "limit": 64},
-                "eval": {"source": "digits", "split": "test", "limit": 64},
             },
             "passes": [
                 {"kind": "prune", "target_macs": 0.7, "structures": ["mlp"]},
                 {"kind": "tokens", "final_tokens": 25},
                 {"kind": "distill", "steps": 2, "batch_size": 16, "eval_every": 2, "eval_limit": 16},
                 {"kind": "export"},
-                {"kind": "quantize", "calibration_size": 16},
             ],
         }
     )
@@ -393,4 +413,6 @@ def test_feature_kd_with_merged_tokens_is_refused_clearly(tmp_path):
     reduce_tokens(student, TokensConfig(r=8))
     data = load_dataset(DataSpec(source="digits", limit=32), student.input, student.num_classes)
     with pytest.raises(DistillError, match="feature KD compares block outputs token by token"):
-        distill_model(student, teacher, DistillConfig(steps=1, feature=1.0, soft_kd=0.5), data, None, tmp_path)
+        distill_model(
+            student, teacher, DistillConfig(steps=1, feature=1.0, soft_kd=0.5), data, None, tmp_path
+        )
