@@ -416,3 +416,19 @@ def test_feature_kd_with_merged_tokens_is_refused_clearly(tmp_path):
         distill_model(
             student, teacher, DistillConfig(steps=1, feature=1.0, soft_kd=0.5), data, None, tmp_path
         )
+
+
+def test_pruning_or_mac_budgets_after_tokens_are_refused_clearly():
+    from vitcompress.passes.lowrank import LowRankConfig, LowRankError, factorize_model
+    from vitcompress.passes.prune import PruneConfig, PruneError, prune_model
+
+    loaded = _tiny()
+    reduce_tokens(loaded, TokensConfig(r=8))
+    with pytest.raises(
+        PruneError, match="reduces its tokens \\(a tokens pass\\): prune before the tokens pass"
+    ):
+        prune_model(loaded, PruneConfig(target_macs=0.5))
+    with pytest.raises(LowRankError, match="factorize before the tokens pass"):
+        factorize_model(loaded, LowRankConfig(target_macs=0.8))
+    result = factorize_model(loaded, LowRankConfig(rank=16))  # a fixed rank needs no token count
+    assert result.macs_after < result.macs_before
