@@ -180,7 +180,39 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for row, timing in zip(rows, benchlib.time_variants(paths, args), strict=True):
         row.update(timing)
         row["speedup"] = 1 / row["latency_ratio"]
-    return {"rows": rows, "val_size": len(val), "test_size": len(test)}
+    return {"rows": rows, "val_size": len(val), "test_size": len(test), "int8": int8_rows(args, workdir)}
+
+
+def int8_rows(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """Static INT8 of the original and of the merged model at --int8-r: the matching (and attention)
+    matmuls in float (the default) or quantized too; top-1 with ONNX Runtime on both halves."""
+    from vitcompress.evaluate import evaluate_onnx
+
+    ref, source = benchlib.reference(args, variant="p4")
+    calibration = None
+    rows = []
+    for name, tokens in (("original", None), (f"merge r={args.int8_r}", TokensConfig(r=args.int8_r))):
+        loaded = load_model(ref)
+        if tokens is not None:
+            reduce_tokens(loaded, tokens)
+        val, test = _split(loaded, source, args.eval_limit)
+        if calibration is None:
+            calibration = load_dataset(
+                DataSpec(source=source, split="train", limit=512), loaded.input, loaded.num_classes
+            )
+        fp32 = workdir / f"int8-{len(rows)}.onnx"
+        export_model(loaded, fp32, ExportConfig())
+        row: dict[str, Any] = {"model": name, "fp32_test_top1": evaluate_onnx(fp32, test).top1}
+        for attention in (False, True):
+            target = workdir / f"int8-{len(rows)}-{attention}.onnx"
+            cfg = QuantizeConfig(calibration="percentile", calibration_size=512, quantize_attention=attention)
+            quantize_model(fp32, target, cfg, calibration)
+            key = "int8_all_matmuls" if attention else "int8_float_matching"
+            row[f"{key}_val_top1"] = evaluate_onnx(target, val).top1
+            row[f"{key}_test_top1"] = evaluate_onnx(target, test).top1
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    return rows
 
 
 def kd_track(args: argparse.Namespace, workdir: Path, r: int) -> dict[str, Any]:
@@ -220,7 +252,10 @@ def main() -> int:
     parser.add_argument("--track", choices=["speed", "accuracy", "kd"], default="speed")
     parser.add_argument("--r", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--macs", type=float, nargs="+", default=[0.85, 0.75, 0.65])
-    parser.add_argument("--kd-r", type=int, default=None, help="kd track: merge r (default: chosen on val)")
+    parser.add_argument("--kd-r", type=int, default=2, help="kd track: merge r")
+    parser.add_argument(
+        "--int8-r", type=int, default=2, help="accuracy track: merge r of the INT8 comparison"
+    )
     args = parser.parse_args()
     results = benchlib.start(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,9 +289,18 @@ def main() -> int:
                 ],
                 results["accuracy"]["rows"],
             )
+            benchlib.table(
+                "Static INT8 (percentile, 512 images) of the merged model: matching kept in float or quantized",
+                [
+                    ("model", lambda r: r["model"]),
+                    ("fp32 test top-1", lambda r: f"{r['fp32_test_top1']:.2%}"),
+                    ("INT8, matching in float", lambda r: f"{r['int8_float_matching_test_top1']:.2%}"),
+                    ("INT8, all matmuls", lambda r: f"{r['int8_all_matmuls_test_top1']:.2%}"),
+                ],
+                results["accuracy"]["int8"],
+            )
         else:
-            r = args.kd_r if args.kd_r is not None else 2
-            results["kd"] = kd_track(args, Path(tmp), r)
+            results["kd"] = kd_track(args, Path(tmp), args.kd_r)
             print(results["kd"])
     return benchlib.finish(args, results)
 
