@@ -180,7 +180,8 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for row, timing in zip(rows, benchlib.time_variants(paths, args), strict=True):
         row.update(timing)
         row["speedup"] = 1 / row["latency_ratio"]
-    return {"rows": rows, "val_size": len(val), "test_size": len(test), "int8": int8_rows(args, workdir)}
+    int8 = int8_rows(args, workdir) if args.int8_r > 0 else []
+    return {"rows": rows, "val_size": len(val), "test_size": len(test), "int8": int8}
 
 
 def int8_rows(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
@@ -251,7 +252,7 @@ def main() -> int:
     parser = benchlib.parser(__doc__)
     parser.add_argument("--track", choices=["speed", "accuracy", "kd"], default="speed")
     parser.add_argument("--r", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
-    parser.add_argument("--macs", type=float, nargs="+", default=[0.85, 0.75, 0.65])
+    parser.add_argument("--macs", type=float, nargs="*", default=[0.85, 0.75, 0.65])
     parser.add_argument("--kd-r", type=int, default=2, help="kd track: merge r")
     parser.add_argument(
         "--int8-r", type=int, default=2, help="accuracy track: merge r of the INT8 comparison"
