@@ -56,6 +56,7 @@ def tokens(
         list[str] | None,
         typer.Option(
             "--r",
+            metavar="N[,N...]",
             help="Tokens each block removes: one count (every block) or one per block, comma-separated.",
         ),
     ] = None,
