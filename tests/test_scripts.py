@@ -269,7 +269,7 @@ def test_train_reference_p4_variant_is_the_many_token_model(monkeypatch, tmp_pat
     loaded = load_model(train_reference.model_ref(None, "p4"))
     assert (
         loaded.adapter.num_tokens == 50
-        and loaded.adapter.embed_dim == 96
+        and loaded.adapter.embed_dim == 64
         and loaded.input.shape == (1, 28, 28)
     )
     assert train_reference.default_dir("p4") == tmp_path / "reference" / "fmnist-vit-p4"
