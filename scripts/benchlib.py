@@ -48,18 +48,19 @@ def speed_model(args: argparse.Namespace) -> ModelRef:
     return ModelRef(f"timm:{args.model}", kwargs=json.loads(args.kwargs))
 
 
-def reference(args: argparse.Namespace) -> tuple[ModelRef, str]:
+def reference(args: argparse.Namespace, variant: str = "p7") -> tuple[ModelRef, str]:
     """The model of the accuracy tracks and its data set: the Fashion-MNIST reference (trained and
-    cached by train_reference.py), or a tiny random model on digits with --smoke."""
+    cached by train_reference.py; `variant` p4 is the many-token one), or a tiny random model on
+    digits with --smoke."""
     if args.smoke:
         return ModelRef(
             "timm:vit_tiny_patch16_224", None, 10, 32, None, False, {"depth": 2, "patch_size": 8}
         ), "digits"
     from train_reference import ensure_reference, model_ref
 
-    checkpoint, info = ensure_reference(args.reference)
+    checkpoint, info = ensure_reference(args.reference, variant)
     print(f"reference: {checkpoint} ({info['top1']:.2%} top-1 at training time)", file=sys.stderr)
-    return model_ref(checkpoint), "fashion-mnist"
+    return model_ref(checkpoint, variant), "fashion-mnist"
 
 
 def top1(loaded, data) -> float:  # type: ignore[no-untyped-def]

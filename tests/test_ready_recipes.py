@@ -193,3 +193,20 @@ def test_int_only_recipe_builds_a_proven_integer_graph_that_eval_reads(cli, tmp_
     result = cli("eval", report["final_onnx"], "--data", "fashion-mnist:test", "--data-limit", "64", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["samples"] == 64
+
+
+def test_tome_int8_recipe_runs(cli, tmp_path):
+    report, _ = _run(
+        cli,
+        tmp_path,
+        "tome-int8.yaml",
+        "passes.quantize.calibration_size=32",
+        "passes.quantize.max_top1_drop=null",
+        "passes.validate.runs=5",
+        "passes.validate.batch_sizes=[1]",
+    )
+    assert _kinds(report) == ["load", "tokens", "export", "quantize", "validate"]
+    tokens = report["ledger"][1]
+    assert tokens["details"]["r"] == [4, 4] and tokens["details"]["final_tokens"] == 50 - 8
+    assert tokens["macs"] < report["ledger"][0]["macs"]
+    _assert_int8(report)

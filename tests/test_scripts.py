@@ -303,3 +303,53 @@ def test_bench_intonly_script_smoke(tmp_path):
     ]
     assert all(row["p50_ms"] > 0 for row in speed)
     assert speed[2]["profile"][0]["ms"] > 0
+
+
+def test_bench_tokens_script_smoke(tmp_path):
+    run, results = _run_script(
+        "bench_tokens.py",
+        "--track",
+        "accuracy",
+        "--smoke",
+        "--r",
+        "2",
+        "--macs",
+        "--int8-r",
+        "0",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--eval-limit",
+        "40",
+        out=tmp_path / "t.json",
+    )
+    rows = results["accuracy"]["rows"]
+    assert [(r["method"], r["final_tokens"]) for r in rows] == [
+        ("original", 17),
+        ("merge", 13),
+        ("prune", 13),
+        ("prune+fuse", 13),
+    ]
+    assert all(r["macs_ratio"] < 1 for r in rows[1:]) and "### Many-token reference" in run.stdout
+
+
+def test_train_reference_p4_variant_is_the_many_token_model(monkeypatch, tmp_path):
+    """The p4 variant: 49 patch tokens + class token, cached beside (not over) the p7 reference."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path))
+    import train_reference
+
+    from vitcompress.models import load_model
+
+    loaded = load_model(train_reference.model_ref(None, "p4"))
+    assert (
+        loaded.adapter.num_tokens == 50
+        and loaded.adapter.embed_dim == 64
+        and loaded.input.shape == (1, 28, 28)
+    )
+    assert train_reference.default_dir("p4") == tmp_path / "reference" / "fmnist-vit-p4"
+    assert train_reference.default_dir() == tmp_path / "reference" / "fmnist-vit-p7"
+    assert train_reference.VARIANTS["p7"] == (train_reference.KWARGS, train_reference.EPOCHS)  # unchanged

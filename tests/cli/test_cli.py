@@ -117,7 +117,7 @@ def test_inspect_prints_what_was_inferred_and_from_where(cli, tmp_path):
 
 
 def test_every_model_command_takes_model_kwargs_and_num_heads(cli):
-    for command in ("inspect", "export", "eval", "prune", "factorize", "distill"):
+    for command in ("inspect", "export", "eval", "prune", "factorize", "tokens", "distill"):
         result = cli(command, "--help")
         assert result.exit_code == 0
         assert "--model-kwargs" in result.stdout and "--num-heads" in result.stdout, command

@@ -56,6 +56,7 @@ def tokens(
         list[str] | None,
         typer.Option(
             "--r",
+            metavar="N[,N...]",
             help="Tokens each block removes: one count (every block) or one per block, comma-separated.",
         ),
     ] = None,
@@ -106,7 +107,7 @@ def tokens(
     run on fewer tokens (attention cost falls with their square) and the ONNX graph keeps static
     shapes. Give exactly one of --r (per block) or --final-tokens (tokens after the last block).
     Class and distillation tokens are never touched. No weights change: accuracy drops a little
-    without training, and `distill` can fine-tune with the reduction on. timm ViT/DeiT models only.
+    without training, and `distill` can fine-tune with the reduction on. timm and Hugging Face ViT/DeiT.
     Runs the same code as a one-pass recipe with `kind: tokens`; OUT gets the artifact (OUT/tokens).
 
     Examples:

@@ -19,9 +19,10 @@ known when the model is traced and the ONNX graph has no dynamic dimension beyon
 matching is argsort/top-k, gather and scatter-add, which the exporter and ONNX Runtime handle
 (ScatterElements with reduction, opset >= 16).
 
-Implementation: the model's and its blocks' classes are swapped for subclasses (as ToMe does) that
-override `forward`; no parameter is added or renamed, so the state dict, the adapters and the
-artifact stay as they are. The artifact records the schedule as the edit `tokens`, and loading
+Implementation: the blocks' classes (and a timm model's own) are swapped for subclasses (as ToMe
+does) that override `forward`; no parameter is added or renamed, so the state dict, the adapters and
+the artifact stay as they are. timm ViT/DeiT and Hugging Face ViT/DeiT (transformers >= 5) are
+supported. The artifact records the schedule as the edit `tokens`, and loading
 applies it again (`apply_token_edit`).
 """
 
@@ -91,29 +92,24 @@ def max_reduction(patch_tokens: int, method: Method, fuse: bool) -> int:
 # --------------------------------------------------------------------------- the arithmetic
 
 
-def _attention(
-    attn: Any, x: torch.Tensor, size: torch.Tensor | None, proportional: bool, want_cls: bool, prefix: int
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    size: torch.Tensor | None,
+    proportional: bool,
+    want_cls: bool,
+    prefix: int,
+    scale: float,
+    dropout: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """timm Attention's forward with a log(size) bias on the keys; also returns the keys averaged
-    over heads (the matching metric) and, if asked, the class token's attention over the tokens
-    averaged over heads (the pruning score)."""
-    batch, tokens, _ = x.shape
-    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    """Attention of q, k, v (B, H, N, D) with a log(size) bias on the keys. Returns the output
+    (B, H, N, D), the keys averaged over heads (the matching metric) and, if asked, the class
+    token's attention over the patch tokens averaged over heads (the pruning score)."""
     bias = None
     if size is not None and proportional:
         bias = size.log()[:, None, None, :, 0].to(q.dtype)  # (B, 1, 1, N): every query, every head
-    scale = float(attn.scale)
-    dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
-    out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
     cls_attention = None
     if want_cls:
         logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
@@ -123,14 +119,66 @@ def _attention(
     return out, k.mean(dim=1), cls_attention
 
 
+def _timm_attention(
+    attn: Any, x: torch.Tensor, size: torch.Tensor | None, proportional: bool, want_cls: bool, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """timm Attention's forward through `_attend` (same projections, norms, gate and dropout)."""
+    batch, tokens, _ = x.shape
+    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out, metric, cls_attention = _attend(
+        q, k, v, size, proportional, want_cls, prefix, float(attn.scale), dropout
+    )
+    out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), metric, cls_attention
+
+
+def _hf_attention(
+    attn: Any, x: torch.Tensor, size: torch.Tensor | None, proportional: bool, want_cls: bool, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Hugging Face ViT/DeiT attention (q/k/v/o_proj) through `_attend`."""
+    batch, tokens, _ = x.shape
+    head_dim = int(attn.head_dim)
+    heads = int(attn.q_proj.out_features) // head_dim
+    q, k, v = (
+        proj(x).view(batch, tokens, heads, head_dim).transpose(1, 2)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+    )
+    dropout = float(attn.attention_dropout) if attn.training else 0.0
+    out, metric, cls_attention = _attend(
+        q, k, v, size, proportional, want_cls, prefix, float(attn.scaling), dropout
+    )
+    out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+    return attn.o_proj(out), metric, cls_attention
+
+
 def merge_tokens(
-    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, prefix: int
+    x: torch.Tensor,
+    size: torch.Tensor,
+    metric: torch.Tensor,
+    r: int,
+    prefix: int,
+    tokens: int | None = None,
+    channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe bipartite soft matching on the patch tokens: merge the r most similar A->B pairs.
 
     x (B, N, C), size (B, N, 1), metric (B, N, D); returns x and size with N - r tokens, the
-    prefix tokens first and unchanged. Merged values are size-weighted averages.
+    prefix tokens first and unchanged. Merged values are size-weighted averages. `tokens` and
+    `channels` are N and C as plain numbers (the schedule's, the block's width), so the exported
+    top-k and index shapes are constants rather than computed from the input's shape.
     """
+    count = (tokens if tokens is not None else int(x.shape[1])) - prefix
+    num_a = (count + 1) // 2
+    channels = channels if channels is not None else int(x.shape[-1])
+    batch = x.shape[0]
     head_x, patches = x[:, :prefix], x[:, prefix:]
     head_size, patch_size = size[:, :prefix], size[:, prefix:]
     metric = metric[:, prefix:]
@@ -138,21 +186,20 @@ def merge_tokens(
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)  # (B, |A|, |B|) cosine similarity
     node_max, node_idx = scores.max(dim=-1)  # each A token's best B partner
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    edge_idx = node_max.topk(num_a, dim=-1).indices[..., None]  # A tokens, most similar first
     unmerged_idx = edge_idx[:, r:]  # A tokens that stay
     src_idx = edge_idx[:, :r]  # A tokens merged into their partner
     dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
 
-    def merge(values: torch.Tensor) -> torch.Tensor:
-        channels = values.shape[-1]
+    def merge(values: torch.Tensor, width: int) -> torch.Tensor:
         src, dst = values[:, ::2], values[:, 1::2]
-        kept = src.gather(dim=1, index=unmerged_idx.expand(-1, -1, channels))
-        moved = src.gather(dim=1, index=src_idx.expand(-1, -1, channels))
-        dst = dst.scatter_add(1, dst_idx.expand(-1, -1, channels), moved)
+        kept = src.gather(dim=1, index=unmerged_idx.expand(batch, num_a - r, width))
+        moved = src.gather(dim=1, index=src_idx.expand(batch, r, width))
+        dst = dst.scatter_add(1, dst_idx.expand(batch, r, width), moved)
         return torch.cat([kept, dst], dim=1)
 
-    merged = merge(patches * patch_size)
-    merged_size = merge(patch_size)
+    merged = merge(patches * patch_size, channels)
+    merged_size = merge(patch_size, 1)
     return (
         torch.cat([head_x, merged / merged_size], dim=1),
         torch.cat([head_size, merged_size], dim=1),
@@ -160,24 +207,35 @@ def merge_tokens(
 
 
 def prune_tokens(
-    x: torch.Tensor, size: torch.Tensor, cls_attention: torch.Tensor, r: int, prefix: int, fuse: bool
+    x: torch.Tensor,
+    size: torch.Tensor,
+    cls_attention: torch.Tensor,
+    r: int,
+    prefix: int,
+    fuse: bool,
+    tokens: int | None = None,
+    channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EViT: keep the patch tokens the class token attends to most; `fuse` adds one token that is
-    the attention-weighted average of the dropped ones. Returns N - r tokens."""
+    the attention-weighted average of the dropped ones. Returns N - r tokens (`tokens`: N as a
+    plain number, for constant shapes in the exported graph)."""
     head_x, patches = x[:, :prefix], x[:, prefix:]
     head_size, patch_size = size[:, :prefix], size[:, prefix:]
-    channels = patches.shape[-1]
-    patch_count = patches.shape[1]
+    channels = channels if channels is not None else int(x.shape[-1])
+    batch = x.shape[0]
+    patch_count = (tokens if tokens is not None else int(x.shape[1])) - prefix
     keep = patch_count - r - (1 if fuse else 0)
-    order = cls_attention.argsort(dim=-1, descending=True)[..., None]  # (B, Np, 1)
+    order = cls_attention.topk(patch_count if fuse else keep, dim=-1).indices[
+        ..., None
+    ]  # most attended first
     kept_idx = order[:, :keep]
-    kept = patches.gather(dim=1, index=kept_idx.expand(-1, -1, channels))
+    kept = patches.gather(dim=1, index=kept_idx.expand(batch, keep, channels))
     kept_size = patch_size.gather(dim=1, index=kept_idx)
     parts, sizes = [head_x, kept], [head_size, kept_size]
     if fuse:
         dropped_idx = order[:, keep:]
         weight = cls_attention[..., None].gather(dim=1, index=dropped_idx)  # (B, r + 1, 1)
-        dropped = patches.gather(dim=1, index=dropped_idx.expand(-1, -1, channels))
+        dropped = patches.gather(dim=1, index=dropped_idx.expand(batch, r + 1, channels))
         fused = (dropped * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
         parts.append(fused)
         sizes.append(patch_size.gather(dim=1, index=dropped_idx).sum(dim=1, keepdim=True))
@@ -187,7 +245,48 @@ def prune_tokens(
 # --------------------------------------------------------------------------- the patched classes
 
 
-class _TokenBlock:
+class _Reducer:
+    """What a patched block knows about its place in the schedule, and the reduction step."""
+
+    token_r: int
+    token_count: int  # tokens entering the block, from the schedule
+    token_method: Method
+    token_prefix: int
+    token_proportional: bool
+    token_fuse: bool
+
+    def _reduce(
+        self,
+        x: torch.Tensor,
+        size: torch.Tensor | None,
+        metric: torch.Tensor,
+        cls_attention: torch.Tensor | None,
+        width: int,  # the block's width as a number, not the input's traced shape
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.token_r == 0:
+            return x, size
+        if size is None:
+            size = torch.ones_like(x[..., :1])
+        if self.token_method == "prune":
+            assert cls_attention is not None
+            return prune_tokens(
+                x,
+                size,
+                cls_attention,
+                self.token_r,
+                self.token_prefix,
+                self.token_fuse,
+                self.token_count,
+                width,
+            )
+        return merge_tokens(x, size, metric, self.token_r, self.token_prefix, self.token_count, width)
+
+    @property
+    def _wants_cls(self) -> bool:
+        return self.token_r > 0 and self.token_method == "prune"
+
+
+class _TokenBlock(_Reducer):
     """Mixed in front of a timm Block: reduces tokens between its attention and its MLP.
 
     The token sizes come in through `token_size_in` (set by the model's forward just before the
@@ -195,33 +294,48 @@ class _TokenBlock:
     one-tensor-in, one-tensor-out signature that hooks and other code expect.
     """
 
-    token_r: int
-    token_method: Method
-    token_prefix: int
-    token_proportional: bool
-    token_fuse: bool
     token_size_in: torch.Tensor | None
     token_size_out: torch.Tensor | None
 
     def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
         block: Any = self
         size = getattr(self, "token_size_in", None)
-        r = self.token_r
-        prune = r > 0 and self.token_method == "prune"
-        out, metric, cls_attention = _attention(
-            block.attn, block.norm1(x), size, self.token_proportional, prune, self.token_prefix
+        out, metric, cls_attention = _timm_attention(
+            block.attn, block.norm1(x), size, self.token_proportional, self._wants_cls, self.token_prefix
         )
         x = x + block.drop_path1(block.ls1(out))
-        if r > 0:
-            if size is None:
-                size = torch.ones_like(x[..., :1])
-            if prune:
-                assert cls_attention is not None
-                x, size = prune_tokens(x, size, cls_attention, r, self.token_prefix, self.token_fuse)
-            else:
-                x, size = merge_tokens(x, size, metric, r, self.token_prefix)
+        x, size = self._reduce(x, size, metric, cls_attention, int(block.mlp.fc1.in_features))
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         self.token_size_out = size
+        return x
+
+
+class _HFTokenLayer(_Reducer):
+    """Mixed in front of a Hugging Face ViTLayer/DeiTLayer. transformers runs the layers in its own
+    loop, so the sizes pass from layer to layer through one dict the layers of a model share: the
+    first layer starts it, the last one clears it."""
+
+    token_state: dict[str, torch.Tensor | None]
+    token_first: bool
+    token_last: bool
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: Any = None, **_kwargs: Any
+    ) -> torch.Tensor:
+        layer: Any = self
+        size = None if self.token_first else self.token_state.get("size")
+        out, metric, cls_attention = _hf_attention(
+            layer.attention,
+            layer.layernorm_before(hidden_states),
+            size,
+            self.token_proportional,
+            self._wants_cls,
+            self.token_prefix,
+        )
+        x = layer.dropout(out) + hidden_states
+        x, size = self._reduce(x, size, metric, cls_attention, int(layer.mlp.fc1.in_features))
+        x = layer.dropout(layer.mlp(layer.layernorm_after(x))) + x
+        self.token_state["size"] = None if self.token_last else size
         return x
 
 
@@ -274,28 +388,64 @@ def _subclass(mixin: type, base: type) -> type:
     return _SUBCLASSES[key]
 
 
-def _base(cls: type, mixin: type) -> type:
-    return cls.__mro__[2] if issubclass(cls, mixin) else cls
-
-
 def token_schedule_of(model: nn.Module) -> TokenSchedule | None:
     """The schedule a model runs with, or None for a model without token reduction."""
-    return getattr(model, "token_schedule", None) if isinstance(model, _TokenViT) else None
+    schedule = getattr(model, "token_schedule", None)
+    return schedule if isinstance(schedule, TokenSchedule) else None
 
 
 def apply_token_schedule(model: nn.Module, schedule: TokenSchedule) -> None:
-    """Make a timm ViT reduce tokens as `schedule` says (in place; replaces an earlier schedule)."""
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+    """Make a timm or Hugging Face ViT/DeiT reduce tokens as `schedule` says (in place)."""
+    from vitcompress.models.adapters import adapter_for
 
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"token reduction supports timm ViT/DeiT models, not {type(model).__name__}",
-            hint="load the model as timm:NAME (Hugging Face ViT/DeiT is not supported by the tokens pass yet)",
-        )
+    if token_schedule_of(model) is not None:
+        raise ValueError("the model already reduces tokens")
+    adapter = adapter_for(model)
+    depth = len(adapter.blocks())
+    if len(schedule.r) != depth:
+        raise ValueError(f"the schedule has {len(schedule.r)} entries for {depth} blocks")
+    if adapter.family == "timm-vit":
+        _apply_timm(model, schedule)
+    elif adapter.family == "hf-vit":
+        _apply_hf(model, adapter, schedule)
+    else:
+        raise UnsupportedModelError(f"token reduction does not support the {adapter.family} family")
+
+
+def _configure(block: Any, r: int, count: int, prefix: int, schedule: TokenSchedule) -> None:
+    block.token_r = int(r)
+    block.token_count = count
+    block.token_method = schedule.method
+    block.token_prefix = prefix
+    block.token_proportional = schedule.proportional_attention
+    block.token_fuse = schedule.fuse
+
+
+def _apply_hf(model: nn.Module, adapter: Any, schedule: TokenSchedule) -> None:
+    layers = [b.module for b in adapter.blocks()]
+    for index, layer in enumerate(layers):
+        if type(layer).__name__ not in ("ViTLayer", "DeiTLayer") or not hasattr(layer.attention, "q_proj"):
+            raise UnsupportedModelError(
+                f"token reduction: layer {index} is a {type(layer).__name__}; only ViTLayer and DeiTLayer "
+                "(transformers >= 5) are supported"
+            )
+    prefix = adapter.num_prefix_tokens
+    counts = tokens_per_block(adapter.num_tokens, schedule)
+    state: dict[str, torch.Tensor | None] = {"size": None}
+    for index, (layer, r, (count, _)) in enumerate(zip(layers, schedule.r, counts, strict=True)):
+        layer.__class__ = _subclass(_HFTokenLayer, type(layer))
+        _configure(layer, r, count, prefix, schedule)
+        layer.token_state = state
+        layer.token_first = index == 0
+        layer.token_last = index == len(layers) - 1
+    model.token_schedule = schedule  # type: ignore[assignment]
+
+
+def _apply_timm(model: Any, schedule: TokenSchedule) -> None:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
     blocks: Any = model.blocks
-    if len(schedule.r) != len(blocks):
-        raise ValueError(f"the schedule has {len(schedule.r)} entries for {len(blocks)} blocks")
     if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg", "max", ""):
         raise UnsupportedModelError(
             f"token reduction: pooling {model.global_pool!r} is not supported (token, avg, max are)"
@@ -307,15 +457,12 @@ def apply_token_schedule(model: nn.Module, schedule: TokenSchedule) -> None:
                 f"{type(getattr(block, 'attn', None)).__name__}; only timm's standard Block and Attention are supported"
             )
     prefix = int(model.num_prefix_tokens)
-    model.__class__ = _subclass(_TokenViT, _base(type(model), _TokenViT))
-    model.token_schedule = schedule  # type: ignore[assignment]
-    for block, r in zip(blocks, schedule.r, strict=True):
-        block.__class__ = _subclass(_TokenBlock, _base(type(block), _TokenBlock))
-        block.token_r = int(r)
-        block.token_method = schedule.method
-        block.token_prefix = prefix
-        block.token_proportional = schedule.proportional_attention
-        block.token_fuse = schedule.fuse
+    counts = tokens_per_block(int(model.patch_embed.num_patches) + prefix, schedule)
+    model.__class__ = _subclass(_TokenViT, type(model))
+    model.token_schedule = schedule
+    for block, r, (count, _) in zip(blocks, schedule.r, counts, strict=True):
+        block.__class__ = _subclass(_TokenBlock, type(block))
+        _configure(block, r, count, prefix, schedule)
         block.token_size_in = block.token_size_out = None
 
 
@@ -334,5 +481,5 @@ def apply_token_edit(model: nn.Module, edit: dict[str, Any]) -> None:
         raise CheckpointError(f"artifact edit tokens is malformed: {err}") from err
     try:
         apply_token_schedule(model, schedule)
-    except ValueError as err:
+    except (ValueError, UnsupportedModelError) as err:
         raise CheckpointError(f"artifact edit tokens does not fit the model: {err}") from err

@@ -481,6 +481,15 @@ def distill_model(
         )
     if teacher is not None and teacher.num_classes != student.num_classes:
         raise DistillError(f"teacher has {teacher.num_classes} classes, the student {student.num_classes}")
+    if cfg.feature > 0 and teacher is not None:
+        from vitcompress.models.tokens import token_schedule_of
+
+        if token_schedule_of(student.model) != token_schedule_of(teacher.model):
+            raise DistillError(
+                "feature KD compares block outputs token by token, but the student merges or prunes "
+                "tokens (a tokens pass) and the teacher does not",
+                hint="use soft_kd / deit_hard (logit KD) with token reduction, or distill before the tokens pass",
+            )
 
     global_batch = cfg.batch_size * world_size
     steps_per_epoch = max(

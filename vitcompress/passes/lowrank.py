@@ -539,6 +539,14 @@ def factorize_model(
     # Rank choice reads one spectrum per layer: the whitened one when there is data (it measures output error).
     primary = {n: f[Method.whitened] if Method.whitened in f else f[Method.svd] for n, f in factors.items()}
     budget: float | None = None
+    if cfg.target_macs is not None:
+        from vitcompress.models.tokens import token_schedule_of
+
+        if token_schedule_of(model) is not None:  # the MAC budget assumes every token in every block
+            raise LowRankError(
+                f"target_macs on {loaded.label}, which reduces its tokens: factorize before the tokens pass",
+                hint="put the lowrank step before the tokens step, or use target_params or a rank rule",
+            )
     if cfg.target_params is not None or cfg.target_macs is not None:
         budget = _weight_budget(cfg, layers, params0, macs0, loaded.adapter.num_tokens)
     choices = choose_ranks(cfg, layers, primary, budget)

@@ -895,6 +895,13 @@ def prune_model(
 
     from vitcompress.models.layers import LowRankLinear
     from vitcompress.models.stats import count_macs
+    from vitcompress.models.tokens import token_schedule_of
+
+    if token_schedule_of(loaded.model) is not None:  # the planner's costs assume every token everywhere
+        raise PruneError(
+            f"{loaded.label} reduces its tokens (a tokens pass): prune before the tokens pass, not after",
+            hint="put the prune step before the tokens step, or prune the model without the schedule",
+        )
 
     factorized = [n for n, m in loaded.model.named_modules() if isinstance(m, LowRankLinear)]
     if factorized:

@@ -152,36 +152,60 @@ def plan_schedule(cfg: TokensConfig, num_patches: int, num_prefix: int, depth: i
             start - cfg.final_tokens, _weights(len(active), cfg.schedule)
         )
         explicit = False
-    plan: list[int] = []
-    patches = num_patches
-    carry = 0  # final_tokens: removals a block could not take move on to the next
-    for index, want in enumerate(wanted):
-        cap = _max_reduction(patches, cfg.method, cfg.fuse)
-        if index < cfg.start_block and want > 0:
-            raise TokensError(
-                f"r removes {want} tokens in block {index}, before start_block {cfg.start_block}"
-            )
-        want += carry
-        if want > cap:
-            if explicit:
+    if explicit or cfg.final_tokens is None:
+        plan = []
+        patches = num_patches
+        for index, want in enumerate(wanted):
+            cap = _max_reduction(patches, cfg.method, cfg.fuse)
+            if want > cap and explicit:
                 raise TokensError(
                     f"block {index}: r={want} but only {cap} of its {patches} patch tokens can be "
                     f"{'merged' if cfg.method is Method.merge else 'pruned'}",
                     hint=f"use r <= {cap} there",
                 )
-            carry = want - cap if cfg.final_tokens is not None else 0
-            want = cap
-        else:
-            carry = 0
-        plan.append(want)
-        patches -= want
-    if carry:
+            plan.append(min(want, cap))  # a constant r is capped where too few tokens are left (as ToMe)
+            patches -= plan[-1]
+    else:
+        plan = _fit_final(wanted, cfg, num_patches, num_prefix)
+    if not any(plan):
+        raise TokensError("the schedule removes no token", hint="raise r or lower final_tokens")
+    return plan
+
+
+def _caps(plan: list[int], cfg: TokensConfig, num_patches: int) -> list[int]:
+    caps, patches = [], num_patches
+    for r in plan:
+        caps.append(_max_reduction(patches, cfg.method, cfg.fuse))
+        patches -= r
+    return caps
+
+
+def _fit_final(wanted: list[int], cfg: TokensConfig, num_patches: int, num_prefix: int) -> list[int]:
+    """The spread of `final_tokens`, with removals a block cannot take moved to the nearest earlier
+    block that can (merging at most halves a block's patch tokens)."""
+    greedy, patches = [], num_patches
+    for index in range(len(wanted)):
+        greedy.append(_max_reduction(patches, cfg.method, cfg.fuse) if index >= cfg.start_block else 0)
+        patches -= greedy[-1]
+    if patches + num_prefix > (cfg.final_tokens or 0):
         raise TokensError(
             f"final_tokens {cfg.final_tokens} cannot be reached: {cfg.method.value} stops at "
             f"{patches + num_prefix} tokens "
             f"(each block {'merges at most half its patch tokens' if cfg.method is Method.merge else 'keeps one'})",
             hint=f"give final_tokens >= {patches + num_prefix}, or lower start_block",
         )
-    if not any(plan):
-        raise TokensError("the schedule removes no token", hint="raise r or lower final_tokens")
-    return plan
+    plan = list(wanted)
+    for _ in range(sum(plan) * len(plan) + 1):  # each move shifts one removal earlier: this ends
+        caps = _caps(plan, cfg, num_patches)
+        over = next((i for i, (r, c) in enumerate(zip(plan, caps, strict=True)) if r > c), None)
+        if over is None:
+            return plan
+        room = next((j for j in range(over - 1, cfg.start_block - 1, -1) if plan[j] < caps[j]), None)
+        if room is None:
+            break
+        plan[over] -= 1
+        plan[room] += 1
+    raise TokensError(
+        f"final_tokens {cfg.final_tokens}: no schedule of this shape reaches it",
+        hint="use schedule: decreasing, or give r per block",
+    )

@@ -32,11 +32,6 @@ def reduce_tokens(loaded: LoadedModel, cfg: TokensConfig) -> dict[str, Any]:
     )
 
     adapter = loaded.adapter
-    if adapter.family != "timm-vit":
-        raise TokensError(
-            f"the tokens pass supports timm ViT/DeiT models; {loaded.label} is {adapter.family}",
-            hint="load the model as timm:NAME with its checkpoint",
-        )
     previous = token_schedule_of(loaded.model)
     if previous is not None:
         raise TokensError(
