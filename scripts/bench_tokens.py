@@ -306,7 +306,7 @@ def main() -> int:
                 ],
                 results["accuracy"]["rows"],
             )
-if results["accuracy"]["int8"]:
+            if results["accuracy"]["int8"]:
                 benchlib.table(
                     "Static INT8 (percentile, 512 images) of the merged model: matching kept in float or quantized",
                     [
