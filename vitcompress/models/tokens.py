@@ -81,14 +81,6 @@ def tokens_per_block(num_tokens: int, schedule: TokenSchedule) -> list[tuple[int
     return counts
 
 
-def max_reduction(patch_tokens: int, method: Method, fuse: bool) -> int:
-    """The most tokens one block can remove from `patch_tokens` patch tokens."""
-    if method == "merge":
-        return patch_tokens // 2  # each merged token of set A needs a partner in set B
-    # prune keeps at least one patch token; fusing needs one more slot for the fused token
-    return max(0, patch_tokens - (2 if fuse else 1))
-
-
 # --------------------------------------------------------------------------- the arithmetic
 
 
