@@ -170,6 +170,10 @@ def test_hf_family_sparsifies_q_k_v_and_masks_reload_after_pruning(hf_vit_dir, t
     save_artifact(pruned, tmp_path / "art")
     edits = json.loads((tmp_path / "art" / "model.json").read_text())["edits"]
     assert {e["kind"] for e in edits} == {"sparse"} and len(edits) == 8
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "art" / "model.safetensors"))
+    assert not [k for k in stored if MASK_BUFFER in k]  # the mask is the weight's zeros
     back = load_artifact(tmp_path / "art")
     x = pruned.example_input(3)
     torch.testing.assert_close(back.model(x), pruned.model(x), atol=0, rtol=0)

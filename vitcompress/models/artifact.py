@@ -21,7 +21,7 @@ from vitcompress.errors import CheckpointError
 from vitcompress.fileio import atomic_dir, atomic_tree, recover_tree
 from vitcompress.models.adapters import adapter_for
 from vitcompress.models.checkpoint import check_finite
-from vitcompress.models.layers import EDITS, model_edits
+from vitcompress.models.layers import EDITS, derive_masks, model_edits
 from vitcompress.models.loader import (
     ARTIFACT_MANIFEST,
     ARTIFACT_WEIGHTS,
@@ -166,6 +166,7 @@ def load_artifact(directory: Path) -> LoadedModel:
     for index, block in enumerate(blocks):
         adapter.set_attention_shape(index, int(block["num_heads"]), int(block["head_dim"]))
     load_strict(model, state_dict, weights)
+    derive_masks(model)  # sparse layers: their masks are their zeros
     model.eval()
     return LoadedModel(
         model=model,

@@ -70,10 +70,12 @@ def _apply_lowrank(model: nn.Module, path: str, edit: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- sparsity masks
-# A sparsified linear keeps its mask (True = weight kept) as a persistent bool buffer beside its weight,
-# so the mask travels with the state dict (safetensors, distill checkpoints) and training can re-apply
-# it after every optimizer step. The buffer is unused in forward: exports drop it, the zeros stay in
-# the weight. The pattern name rides along as a plain attribute and in the artifact's edit.
+# A sparsified linear keeps its mask (True = weight kept) as a bool buffer beside its weight, so
+# training can re-apply it after every optimizer step. The buffer is not part of the state dict: the
+# mask is the weight's zeros (the artifact's weights stay loadable anywhere, and a mask stored as
+# bytes would add a quarter to an fp32 file); the artifact's `sparse` edit names the layer and its
+# pattern, and loading derives the mask from the loaded weight. The buffer is unused in forward:
+# exports never see it, the zeros are in the weight.
 MASK_BUFFER = "sparsity_mask"
 
 
@@ -82,10 +84,7 @@ def attach_mask(linear: nn.Linear, mask: torch.Tensor, pattern: str) -> None:
     if mask.shape != linear.weight.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(linear.weight.shape)}")
     mask = mask.to(device=linear.weight.device, dtype=torch.bool)
-    if MASK_BUFFER in linear._buffers:
-        linear._buffers[MASK_BUFFER] = mask
-    else:
-        linear.register_buffer(MASK_BUFFER, mask, persistent=True)
+    linear.register_buffer(MASK_BUFFER, mask, persistent=False)
     linear.sparsity_pattern = pattern  # type: ignore[assignment]
     with torch.no_grad():
         linear.weight.mul_(mask)
@@ -128,14 +127,21 @@ def _apply_sparse(model: nn.Module, path: str, edit: dict[str, Any]) -> None:
     if (old.out_features, old.in_features) != (out_features, in_features):  # pruned: resize it here
         linear = nn.Linear(in_features, out_features, bias=old.bias is not None)
         set_module(model, path, linear)
+    # a placeholder until the weights are loaded: `derive_masks` then sets it from their zeros
     linear.register_buffer(
-        MASK_BUFFER, torch.ones(out_features, in_features, dtype=torch.bool), persistent=True
+        MASK_BUFFER, torch.ones(out_features, in_features, dtype=torch.bool), persistent=False
     )
     linear.sparsity_pattern = str(edit["pattern"])  # type: ignore[assignment]
 def _apply_tokens(model: nn.Module, _path: str, edit: dict[str, Any]) -> None:
     from vitcompress.models.tokens import apply_token_edit
 
     apply_token_edit(model, edit)
+
+
+def derive_masks(model: nn.Module) -> None:
+    """Set every sparse linear's mask from its loaded weight: the zeros are what the mask dropped."""
+    for linear in masked_linears(model).values():
+        setattr(linear, MASK_BUFFER, linear.weight.detach() != 0)
 
 
 # kind -> function(model, module_path, edit) that puts the module back (empty, right shapes)
