@@ -183,6 +183,21 @@ def speed_model(
             "macs": macs,
         },
         {
+            "variant": "OpenVINO IR converted from torch (f32 hint)",
+            "path": workdir / "torch.xml",
+            "runtime": ov,
+            "hint": Precision.fp32,
+            "compute": "fp32_openvino",
+            "macs": macs,
+        },
+        {
+            "variant": "OpenVINO IR converted from torch (default hint)",
+            "path": workdir / "torch.xml",
+            "runtime": ov,
+            "compute": "bf16",
+            "macs": macs,
+        },
+        {
             "variant": "ORT quantize_dynamic",
             "path": workdir / "dynamic.onnx",
             "runtime": ort,

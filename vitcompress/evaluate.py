@@ -204,9 +204,13 @@ def onnx_input_spec(path: Path) -> tuple[InputSpec, int]:
         check_onnx_file(path)  # a broken declared input shape is refused before any data is prepared for it
     meta = onnx_metadata(path)
     if meta is None:
+        engine = Path(path).suffix.lower() in (".engine", ".plan")
         raise OnnxModelError(
-            f"{path} has no vitcompress input metadata (mean/std, size, classes)",
-            hint="export it with vitcompress export, or evaluate the PyTorch model it came from",
+            f"{path} has no vitcompress input metadata (mean/std, size, classes)"
+            + (f": an engine keeps it in {Path(path).name}.json beside it" if engine else ""),
+            hint="build engines with vitcompress convert --to tensorrt, which writes it"
+            if engine
+            else "export it with vitcompress export, or evaluate the PyTorch model it came from",
         )
     try:
         spec, classes = InputSpec.from_dict(meta["input"]), int(meta["num_classes"])

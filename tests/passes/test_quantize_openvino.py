@@ -103,7 +103,9 @@ def test_arm64_preset_also_writes_the_ort_mobile_file(fp32, cli, tmp_path):
     out = tmp_path / "arm.onnx"
     result = cli("quantize", fp32, "--out", out, "--preset", "cpu-arm64", "--mode", "dynamic", "--json")
     assert result.exit_code == 0, result.output
-    mobile = json.loads(result.stdout)["ort_mobile"]
+    details = json.loads(result.stdout)
+    assert details["runtime"]["runtime"] == "ort" and details["runtime"]["precision"] == "int8"
+    mobile = details["ort_mobile"]
     assert mobile["path"] == str(out.with_suffix(".ort")) and out.with_suffix(".ort").is_file()
     assert mobile["parity"]["runner"]["precision"] == "int8"
     assert mobile["parity"]["max_abs_diff"] <= mobile["parity"]["allowed_max_abs_diff"]

@@ -88,8 +88,7 @@ def distill(
     ] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up + cosine).")] = 5e-4,
     clip_grad: Annotated[
-        float,
-        typer.Option(min=0.0, help="Max gradient norm; lower it if training diverges (0: no clipping)."),
+        float, typer.Option(min=0.0, help="Max gradient norm; lower it if training diverges (0: no clipping).")
     ] = 1.0,
     hard_label: Annotated[float, typer.Option(help="Weight of cross-entropy on the labels.")] = 0.5,
     soft_kd: Annotated[float, typer.Option(help="Weight of soft logit KD.")] = 0.5,

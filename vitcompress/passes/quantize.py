@@ -655,6 +655,15 @@ def quantize_model(
         return quantize_openvino(source, target, cfg, calibration, eval_data, threads)
     with atomic_path(target) as staged:
         details = _quantize_staged(source, staged, cfg, calibration, eval_data, threads)
+    from vitcompress.runtimes.ort import file_precision, version
+
+    # what the result runs on (every record names runtime, version, precision, threads)
+    details["runtime"] = {
+        "runtime": "ort",
+        "version": version(),
+        "precision": file_precision(target).value,
+        "threads": threads,
+    }
     if cfg.ort_format:
         from dataclasses import asdict
 

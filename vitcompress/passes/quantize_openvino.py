@@ -235,7 +235,14 @@ def quantize_openvino(
         with atomic_dir(target.parent) as staging:
             for part in (path, path.with_suffix(".bin")):
                 os.replace(part, staging / part.name)
-    details["runtime"] = {"runtime": "openvino", "version": version()}
+    from vitcompress.runtimes.openvino import is_int8, read_model
+
+    details["runtime"] = {
+        "runtime": "openvino",
+        "version": version(),
+        "precision": "int8" if is_int8(read_model(target)) else "fp32",
+        "threads": threads,
+    }
     if len(built) > 1:
         details["auto"] = {
             "chosen": chosen,

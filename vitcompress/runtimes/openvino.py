@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vitcompress.errors import PrecisionUnavailableError, RuntimeModelError
+from vitcompress.errors import PrecisionUnavailableError, ProviderUnavailableError, RuntimeModelError
 from vitcompress.runtimes.base import (
     METADATA_KEY,
     RT_INFO_PATH,
@@ -122,7 +122,7 @@ class OpenVINORunner(Runner):
 
         self.path = Path(path)
         if device is not Device.cpu:
-            raise PrecisionUnavailableError(
+            raise ProviderUnavailableError(
                 "vitcompress runs OpenVINO on the CPU device only",
                 hint="use --device cpu with --runtime openvino; for NVIDIA GPUs use --runtime tensorrt",
             )
