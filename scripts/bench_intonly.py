@@ -171,25 +171,67 @@ def main() -> int:
     p.add_argument("--finetune-steps", type=int, default=300, help="integer-aware KD steps (batch 64)")
     p.add_argument("--finetune-lr", type=float, default=2e-5)
     p.add_argument("--finetune-images", type=int, default=20000, help="training images for the KD (seed 2)")
+    p.add_argument(
+        "--tracks",
+        nargs="+",
+        choices=["accuracy", "parity", "speed"],
+        default=["accuracy", "parity", "speed"],
+    )
+    p.add_argument(
+        "--setting", choices=list(SETTINGS), default="minmax", help="calibration without the accuracy track"
+    )
     args = p.parse_args()
     if args.smoke:
         args.model, args.kwargs = "vit_tiny_patch16_224", '{"depth": 2, "img_size": 32, "patch_size": 8}'
         args.val_limit, args.eval_limit = 64, args.eval_limit or 64
         args.finetune_steps, args.finetune_images = 2, 64
     results = benchlib.start(args)
+    tracks = set(args.tracks)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results["accuracy"] = accuracy_track(args, work)
-        (work / "parity").mkdir()
-        parity = parity_track(args, work / "parity")
-        results["parity"] = {k: v for k, v in parity.items() if k not in ("fp32", "int_only")}
-        ref, _ = benchlib.reference(args)
+        ref, source = benchlib.reference(args)
         reference = load_model(ref)
+        chosen = args.setting
+        if "accuracy" in tracks:
+            results["accuracy"] = accuracy_track(args, work)
+            chosen = results["accuracy"]["chosen"]
         ref_fp32 = work / "fp32.onnx"
-        ref_int = work / f"int-{results['accuracy']['chosen'].replace(' ', '-')}.onnx"
-        results["speed"] = speed_track(args, "reference", reference, ref_fp32, ref_int, work)
-        results["speed"] += speed_track(args, args.model, load_model(benchlib.speed_model(args)), parity["fp32"],
-                                        parity["int_only"], work)  # fmt: skip
+        ref_int = work / f"int-{chosen.replace(' ', '-')}.onnx"
+        if not ref_int.exists():  # the speed track alone: build the reference's two files here
+            calibration = load_dataset(
+                DataSpec(source=source, split="train", limit=256), reference.input, reference.num_classes
+            )
+            export_model(reference, ref_fp32, ExportConfig())
+            _int_only(reference, ref_fp32, ref_int, calibration, SETTINGS[chosen])
+        if tracks & {"parity", "speed"}:
+            (work / "parity").mkdir()
+            parity = parity_track(args, work / "parity")
+            results["parity"] = {k: v for k, v in parity.items() if k not in ("fp32", "int_only")}
+        if "speed" in tracks:
+            results["speed"] = speed_track(args, "reference", reference, ref_fp32, ref_int, work)
+            results["speed"] += speed_track(args, args.model, load_model(benchlib.speed_model(args)), parity["fp32"],
+                                            parity["int_only"], work)  # fmt: skip
+    _print(args, results)
+    results = json.loads(json.dumps(results, default=str))
+    return benchlib.finish(args, results)
+
+
+def _print(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    if "accuracy" in results:
+        _print_accuracy(results)
+    if "parity" in results:
+        par = results["parity"]
+        print(
+            f"\n{par['model']} (random init), integer-only vs fp32 on 32 synthetic images: correlation "
+            f"{par['correlation']:.4f}, top-1 agreement {par['top1_agreement']:.0%}, max |Δlogit| "
+            f"{par['max_abs_diff']:.3g} (max |logit| {par['max_abs_logit']:.3g})\nops: "
+            + ", ".join(f"{op} {n}" for op, n in par["ops"].items())
+        )
+    if "speed" in results:
+        _print_speed(args, results)
+
+
+def _print_accuracy(results: dict[str, Any]) -> None:
     benchlib.table(
         "Calibration setting, chosen on validation (training images, seed 1)",
         [("setting", lambda r: r["setting"]), ("val top-1", lambda r: f"{r['val_top1']:.2%}")],
@@ -205,13 +247,9 @@ def main() -> int:
         ],
         results["accuracy"]["test"],
     )
-    par = results["parity"]
-    print(
-        f"\n{par['model']} (random init), integer-only vs fp32 on 32 synthetic images: correlation "
-        f"{par['correlation']:.4f}, top-1 agreement {par['top1_agreement']:.0%}, max |Δlogit| "
-        f"{par['max_abs_diff']:.3g} (max |logit| {par['max_abs_logit']:.3g})\nops: "
-        + ", ".join(f"{op} {n}" for op, n in par["ops"].items())
-    )
+
+
+def _print_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
     benchlib.table(
         f"Speed: ORT CPU, batch 1, {args.threads} threads, interleaved",
         [
@@ -231,8 +269,6 @@ def main() -> int:
             print("| op | nodes | ms | share |\n|---|---|---|---|")
             for op in row["profile"][:12]:
                 print(f"| {op['op']} | {op['nodes']} | {op['ms']:.3f} | {op['share']:.1%} |")
-    results = json.loads(json.dumps(results, default=str))
-    return benchlib.finish(args, results)
 
 
 if __name__ == "__main__":
