@@ -9,6 +9,20 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+
+@pytest.fixture(autouse=True)
+def _default_sigchld():
+    """Give SIGCHLD back its default after each test. A torch DataLoader with workers (folder data)
+    installs a Python SIGCHLD handler and never removes it; later in the same long-lived test
+    process, a child killed by a test (test_faults) delivered SIGCHLD to that handler and the kernel
+    killed pytest with SIGSEGV (si_code SI_KERNEL: the signal frame could not be set up), seen after
+    ~350 tests once OpenVINO/NNCF ran in-process. A CLI run is one short process: not affected."""
+    import signal
+
+    yield
+    if signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
 # Tiny variants: 2 blocks, 32x32 input, 8x8 patches (16 patches + prefix tokens).
 TINY_TIMM = {"img_size": 32, "num_classes": 10, "kwargs": {"depth": 2, "patch_size": 8}}
 TIMM_FAMILY = ["timm:vit_tiny_patch16_224", "timm:deit_tiny_distilled_patch16_224"]
