@@ -16,8 +16,7 @@ in front, so the class head and the DeiT distillation head read them where they 
 
 The schedule is fixed: block i removes r_i tokens whatever the image, so every tensor shape is
 known when the model is traced and the ONNX graph has no dynamic dimension beyond the batch. The
-matching is argsort/top-k, gather and scatter-add, which the exporter and ONNX Runtime handle
-(ScatterElements with reduction, opset >= 16).
+matching is top-k and 0/1 selection matmuls (see `merge_tokens`), plain ops for every runtime.
 
 Implementation: the blocks' classes (and a timm model's own) are swapped for subclasses (as ToMe
 does) that override `forward`; no parameter is added or renamed, so the state dict, the adapters and
@@ -94,10 +93,14 @@ def _attend(
     prefix: int,
     scale: float,
     dropout: float,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of q, k, v (B, H, N, D) with a log(size) bias on the keys. Returns the output
     (B, H, N, D), the keys averaged over heads (the matching metric) and, if asked, the class
-    token's attention over the patch tokens averaged over heads (the pruning score)."""
+    token's attention over the patch tokens averaged over heads (the pruning score). `keys`: the
+    same keys as (B, N, H * D) before the heads were split, when that is what k is; their head mean
+    is then one matmul with a constant (H * D, D) matrix, which runs faster than a mean over the
+    head axis of the transposed tensor."""
     bias = None
     if size is not None and proportional:
         bias = size.log()[:, None, None, :, 0].to(q.dtype)  # (B, 1, 1, N): every query, every head
@@ -108,7 +111,13 @@ def _attend(
         if bias is not None:
             logits = logits + bias
         cls_attention = logits.softmax(dim=-1).mean(dim=1)[:, 0, prefix:]  # (B, N - prefix)
-    return out, k.mean(dim=1), cls_attention
+    if keys is not None:
+        heads, head_dim = int(k.shape[1]), int(k.shape[-1])
+        averaging = torch.eye(head_dim, dtype=keys.dtype, device=keys.device).repeat(heads, 1) / heads
+        metric = keys @ averaging
+    else:
+        metric = k.mean(dim=1)
+    return out, metric, cls_attention
 
 
 def _timm_attention(
@@ -118,12 +127,15 @@ def _timm_attention(
     batch, tokens, _ = x.shape
     heads, head_dim = int(attn.num_heads), int(attn.head_dim)
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    projected = attn.qkv(x)
+    qkv = projected.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    width = heads * head_dim
+    keys = projected[..., width : 2 * width] if isinstance(attn.k_norm, nn.Identity) else None
     dropout = attn.attn_drop.p if attn.training else 0.0
     out, metric, cls_attention = _attend(
-        q, k, v, size, proportional, want_cls, prefix, float(attn.scale), dropout
+        q, k, v, size, proportional, want_cls, prefix, float(attn.scale), dropout, keys
     )
     out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
     out = attn.norm(out)
@@ -139,16 +151,38 @@ def _hf_attention(
     batch, tokens, _ = x.shape
     head_dim = int(attn.head_dim)
     heads = int(attn.q_proj.out_features) // head_dim
+    keys = attn.k_proj(x)
     q, k, v = (
-        proj(x).view(batch, tokens, heads, head_dim).transpose(1, 2)
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        flat.view(batch, tokens, heads, head_dim).transpose(1, 2)
+        for flat in (attn.q_proj(x), keys, attn.v_proj(x))
     )
     dropout = float(attn.attention_dropout) if attn.training else 0.0
     out, metric, cls_attention = _attend(
-        q, k, v, size, proportional, want_cls, prefix, float(attn.scaling), dropout
+        q, k, v, size, proportional, want_cls, prefix, float(attn.scaling), dropout, keys
     )
     out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
     return attn.o_proj(out), metric, cls_attention
+
+
+def _one_hot(index: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K) indices -> (B, K, count) rows of a 0/1 selection matrix. A comparison with a constant
+    range broadcasts, so the exported graph has no index Expand (whose target shape would be
+    computed from the batch at run time) and no Gather/Scatter: one Equal, one Cast."""
+    return (index[..., None] == torch.arange(count, device=index.device)).to(dtype)
+
+
+def _with_prefix(index: torch.Tensor, prefix: int, batch_of: torch.Tensor) -> torch.Tensor:
+    """Patch indices (B, K) -> token indices (B, prefix + K), the prefix tokens first. The prefix
+    range takes its batch size by broadcasting against `batch_of` (B, >= 1), so the graph has no
+    Expand (K may be 0)."""
+    head = batch_of[:, :1] * 0 + torch.arange(prefix, device=index.device)
+    return torch.cat([head, index + prefix], dim=1)
+
+
+def _select(rows: torch.Tensor, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a (B, N_out, N) 0/1 (or sum) matrix to tokens: size-weighted averages and summed sizes."""
+    out_size = rows @ size
+    return (rows @ (x * size)) / out_size, out_size
 
 
 def merge_tokens(
@@ -163,39 +197,36 @@ def merge_tokens(
     """ToMe bipartite soft matching on the patch tokens: merge the r most similar A->B pairs.
 
     x (B, N, C), size (B, N, 1), metric (B, N, D); returns x and size with N - r tokens, the
-    prefix tokens first and unchanged. Merged values are size-weighted averages. `tokens` and
-    `channels` are N and C as plain numbers (the schedule's, the block's width), so the exported
-    top-k and index shapes are constants rather than computed from the input's shape.
+    prefix tokens first and unchanged, then the A tokens that stay (most similar first), then the
+    B tokens. Merged values are size-weighted averages. `tokens` is N as a plain number (the
+    schedule's), so the exported top-k and matrix shapes are constants rather than computed from the
+    input's shape (`channels` is accepted for symmetry and not needed).
+
+    The gather/scatter-add of ToMe is written as one matmul with a (B, N - r, N) matrix built from
+    the indices: a 0/1 row per token that stays, plus the A tokens merged into each B token. The
+    result is ToMe's; the graph is a handful of nodes per block instead of ~200 (strided slices,
+    index Expand, Gather, ScatterElements and their shape arithmetic), which on a small model cost
+    more than the tokens they removed. The extra multiply-adds are (N - r) x N x C per block, a few
+    percent of the block's own.
     """
-    count = (tokens if tokens is not None else int(x.shape[1])) - prefix
-    num_a = (count + 1) // 2
-    channels = channels if channels is not None else int(x.shape[-1])
-    batch = x.shape[0]
-    head_x, patches = x[:, :prefix], x[:, prefix:]
-    head_size, patch_size = size[:, :prefix], size[:, prefix:]
+    del channels
+    total = tokens if tokens is not None else int(x.shape[1])
+    count = total - prefix
+    num_a, num_b = (count + 1) // 2, count // 2
     metric = metric[:, prefix:]
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)  # (B, |A|, |B|) cosine similarity
     node_max, node_idx = scores.max(dim=-1)  # each A token's best B partner
-    edge_idx = node_max.topk(num_a, dim=-1).indices[..., None]  # A tokens, most similar first
-    unmerged_idx = edge_idx[:, r:]  # A tokens that stay
+    edge_idx = node_max.topk(num_a, dim=-1).indices  # A tokens, most similar first
     src_idx = edge_idx[:, :r]  # A tokens merged into their partner
-    dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
+    dst_idx = node_idx.gather(dim=1, index=src_idx)  # (B, r): their B partners
 
-    def merge(values: torch.Tensor, width: int) -> torch.Tensor:
-        src, dst = values[:, ::2], values[:, 1::2]
-        kept = src.gather(dim=1, index=unmerged_idx.expand(batch, num_a - r, width))
-        moved = src.gather(dim=1, index=src_idx.expand(batch, r, width))
-        dst = dst.scatter_add(1, dst_idx.expand(batch, r, width), moved)
-        return torch.cat([kept, dst], dim=1)
-
-    merged = merge(patches * patch_size, channels)
-    merged_size = merge(patch_size, 1)
-    return (
-        torch.cat([head_x, merged / merged_size], dim=1),
-        torch.cat([head_size, merged_size], dim=1),
-    )
+    dtype = x.dtype
+    kept = _one_hot(_with_prefix(edge_idx[:, r:] * 2, prefix, edge_idx), total, dtype)  # prefix + A that stay
+    b_rows = _one_hot(torch.arange(num_b, device=x.device) * 2 + 1 + prefix, total, dtype)  # (|B|, N)
+    merged_in = _one_hot(dst_idx, num_b, dtype).transpose(1, 2) @ _one_hot(src_idx * 2 + prefix, total, dtype)
+    return _select(torch.cat([kept, b_rows + merged_in], dim=1), x, size)
 
 
 def prune_tokens(
@@ -210,28 +241,21 @@ def prune_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EViT: keep the patch tokens the class token attends to most; `fuse` adds one token that is
     the attention-weighted average of the dropped ones. Returns N - r tokens (`tokens`: N as a
-    plain number, for constant shapes in the exported graph)."""
-    head_x, patches = x[:, :prefix], x[:, prefix:]
-    head_size, patch_size = size[:, :prefix], size[:, prefix:]
-    channels = channels if channels is not None else int(x.shape[-1])
-    batch = x.shape[0]
-    patch_count = (tokens if tokens is not None else int(x.shape[1])) - prefix
+    plain number, for constant shapes in the exported graph). The selection is a 0/1 matmul, as in
+    `merge_tokens`."""
+    del channels
+    total = tokens if tokens is not None else int(x.shape[1])
+    patch_count = total - prefix
     keep = patch_count - r - (1 if fuse else 0)
-    order = cls_attention.topk(patch_count if fuse else keep, dim=-1).indices[
-        ..., None
-    ]  # most attended first
-    kept_idx = order[:, :keep]
-    kept = patches.gather(dim=1, index=kept_idx.expand(batch, keep, channels))
-    kept_size = patch_size.gather(dim=1, index=kept_idx)
-    parts, sizes = [head_x, kept], [head_size, kept_size]
-    if fuse:
-        dropped_idx = order[:, keep:]
-        weight = cls_attention[..., None].gather(dim=1, index=dropped_idx)  # (B, r + 1, 1)
-        dropped = patches.gather(dim=1, index=dropped_idx.expand(batch, r + 1, channels))
-        fused = (dropped * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        parts.append(fused)
-        sizes.append(patch_size.gather(dim=1, index=dropped_idx).sum(dim=1, keepdim=True))
-    return torch.cat(parts, dim=1), torch.cat(sizes, dim=1)
+    order = cls_attention.topk(patch_count if fuse else keep, dim=-1).indices  # most attended first
+    kept = _one_hot(_with_prefix(order[:, :keep], prefix, order), total, x.dtype)
+    out_x, out_size = kept @ x, kept @ size
+    if not fuse:
+        return out_x, out_size
+    dropped = _one_hot(order[:, keep:], patch_count, x.dtype).sum(dim=1, keepdim=True)  # (B, 1, N - prefix)
+    weight = dropped * cls_attention[:, None, :]  # the dropped tokens' attention, others 0
+    fused = (weight @ x[:, prefix:]) / weight.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.cat([out_x, fused], dim=1), torch.cat([out_size, dropped @ size[:, prefix:]], dim=1)
 
 
 # --------------------------------------------------------------------------- the patched classes
