@@ -3,7 +3,7 @@ INT8, and top-1 against measured latency on a many-token model.
 
     python scripts/bench_tokens.py --track speed --threads 2 --runs 100     # DeiT-S at 224
     python scripts/bench_tokens.py --track accuracy                         # needs the p4 reference
-    python scripts/bench_tokens.py --track kd                               # + KD with merging on
+    python scripts/bench_tokens.py --track kd --kd-final-tokens 14          # + KD with merging on
 
 Speed track: random-init timm model (default deit_small_patch16_224 at 224, 197 tokens). Variants:
 the original; ToMe merging to 50 tokens after the last block (constant and decreasing schedules);
@@ -15,8 +15,9 @@ also timed with OpenVINO (its CPU plugin runs the QDQ model in INT8).
 Accuracy track: the many-token Fashion-MNIST reference (train_reference.py --variant p4: 49 patch
 tokens + class token). The 10k test images are split in two: settings are chosen on the even
 positions ("val") and the chosen ones reported on the odd positions ("test"). Merge and prune at
-several constant r, and structured pruning at several MAC targets, each exported and timed in one
-interleaved ONNX Runtime run, top-1 without any fine-tuning.
+several constant r and with decreasing schedules to a few final token counts, and structured pruning
+at several MAC targets, each exported and timed in one interleaved ONNX Runtime run at batch 1 and
+at --batch (throughput, what ToMe reports), top-1 without any fine-tuning.
 KD track: the chosen merge setting, then the KD budget of prune-kd-int8 (3 epochs, batch 128,
 lr 1e-3, hard label 0.5 + soft KD 0.5 at T=2, shift-flip) with merging on, top-1 on "test".
 Prints Markdown tables for BENCHMARKS.md; --json FILE writes the raw numbers.
@@ -164,6 +165,10 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         candidates.append(("merge", f"r={r}", TokensConfig(r=r)))
         candidates.append(("prune", f"r={r}", TokensConfig(r=r, method="prune")))
         candidates.append(("prune+fuse", f"r={r}", TokensConfig(r=r, method="prune", fuse=True)))
+    for final in args.final_tokens:
+        decreasing = {"final_tokens": final, "schedule": "decreasing"}
+        candidates.append(("merge", f"to {final}, decreasing", TokensConfig(**decreasing)))
+        candidates.append(("prune", f"to {final}, decreasing", TokensConfig(method="prune", **decreasing)))
     for target in args.macs:
         candidates.append(
             ("structured prune", f"MACs {target:.2f}", PruneConfig(target_macs=target, structures=STRUCTURES))
@@ -192,9 +197,12 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             }
         )
         print(f"{method} {setting}: val {rows[-1]['val_top1']:.2%}", file=sys.stderr, flush=True)
-    for row, timing in zip(rows, benchlib.time_variants(paths, args), strict=True):
+    batches = (1, args.batch) if args.batch > 1 else (1,)
+    for row, timing in zip(rows, benchlib.time_variants(paths, args, batches), strict=True):
         row.update(timing)
         row["speedup"] = 1 / row["latency_ratio"]
+        if args.batch > 1:
+            row["speedup_batch"] = 1 / row[f"latency_ratio_b{args.batch}"]
     int8 = int8_rows(args, workdir) if args.int8_r > 0 else []
     return {"rows": rows, "val_size": len(val), "test_size": len(test), "int8": int8}
 
@@ -232,14 +240,18 @@ def int8_rows(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
 
 
 def kd_track(args: argparse.Namespace, workdir: Path, r: int) -> dict[str, Any]:
-    """Merge at r, then the distillation budget of prune-kd-int8 with merging on."""
+    """Merge at r (or, with --kd-final-tokens, a decreasing schedule to that many tokens), then the
+    distillation budget of prune-kd-int8 with merging on."""
     from vitcompress.passes.distill import DistillConfig, distill_model
 
     ref, source = benchlib.reference(args, variant="p4")
     teacher = load_model(ref)
     val, test = _split(teacher, source, args.eval_limit)
     student = load_model(ref)
-    reduce_tokens(student, TokensConfig(r=r))
+    if args.kd_final_tokens:
+        reduce_tokens(student, TokensConfig(final_tokens=args.kd_final_tokens, schedule="decreasing"))
+    else:
+        reduce_tokens(student, TokensConfig(r=r))
     before = benchlib.top1(student, test)
     train = load_dataset(DataSpec(source=source, split="train"), student.input, student.num_classes)
     cfg = DistillConfig(
@@ -256,6 +268,7 @@ def kd_track(args: argparse.Namespace, workdir: Path, r: int) -> dict[str, Any]:
     distill_model(student, teacher, cfg, train, val, workdir / "kd")
     return {
         "r": r,
+        "final_tokens": args.kd_final_tokens,
         "original_test_top1": benchlib.top1(teacher, test),
         "merged_test_top1": before,
         "after_kd_test_top1": benchlib.top1(student, test),
@@ -268,7 +281,23 @@ def main() -> int:
     parser.add_argument("--track", choices=["speed", "accuracy", "kd"], default="speed")
     parser.add_argument("--r", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--macs", type=float, nargs="*", default=[0.85, 0.75, 0.65])
+    parser.add_argument(
+        "--final-tokens",
+        type=int,
+        nargs="*",
+        default=[26, 14, 8],
+        help="accuracy track: also merge/prune with a decreasing schedule to these token counts",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=32, help="accuracy track: also time at this batch size (throughput)"
+    )
     parser.add_argument("--kd-r", type=int, default=2, help="kd track: merge r")
+    parser.add_argument(
+        "--kd-final-tokens",
+        type=int,
+        default=None,
+        help="kd track: merge decreasing to N tokens instead of --kd-r",
+    )
     parser.add_argument(
         "--int8-r", type=int, default=2, help="accuracy track: merge r of the INT8 comparison"
     )
@@ -299,7 +328,11 @@ def main() -> int:
                     ("tokens after last block", lambda r: str(r["final_tokens"])),
                     ("MACs ratio", lambda r: f"{r['macs_ratio']:.3f}"),
                     ("p50 ms", lambda r: f"{r['p50_ms']:.3f}"),
-                    ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
+                    ("speed-up b1", lambda r: f"{r['speedup']:.2f}x"),
+                    (
+                        f"speed-up b{args.batch}",
+                        lambda r: f"{r['speedup_batch']:.2f}x" if "speedup_batch" in r else "-",
+                    ),
                     ("val top-1", lambda r: f"{r['val_top1']:.2%}"),
                     ("test top-1", lambda r: f"{r['test_top1']:.2%}"),
                     ("parity max abs", lambda r: r["parity"]),

@@ -67,18 +67,24 @@ def top1(loaded, data) -> float:  # type: ignore[no-untyped-def]
     return evaluate_torch(loaded, data, batch_size=500).top1
 
 
-def time_variants(paths: Sequence[Path], args: argparse.Namespace) -> list[dict[str, float]]:
-    """p50/p90 of every file at batch 1, all in one interleaved run; ratios against the first."""
+def time_variants(
+    paths: Sequence[Path], args: argparse.Namespace, batch_sizes: Sequence[int] = (1,)
+) -> list[dict[str, float]]:
+    """p50/p90 of every file, all in one interleaved run; ratios against the first. Batch 1 gives
+    `p50_ms`, `p90_ms`, `latency_ratio`; every other batch size B adds `p50_ms_bB` and `latency_ratio_bB`."""
     report = bench_models(
-        list(paths), threads=args.threads, batch_sizes=[1], warmup=args.warmup, runs=args.runs
+        list(paths), threads=args.threads, batch_sizes=list(batch_sizes), warmup=args.warmup, runs=args.runs
     )
-    base = report.find(str(paths[0]), 1).p50_ms
-    out = []
-    for path in paths:
-        latency = report.find(str(path), 1)
-        out.append(
-            {"p50_ms": latency.p50_ms, "p90_ms": latency.p90_ms, "latency_ratio": latency.p50_ms / base}
-        )
+    out: list[dict[str, float]] = [{} for _ in paths]
+    for batch in batch_sizes:
+        base = report.find(str(paths[0]), batch).p50_ms
+        suffix = "" if batch == 1 else f"_b{batch}"
+        for row, path in zip(out, paths, strict=True):
+            latency = report.find(str(path), batch)
+            row[f"p50_ms{suffix}"] = latency.p50_ms
+            row[f"latency_ratio{suffix}"] = latency.p50_ms / base
+            if batch == 1:
+                row["p90_ms"] = latency.p90_ms
     return out
 
 

@@ -314,6 +314,10 @@ def test_bench_tokens_script_smoke(tmp_path):
         "--r",
         "2",
         "--macs",
+        "--final-tokens",
+        "9",
+        "--batch",
+        "2",
         "--int8-r",
         "0",
         "--runs",
@@ -332,8 +336,11 @@ def test_bench_tokens_script_smoke(tmp_path):
         ("merge", 13),
         ("prune", 13),
         ("prune+fuse", 13),
+        ("merge", 9),
+        ("prune", 9),
     ]
     assert all(r["macs_ratio"] < 1 for r in rows[1:]) and "### Many-token reference" in run.stdout
+    assert all(r["speedup_batch"] > 0 for r in rows) and rows[0]["latency_ratio_b2"] == 1.0
 
 
 def test_train_reference_p4_variant_is_the_many_token_model(monkeypatch, tmp_path):
