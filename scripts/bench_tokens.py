@@ -15,7 +15,9 @@ also timed with OpenVINO (its CPU plugin runs the QDQ model in INT8).
 Accuracy track: the many-token Fashion-MNIST reference (train_reference.py --variant p4: 49 patch
 tokens + class token). The 10k test images are split in two: settings are chosen on the even
 positions ("val") and the chosen ones reported on the odd positions ("test"). Merge and prune at
-several constant r and with decreasing schedules to a few final token counts, and structured pruning
+several constant r, in one block only (--once: on a small model each block's matching costs
+about as much as the tokens it removes, so fewer, larger steps are faster), and with decreasing
+schedules to a few final token counts, and structured pruning
 at several MAC targets, each exported and timed in one interleaved ONNX Runtime run at batch 1 and
 at --batch (throughput, what ToMe reports), top-1 without any fine-tuning.
 KD track: the chosen merge setting, then the KD budget of prune-kd-int8 (3 epochs, batch 128,
@@ -165,6 +167,14 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         candidates.append(("merge", f"r={r}", TokensConfig(r=r)))
         candidates.append(("prune", f"r={r}", TokensConfig(r=r, method="prune")))
         candidates.append(("prune+fuse", f"r={r}", TokensConfig(r=r, method="prune", fuse=True)))
+    depth = len(base.adapter.blocks())
+    for block in args.once_blocks:
+        for r in args.once:
+            schedule = [r if i == block else 0 for i in range(depth)]
+            candidates.append(("merge", f"once: r={r} in block {block}", TokensConfig(r=schedule)))
+            candidates.append(
+                ("prune", f"once: r={r} in block {block}", TokensConfig(r=schedule, method="prune"))
+            )
     for final in args.final_tokens:
         decreasing = {"final_tokens": final, "schedule": "decreasing"}
         candidates.append(("merge", f"to {final}, decreasing", TokensConfig(**decreasing)))
@@ -279,7 +289,7 @@ def kd_track(args: argparse.Namespace, workdir: Path, r: int) -> dict[str, Any]:
 def main() -> int:
     parser = benchlib.parser(__doc__)
     parser.add_argument("--track", choices=["speed", "accuracy", "kd"], default="speed")
-    parser.add_argument("--r", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    parser.add_argument("--r", type=int, nargs="+", default=[2, 4, 6])
     parser.add_argument("--macs", type=float, nargs="*", default=[0.85, 0.75, 0.65])
     parser.add_argument(
         "--final-tokens",
@@ -288,6 +298,14 @@ def main() -> int:
         default=[26, 14, 8],
         help="accuracy track: also merge/prune with a decreasing schedule to these token counts",
     )
+    parser.add_argument(
+        "--once",
+        type=int,
+        nargs="*",
+        default=[8, 16, 24],
+        help="accuracy track: also reduce in one block only (--once-blocks) by these r",
+    )
+    parser.add_argument("--once-blocks", type=int, nargs="*", default=[0, 1])
     parser.add_argument(
         "--batch", type=int, default=32, help="accuracy track: also time at this batch size (throughput)"
     )
