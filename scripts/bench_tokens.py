@@ -88,6 +88,12 @@ def speed_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ("prune (EViT) to 50 tokens", {"final_tokens": 50, "method": "prune"}, False, False),
         ("structured prune 50% + INT8", None, True, True),
         ("structured prune 50% + merge to 50 + INT8", {"final_tokens": 50}, True, True),
+        (
+            "structured prune 50% + merge to 50, decreasing + INT8",
+            {"final_tokens": 50, "schedule": "decreasing"},
+            True,
+            True,
+        ),
     ]
     rows, paths = [], []
     calibration = None
