@@ -255,7 +255,7 @@ def int8_rows(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def kd_track(args: argparse.Namespace, workdir: Path, r: int) -> dict[str, Any]:
+def kd_track(args: argparse.Namespace, workdir: Path, r: list[int]) -> dict[str, Any]:
     """Merge at r (or, with --kd-final-tokens, a decreasing schedule to that many tokens), then the
     distillation budget of prune-kd-int8 with merging on."""
     from vitcompress.passes.distill import DistillConfig, distill_model
@@ -267,7 +267,7 @@ def kd_track(args: argparse.Namespace, workdir: Path, r: int) -> dict[str, Any]:
     if args.kd_final_tokens:
         reduce_tokens(student, TokensConfig(final_tokens=args.kd_final_tokens, schedule="decreasing"))
     else:
-        reduce_tokens(student, TokensConfig(r=r))
+        reduce_tokens(student, TokensConfig(r=r[0] if len(r) == 1 else r))
     before = benchlib.top1(student, test)
     train = load_dataset(DataSpec(source=source, split="train"), student.input, student.num_classes)
     cfg = DistillConfig(
@@ -315,7 +315,13 @@ def main() -> int:
     parser.add_argument(
         "--batch", type=int, default=32, help="accuracy track: also time at this batch size (throughput)"
     )
-    parser.add_argument("--kd-r", type=int, default=2, help="kd track: merge r")
+    parser.add_argument(
+        "--kd-r",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="kd track: merge r (one value: every block; or one per block)",
+    )
     parser.add_argument(
         "--kd-final-tokens",
         type=int,
