@@ -8,8 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from vitcompress.data import DataSection, Dataset, DataSpec
+    import torch
+
+    from vitcompress.data import DataSection, Dataset, DataSpec, InMemory
     from vitcompress.models.loader import LoadedModel
+    from vitcompress.passes.base import PassConfig
+
+# A caller's accuracy function: takes a model (a batch of inputs -> logits: the torch module, or an
+# exported file behind the same call) and returns its top-1 accuracy as a fraction in [0, 1].
+EvalFn = Callable[[Callable[["torch.Tensor"], "torch.Tensor"]], float]
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,8 @@ class Parity:
 
 @dataclass(frozen=True)
 class PassRecord:
-    """One row of the ledger."""
+    """One row of the ledger: the step's name and kind, its wall time (the pipeline's envelope) and
+    what the pass measured."""
 
     name: str
     kind: str
@@ -44,6 +52,28 @@ class PassRecord:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """What a pass measured, for its ledger record (the envelope, name, kind and time, is the
+    pipeline's)."""
+
+    params: int | None = None
+    macs: int | None = None
+    size_bytes: int | None = None
+    parity: Parity | None = None
+    latency_p50_ms: float | None = None
+    top1: float | None = None
+    artifact: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def asdict_shallow(value: Any) -> dict[str, Any]:
+    """A dataclass's fields as they are (no deep copy: parity stays a Parity)."""
+    from dataclasses import fields
+
+    return {f.name: getattr(value, f.name) for f in fields(value)}
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Settings every pass may read: where to write, how to measure."""
 
@@ -53,6 +83,10 @@ class RunSettings:
     data: DataSection | None = None  # the recipe's data splits, for passes that need data
     # progress(step name, done, total, metrics) for long passes (training); the CLI draws it
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None
+    # data the Python API was handed, by split (train, eval, val, calibration): the recipe's data
+    # section names them `source: memory`
+    memory: dict[str, InMemory] = field(default_factory=dict)
+    eval_fn: EvalFn | None = None  # the caller's accuracy function, used wherever top-1 is measured
 
 
 @dataclass(frozen=True)
@@ -92,7 +126,25 @@ class ModelState:
             raise DataError(f"{needed_by} needs data.{split}{fallback} in the recipe")
         if limit is not None:
             spec = spec.model_copy(update={"limit": min(spec.limit or limit, limit)})
+        if spec.source.value == "memory":
+            from vitcompress.data import memory_dataset
+
+            key = split
+            if split == "calibration" and self.settings.data is not None and self.settings.data.calibration is None:
+                key = "train"
+            if key not in self.settings.memory:
+                raise DataError(f"{needed_by}: data.{key} is 'memory' but no data was handed over for it")
+            return memory_dataset(self.settings.memory[key], spec, self.model.input, self.model.num_classes)
         return load_dataset(spec, self.model.input, self.model.num_classes)
+
+    def passed(self, cfg: PassConfig, measured: Measured | None = None, **changes: Any) -> ModelState:
+        """What a pass returns: the state with its measurements appended to the ledger, under the
+        step's name and kind, and the `changes` it made (onnx_path, teacher, ...); a pass that
+        declares `changes_model` marks the model changed. The pipeline adds the wall time."""
+        record = PassRecord(name=cfg.step_name, kind=cfg.kind, **asdict_shallow(measured or Measured()))
+        if cfg.changes_model:
+            changes.setdefault("model_changed", True)
+        return self.with_record(record, **changes)
 
     def with_record(self, record: PassRecord, **changes: Any) -> ModelState:
         from dataclasses import replace

@@ -335,7 +335,7 @@ def test_auto_mode_builds_both_int8_forms_and_keeps_the_faster(trained_onnx, tmp
 def test_the_gate_and_validate_score_a_dynamic_int8_file_alike(trained_onnx, tmp_path):
     """One protocol per run: dynamic INT8 scales activations per batch, so the gate (quantize row)
     and validate (validate row) must batch alike or one report shows two top-1s for one file."""
-    from vitcompress.evaluate import evaluate_onnx
+    from vitcompress.accuracy import evaluate_onnx
 
     path, _, test = trained_onnx
     target = tmp_path / "dyn.onnx"

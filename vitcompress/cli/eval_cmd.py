@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vitcompress.accuracy import EVAL_BATCH_SIZE
 from vitcompress.cli.common import (
     DATA_FORMS,
     CheckpointOpt,
@@ -20,7 +21,6 @@ from vitcompress.cli.common import (
     out_console,
     print_json,
 )
-from vitcompress.evaluate import EVAL_BATCH_SIZE
 from vitcompress.runtime import Provider
 from vitcompress.runtimes.base import Precision, Runtime
 
@@ -136,8 +136,7 @@ def evaluate(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vitcompress.data import DataSpec, load_dataset
-    from vitcompress.evaluate import (
+    from vitcompress.accuracy import (
         evaluate_onnx,
         evaluate_torch,
         onnx_classes,
@@ -146,6 +145,7 @@ def evaluate(
         sanity_torch,
         warn_if_insane,
     )
+    from vitcompress.data import DataSpec, load_dataset
 
     if input_range is not None and input_range not in ("0-1", "0-255"):
         raise typer.BadParameter(f"{input_range!r} is not 0-1 or 0-255", param_hint="--input-range")

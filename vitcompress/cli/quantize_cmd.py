@@ -92,9 +92,9 @@ def quantize(
       vitcompress quantize model.onnx --out model.fp16.onnx --preset gpu-fp16 --no-verify-provider
       vitcompress quantize model.onnx --out model.int8.xml --preset cpu-x86-openvino-int8 --data fashion-mnist
     """
+    from vitcompress.accuracy import onnx_input_spec
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.errors import BudgetExceededError
-    from vitcompress.evaluate import onnx_input_spec
     from vitcompress.passes.quantize import quantize_model
     from vitcompress.runtime import onnx_size
 

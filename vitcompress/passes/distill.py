@@ -32,12 +32,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
+from vitcompress.accuracy import EVAL_BATCH_SIZE
 from vitcompress.errors import VitcompressError
-from vitcompress.evaluate import EVAL_BATCH_SIZE
 from vitcompress.fileio import file_sha256
 from vitcompress.passes.base import PassConfig
 
@@ -76,6 +76,10 @@ class TeacherSpec(BaseModel):
 
 class DistillConfig(PassConfig):
     """Train the student against the teacher on data.train."""
+
+    summary: ClassVar[str] = "knowledge distillation from the uncompressed teacher (logit, DeiT, feature KD)"
+    engine: ClassVar[str] = "vitcompress.passes.distill"
+    changes_model: ClassVar[bool] = True
 
     kind: Literal["distill"] = "distill"
     teacher: TeacherSpec | None = Field(None, description="Default: the model as loaded, before compression.")
@@ -137,6 +141,12 @@ class DistillConfig(PassConfig):
 
     def needs_data(self) -> bool:
         return True
+
+    def needs_train(self) -> bool:
+        return True
+
+    def wants_original_model(self) -> bool:
+        return self.teacher is None  # the default teacher is the model as loaded
 
     @property
     def uses_teacher(self) -> bool:
@@ -721,9 +731,8 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
     from vitcompress.models import ModelRef, load_model
     from vitcompress.models.artifact import save_artifact
     from vitcompress.models.layers import masked_linears
-    from vitcompress.state import PassRecord
+    from vitcompress.state import Measured
 
-    start = time.perf_counter()
     train = state.load_split("train", cfg.step_name)
     test_data = state.load_split("eval", cfg.step_name, cfg.eval_limit) if state.data_spec("eval") else None
     student = state.model
@@ -796,13 +805,10 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
         save_artifact(
             student, workdir, history=[{"pass": cfg.step_name, "config": cfg.model_dump(mode="json")}]
         )
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=sum(p.numel() for p in student.model.parameters()),
         macs=state.records[-1].macs if state.records else None,
         top1=result.test_top1,
-        wall_s=time.perf_counter() - start,
         artifact=str(workdir),
         details={
             "steps": result.steps,
@@ -824,5 +830,5 @@ def run(state: ModelState, cfg: DistillConfig) -> ModelState:
     if cfg.become_teacher:
         import copy
 
-        return state.with_record(record, model_changed=True, teacher=copy.deepcopy(student))
-    return state.with_record(record, model_changed=True)
+        return state.passed(cfg, outcome, teacher=copy.deepcopy(student))
+    return state.passed(cfg, outcome)

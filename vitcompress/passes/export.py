@@ -19,18 +19,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from vitcompress.errors import ExportError, ParityError
 from vitcompress.passes.base import PassConfig
-from vitcompress.state import ModelState, Parity, PassRecord
+from vitcompress.state import Measured, ModelState, Parity
 
 if TYPE_CHECKING:
     from vitcompress.models.loader import InputSpec, LoadedModel
     from vitcompress.runtime import OnnxRunner
     from vitcompress.runtimes.base import Runner
+    from vitcompress.runtimes.target import TargetSection
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,17 @@ class Exporter(str, Enum):
 
 class ExportConfig(PassConfig):
     """Export the current model to ONNX (fp32) and verify it against PyTorch."""
+
+    summary: ClassVar[str] = "export to ONNX (fp32) and check parity against PyTorch"
+    engine: ClassVar[str] = "vitcompress.passes.export"
+    produces_onnx: ClassVar[bool] = True
+
+    @classmethod
+    def target_defaults(cls, target: TargetSection) -> dict[str, Any]:
+        if target.runtime != "openvino":
+            return {}
+        hint = target.precision_hint
+        return {"runtime": "openvino", **({"precision": hint} if hint else {})}
 
     kind: Literal["export"] = "export"
     exporter: Exporter = Field(
@@ -359,14 +371,11 @@ def run(state: ModelState, cfg: ExportConfig) -> ModelState:
         result.parity.top1_agreement,
     )
     macs, _ = count_macs(state.model)
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=sum(p.numel() for p in state.model.model.parameters()),
         macs=macs,
         size_bytes=result.size_bytes,
         parity=result.parity,
-        wall_s=result.wall_s,
         artifact=str(result.path),
         details={
             "exporter": result.exporter,
@@ -382,4 +391,4 @@ def run(state: ModelState, cfg: ExportConfig) -> ModelState:
         },
     )
     baseline = state.baseline_onnx or (None if state.model_changed else result.path)
-    return state.with_record(record, onnx_path=result.path, baseline_onnx=baseline)
+    return state.passed(cfg, outcome, onnx_path=result.path, baseline_onnx=baseline)

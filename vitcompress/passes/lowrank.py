@@ -22,11 +22,10 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -57,6 +56,11 @@ class Method(str, Enum):
 
 class LowRankConfig(PassConfig):
     """Which linears to factorize and how to choose their ranks (exactly one of the rank rules)."""
+
+    summary: ClassVar[str] = "low-rank factorization of linear layers (truncated or activation-whitened SVD)"
+    engine: ClassVar[str] = "vitcompress.passes.lowrank"
+    changes_model: ClassVar[bool] = True
+    reshapes_linears: ClassVar[bool] = True
 
     kind: Literal["lowrank"] = "lowrank"
     layers: list[str] | None = Field(
@@ -616,21 +620,17 @@ def _weight_budget(
 
 def run(state: ModelState, cfg: LowRankConfig) -> ModelState:
     from vitcompress.models.artifact import save_artifact
-    from vitcompress.state import PassRecord
+    from vitcompress.state import Measured
 
-    start = time.perf_counter()
     loaded = state.model
     needed_by = f"{cfg.step_name} (method {cfg.method.value})"
     data = state.load_split("calibration", needed_by) if cfg.needs_data() else None
     result = factorize_model(loaded, cfg, data, seed=state.settings.seed)
     directory = state.settings.out_dir / cfg.step_name
     save_artifact(loaded, directory, history=[{"pass": cfg.step_name, "config": cfg.model_dump(mode="json")}])
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=result.params_after,
         macs=result.macs_after,
-        wall_s=time.perf_counter() - start,
         artifact=str(directory),
         details={
             "params_ratio": result.params_after / result.params_before,
@@ -640,4 +640,4 @@ def run(state: ModelState, cfg: LowRankConfig) -> ModelState:
             "blocks": loaded.adapter.structure(),
         },
     )
-    return state.with_record(record, model_changed=True)
+    return state.passed(cfg, outcome)

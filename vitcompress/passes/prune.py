@@ -20,11 +20,10 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -67,6 +66,11 @@ class Scope(str, Enum):
 
 class PruneConfig(PassConfig):
     """Structured pruning: fractions per structure, or a MAC/parameter target."""
+
+    summary: ClassVar[str] = "structured pruning (torch-pruning): heads, head dims, MLP and embedding width"
+    engine: ClassVar[str] = "vitcompress.passes.prune"
+    changes_model: ClassVar[bool] = True
+    reshapes_linears: ClassVar[bool] = True
 
     kind: Literal["prune"] = "prune"
     heads: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of attention heads to remove.")
@@ -1029,9 +1033,8 @@ def prune_model(
 
 def run(state: ModelState, cfg: PruneConfig) -> ModelState:
     from vitcompress.models.artifact import save_artifact
-    from vitcompress.state import PassRecord
+    from vitcompress.state import Measured
 
-    start = time.perf_counter()
     loaded = state.model
     needed_by = f"{cfg.step_name} (importance {cfg.importance.value})"
     data = state.load_split("calibration", needed_by) if cfg.importance.needs_data else None
@@ -1054,13 +1057,10 @@ def run(state: ModelState, cfg: PruneConfig) -> ModelState:
     }
     if result.target:
         details["target"] = result.target
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=result.params_after,
         macs=result.macs_after,
-        wall_s=time.perf_counter() - start,
         artifact=str(directory),
         details=details,
     )
-    return state.with_record(record, model_changed=True)
+    return state.passed(cfg, outcome)

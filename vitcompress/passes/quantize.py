@@ -26,17 +26,18 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.base import PassConfig
+from vitcompress.passes.base import Needs, PassConfig
 
 if TYPE_CHECKING:
     import numpy as np
 
     from vitcompress.data import Dataset
+    from vitcompress.runtimes.target import TargetSection
     from vitcompress.state import ModelState
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class QuantizeConfig(PassConfig):
     """Quantize the exported ONNX model (needs an export pass before it)."""
+
+    summary: ClassVar[str] = "integer quantization with ONNX Runtime (static QDQ / dynamic int8, presets) or fp16"
+    engine: ClassVar[str] = "vitcompress.passes.quantize"
+    needs: ClassVar[Needs] = Needs.onnx
+
+    lowers_precision: ClassVar[bool] = True
+
+    @classmethod
+    def target_defaults(cls, target: TargetSection) -> dict[str, Any]:
+        settings: dict[str, Any] = {}
+        if target.runtime == "openvino":
+            settings["runtime"] = "openvino"
+        elif target.resolved_device == "gpu":
+            settings["provider"] = target.provider
+        if target.precision == "fp16":
+            settings["mode"] = "fp16"
+        return settings
 
     kind: Literal["quantize"] = "quantize"
     runtime: Literal["ort", "openvino"] = Field(
@@ -562,7 +580,7 @@ def agreement(float_path: Path, quant_path: Path, data: Dataset) -> dict[str, fl
     runs on its own runtime (.onnx on ONNX Runtime, .xml on OpenVINO)."""
     import numpy as np
 
-    from vitcompress.evaluate import EVAL_BATCH_SIZE, file_runner
+    from vitcompress.accuracy import EVAL_BATCH_SIZE, file_runner
     from vitcompress.runtimes import Runtime
 
     def runner(path: Path):  # type: ignore[no-untyped-def]
@@ -697,7 +715,7 @@ def _quantize_staged(
     import os
     import tempfile
 
-    from vitcompress.bench import bench_models
+    from vitcompress.timing import bench_models
 
     if cfg.mode is not Mode.auto:
         return _quantize_one(source, target, cfg, calibration, eval_data)
@@ -742,7 +760,7 @@ def _integer_only(
 ) -> dict[str, Any]:
     """The integer-only model of the current PyTorch model, with the exported file's metadata; the
     accuracy gate measures it (there is no float to fall back to)."""
-    from vitcompress.evaluate import onnx_metadata
+    from vitcompress.accuracy import onnx_metadata
     from vitcompress.passes.intonly.build import Finetune, quantize_integer_only
 
     assert state.onnx_path is not None
@@ -773,9 +791,8 @@ def _integer_only(
 def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
     from vitcompress.errors import RecipeError
     from vitcompress.runtime import onnx_size
-    from vitcompress.state import Parity, PassRecord
+    from vitcompress.state import Measured, Parity
 
-    start = time.perf_counter()
     if state.onnx_path is None:
         raise RecipeError("quantize needs an ONNX model: put an export pass before it")
     calibration = None
@@ -818,16 +835,13 @@ def run(state: ModelState, cfg: QuantizeConfig) -> ModelState:
             top1 = measured["quantized_top1"]
     log.info("quantized %s: %s", target.name, details["quantized_counts"])
     last = state.records[-1] if state.records else None
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=last.params if last else None,
         macs=last.macs if last else None,
         size_bytes=onnx_size(target),
         parity=parity,
         top1=top1,
-        wall_s=time.perf_counter() - start,
         artifact=str(target),
         details={**details, "settings": cfg.model_dump(mode="json")},
     )
-    return state.with_record(record, onnx_path=target)
+    return state.passed(cfg, outcome, onnx_path=target)

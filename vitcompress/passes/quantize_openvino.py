@@ -100,7 +100,7 @@ def _run_nncf(
 ) -> tuple[Any, str]:
     import numpy as np
 
-    from vitcompress.evaluate import EVAL_BATCH_SIZE
+    from vitcompress.accuracy import EVAL_BATCH_SIZE
     from vitcompress.passes.quantize import QuantizeError
 
     if cfg.max_top1_drop is None:
@@ -165,11 +165,11 @@ def quantize_openvino(
     threads: int,
 ) -> dict[str, Any]:
     """Build the OpenVINO INT8 IR `target` (.xml + .bin, written together once decided)."""
-    from vitcompress.bench import bench_models
     from vitcompress.fileio import atomic_dir
     from vitcompress.passes.quantize import Mode, QuantizeError, agreement
     from vitcompress.runtime import check_onnx_file
     from vitcompress.runtimes.openvino import version
+    from vitcompress.timing import bench_models
 
     target = Path(target)
     if target.suffix != ".xml":

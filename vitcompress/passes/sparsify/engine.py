@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -370,9 +369,8 @@ def sparsify_model(
 def run(state: ModelState, cfg: SparsifyConfig) -> ModelState:
     from vitcompress.models.artifact import save_artifact
     from vitcompress.models.stats import count_macs
-    from vitcompress.state import PassRecord
+    from vitcompress.state import Measured
 
-    start = time.perf_counter()
     loaded = state.model
     data = (
         state.load_split("calibration", f"{cfg.step_name} (method {cfg.method.value})")
@@ -389,12 +387,9 @@ def run(state: ModelState, cfg: SparsifyConfig) -> ModelState:
     directory = state.settings.out_dir / cfg.step_name
     save_artifact(loaded, directory, history=[{"pass": cfg.step_name, "config": cfg.model_dump(mode="json")}])
     params = sum(p.numel() for p in loaded.model.parameters())
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=params,
         macs=count_macs(loaded)[0],  # dense MACs: the zeros save time only where a sparse kernel runs
-        wall_s=time.perf_counter() - start,
         artifact=str(directory),
         details={
             "pattern": result.pattern,
@@ -409,4 +404,4 @@ def run(state: ModelState, cfg: SparsifyConfig) -> ModelState:
             "layers": [asdict(r) for r in result.layers],
         },
     )
-    return state.with_record(record, model_changed=True)
+    return state.passed(cfg, outcome)

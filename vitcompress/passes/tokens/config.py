@@ -14,7 +14,7 @@ fall linearly from 1.5x to 0.5x the mean, the same total as `constant`. Early re
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -38,6 +38,10 @@ class Schedule(str, Enum):
 
 class TokensConfig(PassConfig):
     """Reduce the tokens between attention and MLP in every block, with a fixed schedule."""
+
+    summary: ClassVar[str] = "token reduction with a fixed schedule: merge (ToMe) or prune (EViT) tokens in every block"
+    engine: ClassVar[str] = "vitcompress.passes.tokens.run"
+    changes_model: ClassVar[bool] = True
 
     kind: Literal["tokens"] = "tokens"
     method: Method = Field(
