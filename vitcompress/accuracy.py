@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
     from vitcompress.data import Dataset
     from vitcompress.models.loader import InputSpec, LoadedModel
-    from vitcompress.runtime import Provider
     from vitcompress.runtimes import Precision, Runner, Runtime
+    from vitcompress.runtimes.base import Provider
     from vitcompress.state import EvalFn
 
 
@@ -182,7 +182,7 @@ def onnx_metadata(path: Path) -> dict[str, Any] | None:
         return dict(meta) if isinstance(meta, dict) else None
     import onnx
 
-    from vitcompress.passes.export import METADATA_KEY
+    from vitcompress.runtimes.base import METADATA_KEY
 
     model = onnx.load(str(path), load_external_data=False)
     for prop in model.metadata_props:

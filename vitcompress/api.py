@@ -37,9 +37,8 @@ if TYPE_CHECKING:
     from vitcompress.models import LoadedModel, ModelRef
     from vitcompress.passes.base import PassConfig
     from vitcompress.passes.export import ExportResult
-    from vitcompress.pipeline import RunResult
     from vitcompress.recipe import Recipe
-    from vitcompress.state import EvalFn, PassRecord
+    from vitcompress.state import EvalFn, PassRecord, RunResult
     from vitcompress.timing import BenchReport
 
 # What a model argument may be: a module you hold, a reference string or path, or a ModelRef.
@@ -99,35 +98,10 @@ class Result:
 # --------------------------------------------------------------------------- conversions
 
 
-def as_model_ref(model: str | Path | ModelRef, **options: Any) -> ModelRef:
-    """The one converter to a `ModelRef`: from a reference string or path (with the options the CLI
-    and a recipe's `model:` section share: checkpoint, num_classes, img_size, in_chans, kwargs,
-    trust_checkpoint), from a recipe, or as given."""
-    from vitcompress.models import ModelRef
-    from vitcompress.recipe import Recipe
-
-    if isinstance(model, ModelRef):
-        return model
-    if isinstance(model, Recipe):
-        section = model.model
-        return ModelRef(
-            source=section.source,
-            checkpoint=section.checkpoint,
-            num_classes=section.num_classes,
-            img_size=section.img_size,
-            in_chans=section.in_chans,
-            trust_checkpoint=section.trust_checkpoint,
-            kwargs=dict(section.kwargs),
-        )
-    kwargs = dict(options.pop("kwargs", None) or {})
-    return ModelRef(str(model), kwargs=kwargs, **{k: v for k, v in options.items() if v is not None})
-
-
 def _loaded(model: ModelLike, **options: Any) -> LoadedModel:
     from torch import nn
 
-    from vitcompress.models import load_model
-    from vitcompress.models.loader import from_module
+    from vitcompress.models import as_model_ref, from_module, load_model
 
     if isinstance(model, nn.Module):
         return from_module(model)
@@ -462,7 +436,7 @@ def bench(
 ) -> BenchReport:
     """Latency of model files, measured in one interleaved run (the first is the baseline of the
     ratios): p50/p90/p99 and throughput per model and batch size, with the machine recorded."""
-    from vitcompress.runtime import Provider
+    from vitcompress.runtimes.base import Provider
     from vitcompress.timing import bench_models
 
     return bench_models(

@@ -77,6 +77,10 @@ class MissingDependencyError(VitcompressError):
     """An optional package that a feature needs is not installed."""
 
 
+class QuantizeError(VitcompressError):
+    """Quantization cannot run on this model or data, or produced nothing quantized."""
+
+
 class ParityError(VitcompressError):
     """The exported model does not reproduce the PyTorch model."""
 

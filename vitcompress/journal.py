@@ -110,11 +110,11 @@ class Journal:
 
     @staticmethod
     def _as_loaded(recipe: Recipe) -> LoadedModel:
-        from vitcompress.models import load_model
-        from vitcompress.pipeline import model_ref, seed_everything
+        from vitcompress.models import as_model_ref, load_model
+        from vitcompress.state import seed_everything
 
         seed_everything(recipe.run.seed)  # what the first run drew a random-init model with
-        return load_model(model_ref(recipe))
+        return load_model(as_model_ref(recipe.model))
 
 
 def _record(data: dict[str, Any]) -> PassRecord:

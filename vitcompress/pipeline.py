@@ -12,31 +12,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vitcompress.budgets import check_budgets
 from vitcompress.errors import BudgetExceededError
 from vitcompress.fileio import write_text
 from vitcompress.journal import Journal
 from vitcompress.passes import PASSES, Needs
 from vitcompress.recipe import Recipe, dump_recipe
-from vitcompress.state import ModelState, PassRecord, RunSettings
+from vitcompress.state import ModelState, PassRecord, RunResult, RunSettings, seed_everything
 
 if TYPE_CHECKING:
     from vitcompress.data import InMemory
-    from vitcompress.models import LoadedModel, ModelRef
+    from vitcompress.models import LoadedModel
     from vitcompress.passes.base import PassConfig
     from vitcompress.state import EvalFn
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunResult:
-    state: ModelState
-    out_dir: Path
-    budget_failures: tuple[str, ...]
-
-    @property
-    def ledger(self) -> tuple[PassRecord, ...]:
-        return self.state.records
 
 
 @dataclass(frozen=True)
@@ -48,68 +38,6 @@ class RunInputs:
     model: LoadedModel | None = None
     memory: dict[str, InMemory] = field(default_factory=dict)
     eval_fn: EvalFn | None = None
-
-
-def model_ref(recipe: Recipe) -> ModelRef:
-    from vitcompress.models import ModelRef
-
-    section = recipe.model
-    return ModelRef(
-        source=section.source,
-        checkpoint=section.checkpoint,
-        num_classes=section.num_classes,
-        img_size=section.img_size,
-        in_chans=section.in_chans,
-        trust_checkpoint=section.trust_checkpoint,
-        kwargs=dict(section.kwargs),
-    )
-
-
-def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
-    budgets, failures = recipe.budgets, []
-    measured = next((r for r in reversed(state.records) if r.latency_p50_ms is not None), None)
-    if (budgets.max_p50_ms or budgets.min_speedup) and measured is None:
-        failures.append("latency budgets are set but no pass measured latency: add a validate pass")
-    if (
-        measured is not None
-        and budgets.max_p50_ms is not None
-        and measured.latency_p50_ms is not None
-        and measured.latency_p50_ms > budgets.max_p50_ms
-    ):
-        runner = measured.details.get("runner")  # the runtime the budget was checked on
-        on = f" on {runner['runtime']} {runner['version']} ({runner['precision']})" if runner else ""
-        failures.append(f"p50 {measured.latency_p50_ms:.2f} ms{on} > max_p50_ms {budgets.max_p50_ms:g}")
-    speedup = measured.details.get("speedup_vs_baseline") if measured else None
-    if budgets.min_speedup is not None and speedup is not None and speedup < budgets.min_speedup:
-        failures.append(f"speed-up {speedup:.2f}x < min_speedup {budgets.min_speedup:g}x")
-    failures += [str(r.details["gate_failure"]) for r in state.records if "gate_failure" in r.details]
-    if budgets.max_top1_drop is not None:
-        accuracy = next((r for r in reversed(state.records) if "top1_drop_points" in r.details), None)
-        if accuracy is None:
-            failures.append(
-                "max_top1_drop is set but no pass measured accuracy: add data.eval and a validate pass"
-            )
-        elif not accuracy.details.get("sanity", {}).get("ok", True):
-            # a drop measured against a broken reference proves nothing, however small it is
-            sanity = accuracy.details["sanity"]
-            failures.append(
-                f"max_top1_drop cannot be judged: the {sanity['model']} it is measured against fails the "
-                f"sanity check ({'; '.join(sanity['problems'])}), so the measured drop of "
-                f"{accuracy.details['top1_drop_points']:.2f} points means nothing: the model is untrained "
-                "(a checkpoint missing?) or the data is not preprocessed as it was trained (data mean, "
-                "std, input_range)"
-            )
-        elif accuracy.details["top1_drop_points"] > budgets.max_top1_drop:
-            failures.append(
-                f"top-1 drop {accuracy.details['top1_drop_points']:.2f} points > max_top1_drop {budgets.max_top1_drop:g}"
-            )
-    if budgets.max_size_mb is not None and state.onnx_path is not None:
-        from vitcompress.runtime import onnx_size
-
-        size_mb = onnx_size(state.onnx_path) / 1e6
-        if size_mb > budgets.max_size_mb:
-            failures.append(f"ONNX size {size_mb:.2f} MB > max_size_mb {budgets.max_size_mb:g}")
-    return tuple(failures)
 
 
 def run_pass(state: ModelState, cfg: PassConfig) -> ModelState:
@@ -137,19 +65,6 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator a pass may draw from (random init of a hub-less timm model, a distill
-    pass's feature projections, numpy shuffles), so a recipe with `run.seed` is reproducible."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def leading_model_passes(recipe: Recipe) -> int:
@@ -329,7 +244,7 @@ def _run(
         release_memory()
     if rank > 0:
         return RunResult(state=state, out_dir=out_dir, budget_failures=())
-    failures = check_budgets(recipe, state)
+    failures = check_budgets(recipe.budgets, state.records, state.onnx_path)
     result = RunResult(state=state, out_dir=out_dir, budget_failures=failures)
     write_reports(recipe, result)
     if failures:
@@ -345,13 +260,13 @@ def _load(
 ) -> ModelState:
     """The state before the first pass: the model as loaded (or as `given`), and a copy of it when
     a pass reads it."""
-    from vitcompress.models import load_model
+    from vitcompress.models import as_model_ref, load_model
     from vitcompress.models.stats import count_macs
 
     if on_pass:
         on_pass(0, "load")
     start = time.perf_counter()
-    loaded = given if given is not None else load_model(model_ref(recipe))
+    loaded = given if given is not None else load_model(as_model_ref(recipe.model))
     macs, _ = count_macs(loaded)
     load_record = PassRecord(
         name="load",

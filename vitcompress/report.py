@@ -11,8 +11,8 @@ from vitcompress.fileio import write_json, write_text
 from vitcompress.state import PassRecord
 
 if TYPE_CHECKING:
-    from vitcompress.pipeline import RunResult
     from vitcompress.recipe import Recipe
+    from vitcompress.state import RunResult
 
 
 def fmt_count(value: int | None) -> str:
@@ -97,9 +97,8 @@ def _environment(result: RunResult) -> dict[str, Any] | None:
 
 def _plot_points(result: RunResult) -> list[Any]:
     """The fp32 baseline and the final model, both measured by the last validate pass (same run)."""
-    from vitcompress.plot import ParetoPoint
-
     from vitcompress.passes import measuring_kinds
+    from vitcompress.plot import ParetoPoint
 
     measuring = measuring_kinds()
     record = next((r for r in reversed(result.ledger) if r.kind in measuring), None)

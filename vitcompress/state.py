@@ -89,6 +89,31 @@ class RunSettings:
     eval_fn: EvalFn | None = None  # the caller's accuracy function, used wherever top-1 is measured
 
 
+__all__ = [
+    "EvalFn",
+    "Measured",
+    "ModelState",
+    "Parity",
+    "PassRecord",
+    "RunResult",
+    "RunSettings",
+    "seed_everything",
+]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a pass may draw from (random init of a hub-less timm model, a distill
+    pass's feature projections, numpy shuffles), so a recipe with `run.seed` is reproducible."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 @dataclass(frozen=True)
 class ModelState:
     """The model as it stands after the passes so far.
@@ -150,3 +175,14 @@ class ModelState:
         from dataclasses import replace
 
         return replace(self, records=(*self.records, record), **changes)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    state: ModelState
+    out_dir: Path
+    budget_failures: tuple[str, ...]
+
+    @property
+    def ledger(self) -> tuple[PassRecord, ...]:
+        return self.state.records

@@ -24,7 +24,7 @@ from vitcompress.fileio import write_json, write_text
 from vitcompress.passes import measuring_kinds
 from vitcompress.plot import ParetoPoint, plot_pareto
 from vitcompress.recipe import Recipe, apply_overrides, validate_recipe
-from vitcompress.runtime import Provider
+from vitcompress.runtimes.base import Provider
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +195,12 @@ def _baseline(
     for variant in measured:
         if variant.baseline is not None:
             return Path(variant.baseline[0]), variant.baseline[1]
-    from vitcompress.models import load_model
+    from vitcompress.models import as_model_ref, load_model
     from vitcompress.passes.export import ExportConfig, export_model
-    from vitcompress.pipeline import model_ref
 
     path = out_dir / "baseline.onnx"
     if not path.is_file():
-        loaded = load_model(model_ref(recipe))
+        loaded = load_model(as_model_ref(recipe.model))
         export_model(loaded, path, ExportConfig(), seed=recipe.run.seed)
     return path, _evaluate(path, recipe, provider)
 

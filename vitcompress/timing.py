@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcompress.errors import BudgetExceededError, OnnxModelError
+from vitcompress.errors import OnnxModelError
 from vitcompress.runtime import OnnxRunner, Provider
 
 if TYPE_CHECKING:
@@ -294,30 +294,6 @@ def bench_models(
     for reason in reasons:
         log.warning("noisy measurement: %s", reason)
     return BenchReport(Environment.detect(), settings, results, bool(reasons), reasons)
-
-
-def check_gate(
-    latency: Latency, max_p50_ms: float | None, min_speedup: float | None, noise: Sequence[str] = ()
-) -> None:
-    """Raise BudgetExceededError (exit code 3) when a measured value is past its budget. `noise`
-    (noise_reasons of the measurement) goes into the hint: a gate on a disturbed run may be wrong."""
-    hint = (
-        f"the measurement was noisy ({noise[0]}): rerun on a quiet machine before trusting this verdict"
-        if noise
-        else None
-    )
-    if max_p50_ms is not None and latency.p50_ms > max_p50_ms:
-        raise BudgetExceededError(
-            f"latency gate failed: {latency.model} p50 {latency.p50_ms:.2f} ms at batch {latency.batch_size} "
-            f"> budget {max_p50_ms:g} ms",
-            hint=hint,
-        )
-    if min_speedup is not None and latency.speedup_vs_first < min_speedup:
-        raise BudgetExceededError(
-            f"speed-up gate failed: {latency.model} is {latency.speedup_vs_first:.2f}x the baseline "
-            f"at batch {latency.batch_size}, budget {min_speedup:g}x",
-            hint=hint,
-        )
 
 
 # --------------------------------------------------------------------------- noise

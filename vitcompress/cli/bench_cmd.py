@@ -8,8 +8,7 @@ import typer
 from rich.table import Table
 
 from vitcompress.cli.common import JsonOpt, err_console, out_console, print_json
-from vitcompress.runtime import Provider
-from vitcompress.runtimes.base import Precision, Runtime
+from vitcompress.runtimes.base import Precision, Provider, Runtime
 
 
 def bench(
@@ -95,7 +94,8 @@ def bench(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vitcompress.timing import bench_entries, bench_models, check_gate
+    from vitcompress.budgets import check_gate
+    from vitcompress.timing import bench_entries, bench_models
 
     batch_sizes = batch_size or [1]
     threads = threads or os.cpu_count() or 1

@@ -21,8 +21,7 @@ from vitcompress.cli.common import (
     out_console,
     print_json,
 )
-from vitcompress.runtime import Provider
-from vitcompress.runtimes.base import Precision, Runtime
+from vitcompress.runtimes.base import Precision, Provider, Runtime
 
 if TYPE_CHECKING:
     from vitcompress.data import DataSpec

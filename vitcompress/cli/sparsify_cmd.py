@@ -17,7 +17,6 @@ from vitcompress.cli.common import (
     NumHeadsOpt,
     OverwriteOpt,
     TrustOpt,
-    build_config,
     err_console,
     ledger_table,
     out_console,
@@ -25,56 +24,22 @@ from vitcompress.cli.common import (
     print_run_json,
     run_single_pass,
 )
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.sparsify.config import PATTERN_HELP, Allocation, SelectMethod, SparsifyConfig
+from vitcompress.passes.sparsify.config import SparsifyConfig
 
 
+@config_options(SparsifyConfig, flags={"layers": "--layer"})
 def sparsify(
     model: ModelArg,
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Run directory: the sparse artifact (OUT/sparsify) and reports."),
     ],
-    pattern: Annotated[str, typer.Option(help=f"{PATTERN_HELP}.")] = "2:4",
-    sparsity: Annotated[
-        float | None,
-        typer.Option(help="Block patterns: fraction of the weights (whole blocks) to zero; default 0.5."),
-    ] = None,
-    allocation: Annotated[
-        Allocation,
-        typer.Option(
-            help="Block patterns: uniform (same sparsity per layer) or global (one ranking of all blocks)."
-        ),
-    ] = Allocation.uniform,
-    max_layer_sparsity: Annotated[
-        float, typer.Option(help="--allocation global: no layer sparser than this.")
-    ] = 0.9,
-    method: Annotated[
-        SelectMethod,
-        typer.Option(help="obs: second-order selection + weight update (needs --data); magnitude: no data."),
-    ] = SelectMethod.obs,
-    layer: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layer",
-            help="Module-name glob of linears to sparsify (repeat). Default: every block's qkv, proj, fc1, fc2.",
-        ),
-    ] = None,
     data: Annotated[
         str | None, typer.Option("--data", help=f"Calibration data for --method obs: {DATA_FORMS}.")
     ] = None,
     data_limit: Annotated[int | None, typer.Option(min=1, help="Use this many samples (stratified).")] = 512,
-    calibration_batches: Annotated[int, typer.Option(min=1, help="Calibration batches (obs).")] = 8,
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the calibration batches.")] = 32,
-    damping: Annotated[
-        float, typer.Option(help="OBS: Hessian damping, a fraction of its mean diagonal.")
-    ] = 0.01,
-    sequential: Annotated[
-        bool,
-        typer.Option(
-            help="OBS: calibrate each block on the already sparsified blocks before it (SparseGPT)."
-        ),
-    ] = True,
     bench: Annotated[
         bool, typer.Option("--bench", help="Also export to ONNX and measure latency against the original.")
     ] = False,
@@ -88,6 +53,7 @@ def sparsify(
     trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
+    cfg: ConfigFlags = GENERATED,
 ) -> None:
     """Zero weights of the linear layers in a hardware pattern, post-training (no fine-tuning).
 
@@ -111,19 +77,7 @@ def sparsify(
     from vitcompress.data import DataSection, DataSpec
     from vitcompress.report import fmt_bytes
 
-    cfg = build_config(
-        SparsifyConfig,
-        pattern=pattern,
-        sparsity=sparsity,
-        allocation=allocation,
-        max_layer_sparsity=max_layer_sparsity,
-        method=method,
-        layers=layer,
-        damping=damping,
-        sequential=sequential,
-        calibration_batches=calibration_batches,
-        batch_size=batch_size,
-    )
+    cfg = cfg.build()
     data_section = DataSection()
     if data is not None:
         data_section = DataSection(calibration=DataSpec.parse(data, limit=data_limit, seed=seed))

@@ -337,7 +337,7 @@ def _warn_random_weights(name: str) -> None:
     )
 
 
-def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
+def load_timm(name: str, ref: ModelRef) -> LoadedModel:
     if name not in set(_timm_names()):
         raise ModelNotFoundError(f"unknown timm model {name!r}", hint=did_you_mean(name, _timm_names()))
     checkpoint = load_checkpoint(ref.checkpoint, trust=ref.trust_checkpoint) if ref.checkpoint else None
@@ -531,7 +531,7 @@ def _hf_settings(config: Any) -> tuple[ModelSetting, ...]:
     )
 
 
-def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
+def load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
     import json
 
     if not directory.is_dir():
@@ -618,61 +618,6 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
         num_classes=int(net.config.num_labels),
         label=f"hf:{directory}",
         settings=_hf_settings(net.config),
-    )
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def _final_artifact(run_dir: Path) -> Path:
-    """A run directory (from `compress`, `prune`, ...) stands for the last model artifact it holds."""
-    import json
-
-    try:
-        ledger = json.loads((run_dir / "report.json").read_text())["ledger"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"{run_dir / 'report.json'} is not a readable vitcompress report: {err}"
-        ) from err
-    artifacts = [r["artifact"] for r in ledger if r.get("artifact") and Path(r["artifact"]).name != ""]
-    for artifact in reversed(artifacts):
-        candidate = run_dir / Path(artifact).name
-        if (candidate / ARTIFACT_MANIFEST).is_file():
-            log.info("%s is a run directory; loading its final model %s", run_dir, candidate)
-            return candidate
-    raise ModelNotFoundError(
-        f"run directory {run_dir} holds no model artifact", hint="its passes left only ONNX files; use those"
-    )
-
-
-def load_model(ref: ModelRef) -> LoadedModel:
-    """Build and load the model a reference names; every failure is a VitcompressError with a fix."""
-    source = ref.source
-    if source.startswith("timm:"):
-        return _load_timm(source[len("timm:") :], ref)
-    if source.startswith("hf:"):
-        return _load_hf(Path(source[len("hf:") :]).expanduser(), ref)
-    path = Path(source).expanduser()
-    if path.is_dir() and not (path / ARTIFACT_MANIFEST).is_file() and (path / "report.json").is_file():
-        path = _final_artifact(path)
-    if path.is_dir() and (path / ARTIFACT_MANIFEST).is_file():
-        if ref.checkpoint or ref.num_classes or ref.img_size or ref.in_chans or ref.kwargs:
-            raise CheckpointError(
-                f"{path} is a vitcompress artifact; --checkpoint/--num-classes/--img-size/--in-chans/"
-                "--model-kwargs/--num-heads do not apply",
-                hint="drop those options",
-            )
-        from vitcompress.models.artifact import load_artifact
-
-        return load_artifact(path)
-    if path.exists():
-        raise ModelNotFoundError(
-            f"{source!r} is not a model reference",
-            hint=f"use timm:NAME --checkpoint {source}, hf:DIR, or a vitcompress artifact directory",
-        )
-    raise ModelNotFoundError(
-        f"model {source!r} not found",
-        hint="use timm:NAME (e.g. timm:deit_tiny_patch16_224), hf:DIR, or a vitcompress artifact directory",
     )
 
 

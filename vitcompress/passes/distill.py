@@ -87,7 +87,7 @@ class DistillConfig(PassConfig):
     steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(64, ge=1, description="Images per step (per process under torchrun).")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.05, ge=0)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases, norms, position embeddings and tokens).")
     warmup: float = Field(0.05, ge=0, lt=1, description="Warm-up as a fraction of the steps.")
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Cosine decays to lr * this.")
     clip_grad: float | None = Field(1.0, gt=0, description="Max gradient norm (null: no clipping).")

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 
 from vitcompress.errors import ExportError, ParityError
 from vitcompress.passes.base import PassConfig
+from vitcompress.runtimes.base import METADATA_KEY, FileRuntime, Runtime
 from vitcompress.state import Measured, ModelState, Parity
 
 if TYPE_CHECKING:
@@ -69,8 +70,8 @@ class ExportConfig(PassConfig):
     atol: float = Field(1e-4, gt=0, description="Parity gate: max |Δlogit| <= atol + rtol * max|logit|.")
     rtol: float = Field(1e-4, ge=0, description="Relative part of the parity gate.")
     min_top1_agreement: float = Field(1.0, gt=0, le=1, description="Parity gate on top-1 agreement.")
-    runtime: Literal["ort", "openvino"] = Field(
-        "ort",
+    runtime: FileRuntime = Field(
+        Runtime.ort,
         description="ort: the ONNX file; openvino: also an OpenVINO IR (.xml + .bin, same name) converted "
         "from the parity-checked ONNX, carrying the same metadata and itself checked against PyTorch.",
     )
@@ -177,7 +178,6 @@ def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
             program.save(str(path))
 
 
-METADATA_KEY = "vitcompress.input"
 
 
 def metadata(

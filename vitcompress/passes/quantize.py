@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from vitcompress.errors import VitcompressError
+from vitcompress.errors import QuantizeError, VitcompressError
 from vitcompress.passes.base import Needs, PassConfig
+from vitcompress.runtimes.base import FileRuntime, Provider, Runtime
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,10 +42,6 @@ if TYPE_CHECKING:
     from vitcompress.state import ModelState
 
 log = logging.getLogger(__name__)
-
-
-class QuantizeError(VitcompressError):
-    """Quantization cannot run on this model or data, or produced nothing quantized."""
 
 
 class Mode(str, Enum):
@@ -112,8 +109,8 @@ class QuantizeConfig(PassConfig):
         return settings
 
     kind: Literal["quantize"] = "quantize"
-    runtime: Literal["ort", "openvino"] = Field(
-        "ort",
+    runtime: FileRuntime = Field(
+        Runtime.ort,
         description="ort: ONNX Runtime quantization into an .onnx file; openvino: INT8 OpenVINO IR (.xml) "
         "with NNCF (static), or NNCF and vitcompress's QDQ file run by OpenVINO, the faster kept (auto).",
     )
@@ -147,7 +144,7 @@ class QuantizeConfig(PassConfig):
         "(measured 1.25-1.4x faster on DeiT-S, AVX-512 VNNI).",
     )
     exclude: list[str] = Field(default_factory=list, description="ONNX node names to keep in float.")
-    provider: Literal["cpu", "cuda", "tensorrt"] = Field("cpu", description="Where the result will run.")
+    provider: Provider = Field(Provider.cpu, description="Where the result will run.")
     max_top1_drop: float | None = Field(
         None,
         ge=0,

@@ -56,8 +56,9 @@ def nncf_quantize(
     source: Path, xml: Path, cfg: QuantizeConfig, calibration: Dataset, eval_data: Dataset | None
 ) -> dict[str, Any]:
     """NNCF INT8 of the float ONNX file into IR `xml` (with the ONNX file's metadata)."""
+    from vitcompress.errors import QuantizeError
     from vitcompress.passes.export import default_ir_precision
-    from vitcompress.passes.quantize import QuantizeError, check_calibration
+    from vitcompress.passes.quantize import check_calibration
     from vitcompress.runtimes.openvino import convert_onnx, onnx_file_metadata, save_ir
 
     nncf = _nncf()
@@ -101,7 +102,7 @@ def _run_nncf(
     import numpy as np
 
     from vitcompress.accuracy import EVAL_BATCH_SIZE
-    from vitcompress.passes.quantize import QuantizeError
+    from vitcompress.errors import QuantizeError
 
     if cfg.max_top1_drop is None:
         return nncf.quantize(model, calibration_set, **common), "nncf.quantize"
@@ -165,8 +166,9 @@ def quantize_openvino(
     threads: int,
 ) -> dict[str, Any]:
     """Build the OpenVINO INT8 IR `target` (.xml + .bin, written together once decided)."""
+    from vitcompress.errors import QuantizeError
     from vitcompress.fileio import atomic_dir
-    from vitcompress.passes.quantize import Mode, QuantizeError, agreement
+    from vitcompress.passes.quantize import Mode, agreement
     from vitcompress.runtime import check_onnx_file
     from vitcompress.runtimes.openvino import version
     from vitcompress.timing import bench_models

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from vitcompress.errors import RecipeError
 from vitcompress.passes.base import Needs, PassConfig
-from vitcompress.runtime import Provider
+from vitcompress.runtimes.base import Provider, Runtime
 from vitcompress.state import Measured, ModelState
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class ValidateConfig(PassConfig):
         10, ge=1, description="Timed runs in a row per model before switching (1: round-robin)."
     )
     compare_baseline: bool = Field(True, description="Measure the fp32 baseline in the same run.")
-    runtime: Literal["ort", "openvino", "tensorrt"] | None = Field(
+    runtime: Runtime | None = Field(
         None,
         description="Runtime the budgets are checked on (default: the model file's own: .onnx ort, .xml "
         "openvino). The fp32 baseline always runs on ort.",

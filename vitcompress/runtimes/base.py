@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from vitcompress.errors import InputShapeError, PrecisionUnavailableError
 
@@ -20,18 +20,44 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-class Runtime(str, Enum):
+class Choice(str, Enum):
+    """A named choice (a flag value, a recipe value) that prints as its value in messages."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    def __repr__(self) -> str:  # validation errors list the choices as a user types them
+        return repr(self.value)
+
+
+class Runtime(Choice):
     ort = "ort"  # ONNX Runtime: .onnx, and its mobile .ort format
     openvino = "openvino"  # OpenVINO: IR (.xml + .bin), or an .onnx read by its ONNX frontend
     tensorrt = "tensorrt"  # TensorRT: a serialized engine (.engine / .plan) for one GPU
 
 
-class Device(str, Enum):
+class Provider(Choice):
+    """ONNX Runtime's execution provider: the one provider type of vitcompress (configs, flags)."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+    tensorrt = "tensorrt"
+
+
+# The runtimes a model file is written for by export and quantize (TensorRT engines are built from
+# the final ONNX file by `vitcompress convert --to tensorrt`).
+FileRuntime = Literal[Runtime.ort, Runtime.openvino]
+
+
+class Device(Choice):
     cpu = "cpu"
     gpu = "gpu"
 
 
-class Precision(str, Enum):
+class Precision(Choice):
     """The precision a runtime computes in. For ORT and TensorRT engines this is the file's own
     (fp32, fp16, int8); OpenVINO takes it as a hint and can run an fp32 file in bf16."""
 

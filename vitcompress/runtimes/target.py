@@ -21,16 +21,18 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vitcompress.runtimes.base import Device, Runtime
+
 
 class TargetSection(BaseModel):
     """Where the compressed model will run."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    runtime: Literal["ort", "openvino", "tensorrt"] = Field(
-        "ort", description="ort (portable), openvino (x86 CPUs), tensorrt (NVIDIA GPUs)."
+    runtime: Runtime = Field(
+        Runtime.ort, description="ort (portable), openvino (x86 CPUs), tensorrt (NVIDIA GPUs)."
     )
-    device: Literal["cpu", "gpu"] | None = Field(None, description="Default: gpu for tensorrt, else cpu.")
+    device: Device | None = Field(None, description="Default: gpu for tensorrt, else cpu.")
     threads: int | None = Field(None, ge=1, description="Threads on the target (sets run.threads).")
     precision: Literal["fp32", "bf16", "fp16", "int8"] | None = Field(
         None,
