@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from vitcompress.choices import Provider
     from vitcompress.data import Dataset
     from vitcompress.models.loader import InputSpec, LoadedModel
     from vitcompress.runtimes import Precision, Runner, Runtime
-    from vitcompress.runtimes.base import Provider
     from vitcompress.state import EvalFn
 
 

@@ -318,7 +318,7 @@ def factorize(
 ) -> Result:
     """Low-rank factorization of linear layers: `options` are LowRankConfig's fields (target_params,
     energy, method, ...); `data` feeds the data-aware methods."""
-    from vitcompress.passes.lowrank import LowRankConfig
+    from vitcompress.passes.lowrank.config import LowRankConfig
 
     return run_pass(_config(LowRankConfig, config, options), model, out, data={"calibration": data})
 
@@ -338,7 +338,7 @@ def distill(
     (steps, epochs, lr, ...); `val` is scored at the end."""
     from torch import nn
 
-    from vitcompress.passes.distill import DistillConfig
+    from vitcompress.passes.distill.config import DistillConfig
 
     if isinstance(teacher, nn.Module):
         raise RecipeError(
@@ -364,7 +364,7 @@ def quantize(
     mode, calibration_size, max_top1_drop, ...). A module or a reference is exported first; an
     `.onnx` path is quantized as it is (`val` then feeds its max_top1_drop gate)."""
     from vitcompress.passes.export import ExportConfig
-    from vitcompress.passes.quantize import QuantizeConfig
+    from vitcompress.passes.quantize.config import QuantizeConfig
 
     cfg = _config(QuantizeConfig, config, options)
     path = Path(model) if isinstance(model, (str, Path)) else None
@@ -381,7 +381,7 @@ def _quantize_file(
     import os
 
     from vitcompress.accuracy import onnx_input_spec
-    from vitcompress.passes.quantize import quantize_model
+    from vitcompress.passes.quantize.run import quantize_model
     from vitcompress.state import PassRecord
 
     input_spec, classes = onnx_input_spec(path)
@@ -436,7 +436,7 @@ def bench(
 ) -> BenchReport:
     """Latency of model files, measured in one interleaved run (the first is the baseline of the
     ratios): p50/p90/p99 and throughput per model and batch size, with the machine recorded."""
-    from vitcompress.runtimes.base import Provider
+    from vitcompress.choices import Provider
     from vitcompress.timing import bench_models
 
     return bench_models(

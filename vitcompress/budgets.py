@@ -1,5 +1,6 @@
-"""Budgets: the one place that judges measured values against the limits a user set, for a
-recipe's `budgets:` (after a run) and for `bench --max-p50-ms/--min-speedup` (a CI gate)."""
+"""Budgets: the recipe's `budgets:` section and the one place that judges measured values against
+the limits a user set, after a run (`check_budgets`) and for `bench --max-p50-ms/--min-speedup`
+(`timing.check_gate`, through `latency_failures`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vitcompress.errors import BudgetExceededError
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from vitcompress.recipe import Budgets
     from vitcompress.state import PassRecord
-    from vitcompress.timing import Latency
+
+
+class Budgets(BaseModel):
+    """Gates on the final model; a failed gate exits with code 3 after the reports are written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_p50_ms: float | None = Field(None, gt=0, description="Median latency at the first batch size.")
+    min_speedup: float | None = Field(None, gt=0, description="Speed-up over the fp32 baseline, same run.")
+    max_size_mb: float | None = Field(
+        None, gt=0, description="Size of the final ONNX file in MB (1e6 bytes)."
+    )
+    max_top1_drop: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Top-1 drop against the fp32 baseline on data.eval, in points (needs validate).",
+    )
 
 
 def latency_failures(
@@ -29,22 +46,6 @@ def latency_failures(
     if min_speedup is not None and speedup is not None and speedup < min_speedup:
         failures.append(f"speed-up {speedup:.2f}x{on} < min_speedup {min_speedup:g}x")
     return failures
-
-
-def check_gate(
-    latency: Latency, max_p50_ms: float | None, min_speedup: float | None, noise: Sequence[str] = ()
-) -> None:
-    """Raise BudgetExceededError (exit code 3) when a measured value is past its budget. `noise`
-    (noise_reasons of the measurement) goes into the hint: a gate on a disturbed run may be wrong."""
-    failures = latency_failures(latency.p50_ms, latency.speedup_vs_first, max_p50_ms, min_speedup)
-    if failures:
-        hint = (
-            f"the measurement was noisy ({noise[0]}): rerun on a quiet machine before trusting this verdict"
-            if noise
-            else None
-        )
-        where = f"{latency.model} at batch {latency.batch_size}"
-        raise BudgetExceededError(f"latency gate failed: {where}: " + "; ".join(failures), hint=hint)
 
 
 def check_budgets(

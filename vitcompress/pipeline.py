@@ -213,7 +213,11 @@ def _run(
     # a model held in memory is not in the recipe: a rerun cannot rebuild it, so no journal
     journal = Journal.for_dir(out_dir) if rank == 0 and inputs.model is None else None
     hit = prefixes.longest(recipe) if prefixes is not None else None
-    restored = journal.restore(recipe, settings) if journal is not None and hit is None else None
+    restored = None
+    if journal is not None and hit is None:
+        from vitcompress.models import as_model_ref
+
+        restored = journal.restore(as_model_ref(recipe.model), len(recipe.passes), settings)
     if restored is not None:
         state, done = restored
     elif hit is not None:

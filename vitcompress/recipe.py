@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from vitcompress.budgets import Budgets
 from vitcompress.data import DataSection
 from vitcompress.errors import RecipeError, closest, did_you_mean
 from vitcompress.passes import PASSES, Needs
@@ -86,22 +87,6 @@ class RunSection(_Section):
 
     seed: int = Field(0, description="Seed for every random choice (inputs, data order, calibration).")
     threads: int = Field(2, ge=1, description="Threads for ONNX Runtime measurements.")
-
-
-class Budgets(_Section):
-    """Gates on the final model; a failed gate exits with code 3 after the reports are written."""
-
-    max_p50_ms: float | None = Field(None, gt=0, description="Median latency at the first batch size.")
-    min_speedup: float | None = Field(None, gt=0, description="Speed-up over the fp32 baseline, same run.")
-    max_size_mb: float | None = Field(
-        None, gt=0, description="Size of the final ONNX file in MB (1e6 bytes)."
-    )
-    max_top1_drop: float | None = Field(
-        None,
-        ge=0,
-        le=100,
-        description="Top-1 drop against the fp32 baseline on data.eval, in points (needs validate).",
-    )
 
 
 class SweepSection(_Section):

@@ -6,7 +6,7 @@ import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcompress import __version__
+from vitcompress._version import __version__
 from vitcompress.fileio import write_json, write_text
 from vitcompress.state import PassRecord
 

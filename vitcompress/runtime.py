@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from vitcompress.choices import Provider
 from vitcompress.errors import InputShapeError, OnnxModelError, ProviderUnavailableError
-from vitcompress.runtimes.base import Provider
 
 ORT_PROVIDERS: dict[Provider, tuple[str, ...]] = {
     Provider.cpu: ("CPUExecutionProvider",),

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 if TYPE_CHECKING:
     import torch
 
     from vitcompress.data import DataSection, Dataset, DataSpec, InMemory
     from vitcompress.models.loader import LoadedModel
-    from vitcompress.passes.base import PassConfig
 
 # A caller's accuracy function: takes a model (a batch of inputs -> logits: the torch module, or an
 # exported file behind the same call) and returns its top-1 accuracy as a fraction in [0, 1].
@@ -49,6 +48,18 @@ class PassRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Step(Protocol):
+    """What the state needs to know of the pass config that ran (every PassConfig is one)."""
+
+    changes_model: ClassVar[bool]
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def step_name(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -162,7 +173,7 @@ class ModelState:
             return memory_dataset(self.settings.memory[key], spec, self.model.input, self.model.num_classes)
         return load_dataset(spec, self.model.input, self.model.num_classes)
 
-    def passed(self, cfg: PassConfig, measured: Measured | None = None, **changes: Any) -> ModelState:
+    def passed(self, cfg: Step, measured: Measured | None = None, **changes: Any) -> ModelState:
         """What a pass returns: the state with its measurements appended to the ledger, under the
         step's name and kind, and the `changes` it made (onnx_path, teacher, ...); a pass that
         declares `changes_model` marks the model changed. The pipeline adds the wall time."""

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcompress.errors import OnnxModelError
+from vitcompress.budgets import latency_failures
+from vitcompress.errors import BudgetExceededError, OnnxModelError
 from vitcompress.runtime import OnnxRunner, Provider
 
 if TYPE_CHECKING:
@@ -294,6 +295,22 @@ def bench_models(
     for reason in reasons:
         log.warning("noisy measurement: %s", reason)
     return BenchReport(Environment.detect(), settings, results, bool(reasons), reasons)
+
+
+def check_gate(
+    latency: Latency, max_p50_ms: float | None, min_speedup: float | None, noise: Sequence[str] = ()
+) -> None:
+    """Raise BudgetExceededError (exit code 3) when a measured value is past its budget. `noise`
+    (noise_reasons of the measurement) goes into the hint: a gate on a disturbed run may be wrong."""
+    failures = latency_failures(latency.p50_ms, latency.speedup_vs_first, max_p50_ms, min_speedup)
+    if failures:
+        hint = (
+            f"the measurement was noisy ({noise[0]}): rerun on a quiet machine before trusting this verdict"
+            if noise
+            else None
+        )
+        where = f"{latency.model} at batch {latency.batch_size}"
+        raise BudgetExceededError(f"latency gate failed: {where}: " + "; ".join(failures), hint=hint)
 
 
 # --------------------------------------------------------------------------- noise

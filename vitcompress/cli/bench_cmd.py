@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from vitcompress.choices import Precision, Provider, Runtime
 from vitcompress.cli.common import JsonOpt, err_console, out_console, print_json
-from vitcompress.runtimes.base import Precision, Provider, Runtime
 
 
 def bench(
@@ -94,8 +94,7 @@ def bench(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vitcompress.budgets import check_gate
-    from vitcompress.timing import bench_entries, bench_models
+    from vitcompress.timing import bench_entries, bench_models, check_gate
 
     batch_sizes = batch_size or [1]
     threads = threads or os.cpu_count() or 1

@@ -27,7 +27,7 @@ from vitcompress.cli.common import (
 )
 from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.distill import DistillConfig
+from vitcompress.passes.distill.config import DistillConfig
 
 
 @config_options(DistillConfig)
@@ -100,7 +100,7 @@ def distill(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from vitcompress.data import DataSection, DataSpec
-    from vitcompress.passes.distill import TeacherSpec
+    from vitcompress.passes.distill.config import TeacherSpec
 
     try:
         kwargs = json.loads(teacher_kwargs)

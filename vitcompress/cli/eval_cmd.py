@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vitcompress.accuracy import EVAL_BATCH_SIZE
+from vitcompress.choices import Precision, Provider, Runtime
 from vitcompress.cli.common import (
     DATA_FORMS,
     CheckpointOpt,
@@ -21,7 +22,6 @@ from vitcompress.cli.common import (
     out_console,
     print_json,
 )
-from vitcompress.runtimes.base import Precision, Provider, Runtime
 
 if TYPE_CHECKING:
     from vitcompress.data import DataSpec

@@ -25,7 +25,7 @@ from vitcompress.cli.common import (
 )
 from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.lowrank import LowRankConfig
+from vitcompress.passes.lowrank.config import LowRankConfig
 
 
 @config_options(LowRankConfig, flags={"layers": "--layer"})

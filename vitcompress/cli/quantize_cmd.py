@@ -8,7 +8,8 @@ import typer
 
 from vitcompress.cli.common import DATA_FORMS, JsonOpt, err_console, out_console, print_json
 from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
-from vitcompress.passes.quantize import QuantizeConfig, refuse_integer_only_file
+from vitcompress.passes.quantize.config import QuantizeConfig
+from vitcompress.passes.quantize.onnx import refuse_integer_only_file
 
 
 @config_options(QuantizeConfig, exclude={"filename"})  # the file name is --out's
@@ -57,7 +58,7 @@ def quantize(
     from vitcompress.accuracy import onnx_input_spec
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.errors import BudgetExceededError
-    from vitcompress.passes.quantize import quantize_model
+    from vitcompress.passes.quantize.run import quantize_model
     from vitcompress.runtime import onnx_size
 
     cfg = cfg.build(filename=out.name)

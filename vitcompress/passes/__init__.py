@@ -15,11 +15,11 @@ from typing import Any
 
 from vitcompress.errors import RecipeError, did_you_mean
 from vitcompress.passes.base import Needs, PassConfig
-from vitcompress.passes.distill import DistillConfig
+from vitcompress.passes.distill.config import DistillConfig
 from vitcompress.passes.export import ExportConfig
-from vitcompress.passes.lowrank import LowRankConfig
+from vitcompress.passes.lowrank.config import LowRankConfig
 from vitcompress.passes.prune import PruneConfig
-from vitcompress.passes.quantize import QuantizeConfig
+from vitcompress.passes.quantize.config import QuantizeConfig
 from vitcompress.passes.sparsify.config import SparsifyConfig
 from vitcompress.passes.tokens.config import TokensConfig
 from vitcompress.passes.validate import ValidateConfig

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from vitcompress.choices import FileRuntime, Runtime
 from vitcompress.errors import ExportError, ParityError
 from vitcompress.passes.base import PassConfig
-from vitcompress.runtimes.base import METADATA_KEY, FileRuntime, Runtime
+from vitcompress.runtimes.base import METADATA_KEY, default_ir_precision
 from vitcompress.state import Measured, ModelState, Parity
 
 if TYPE_CHECKING:
@@ -306,13 +307,6 @@ def export_model(
         ir_path=path.with_suffix(".xml") if ir_parity is not None else None,
         ir_parity=ir_parity,
     )
-
-
-def default_ir_precision() -> str:
-    """What OpenVINO picks on this CPU for an fp32 model: bf16 with AVX512_BF16 or AMX, else fp32."""
-    from vitcompress.runtimes.base import CPU_PRECISION_FLAGS, Precision, cpu_flags
-
-    return "bf16" if any(f in cpu_flags() for f in CPU_PRECISION_FLAGS[Precision.bf16]) else "fp32"
 
 
 def _export_ir(

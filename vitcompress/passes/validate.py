@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from vitcompress.choices import Provider, Runtime
 from vitcompress.errors import RecipeError
 from vitcompress.passes.base import Needs, PassConfig
-from vitcompress.runtimes.base import Provider, Runtime
 from vitcompress.state import Measured, ModelState
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vitcompress.runtimes.base import Device, Runtime
+from vitcompress.choices import Device, Runtime
 
 
 class TargetSection(BaseModel):

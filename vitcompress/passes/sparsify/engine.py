@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from vitcompress.errors import VitcompressError, did_you_mean
+from vitcompress.errors import SparsifyError, did_you_mean
 from vitcompress.passes.sparsify.config import Allocation, Pattern, SelectMethod, SparsifyConfig
 
 if TYPE_CHECKING:
@@ -40,10 +40,6 @@ if TYPE_CHECKING:
     from vitcompress.state import ModelState
 
 log = logging.getLogger(__name__)
-
-
-class SparsifyError(VitcompressError):
-    """A sparsification request that cannot be met (no layer fits the pattern, missing data)."""
 
 
 # --------------------------------------------------------------------------- layer selection

@@ -18,12 +18,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vitcompress.errors import VitcompressError
+from vitcompress.errors import TokensError
 from vitcompress.passes.base import PassConfig
-
-
-class TokensError(VitcompressError):
-    """A token schedule the model cannot run (too many tokens removed, wrong length, bad family)."""
 
 
 class Method(str, Enum):
