@@ -7,12 +7,11 @@ import json
 import pytest
 
 from tests.conftest import tiny_ref
-from vitcompress.budgets import check_gate
+from vitcompress.timing import bench_models, check_gate
 from vitcompress.errors import BudgetExceededError, ProviderUnavailableError
 from vitcompress.models import load_model
 from vitcompress.passes.export import ExportConfig, export_model
 from vitcompress.runtime import Provider
-from vitcompress.timing import bench_models
 
 
 @pytest.fixture(scope="module")

@@ -269,7 +269,7 @@ def test_quantize_shows_its_file_only_after_the_gate(tmp_path, monkeypatch):
 
 def test_rerunning_a_finished_recipe_skips_its_finished_passes(cli, tmp_path, reference, monkeypatch):
     import vitcompress.passes.distill.run as distill  # where the passes call them
-    import vitcompress.passes.prune as prune
+    import vitcompress.passes.prune.run as prune
 
     out = tmp_path / "out"
     (tmp_path / "r.yaml").write_text(RECIPE)

@@ -303,7 +303,7 @@ def prune(
     """Structured pruning (heads, head size, MLP and embedding width): `options` are PruneConfig's
     fields (heads=0.25, mlp=0.5, target_macs=0.5, importance="taylor", ...); `data` feeds the
     importance scores that need it."""
-    from vitcompress.passes.prune import PruneConfig
+    from vitcompress.passes.prune.config import PruneConfig
 
     return run_pass(_config(PruneConfig, config, options), model, out, data={"calibration": data})
 

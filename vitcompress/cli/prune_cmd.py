@@ -25,7 +25,7 @@ from vitcompress.cli.common import (
 )
 from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
 from vitcompress.errors import PruneError
-from vitcompress.passes.prune import PruneConfig
+from vitcompress.passes.prune.config import PruneConfig
 
 # Config fields whose flag is not --field-name (kept as they were before the options were generated)
 FLAGS = {"structures": "--structure"}

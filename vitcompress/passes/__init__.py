@@ -18,7 +18,7 @@ from vitcompress.passes.base import Needs, PassConfig
 from vitcompress.passes.distill.config import DistillConfig
 from vitcompress.passes.export import ExportConfig
 from vitcompress.passes.lowrank.config import LowRankConfig
-from vitcompress.passes.prune import PruneConfig
+from vitcompress.passes.prune.config import PruneConfig
 from vitcompress.passes.quantize.config import QuantizeConfig
 from vitcompress.passes.sparsify.config import SparsifyConfig
 from vitcompress.passes.tokens.config import TokensConfig
