@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -163,22 +163,35 @@ def parse_model_kwargs(items: list[str] | None, num_heads: int | None = None) ->
     return kwargs
 
 
-def model_ref(
-    source: str,
-    checkpoint: Path | None,
-    num_classes: int | None,
-    img_size: int | None,
-    in_chans: int | None,
-    trust: bool,
-    model_kwargs: list[str] | None = None,
-    num_heads: int | None = None,
-) -> ModelRef:
-    """The model a command's flags name (`--model-kwargs KEY=VALUE` and `--num-heads` included)."""
-    from vitcompress.models import as_model_ref
+@dataclass(frozen=True)
+class ModelFlags:
+    """The flags of every command that builds a model from a reference (`@model_options` adds them):
+    what a recipe's `model:` section says besides the source."""
 
-    kwargs = parse_model_kwargs(model_kwargs, num_heads)
-    options = {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans}
-    return as_model_ref(source, checkpoint=checkpoint, trust_checkpoint=trust, kwargs=kwargs, **options)
+    checkpoint: Path | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    in_chans: int | None = None
+    model_kwargs: list[str] | None = None
+    num_heads: int | None = None
+    trust_checkpoint: bool = False
+
+    def section(self) -> dict[str, Any]:
+        """The recipe `model:` settings these flags give (`--model-kwargs` and `--num-heads` parsed)."""
+        return {
+            "checkpoint": self.checkpoint,
+            "num_classes": self.num_classes,
+            "img_size": self.img_size,
+            "in_chans": self.in_chans,
+            "kwargs": parse_model_kwargs(self.model_kwargs, self.num_heads),
+            "trust_checkpoint": self.trust_checkpoint,
+        }
+
+    def ref(self, source: str) -> ModelRef:
+        """The model `source` names, built as these flags say."""
+        from vitcompress.models import as_model_ref
+
+        return as_model_ref(source, **self.section())
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -219,12 +232,7 @@ def run_single_pass(
     *,
     data: DataSection | None = None,
     seed: int = 0,
-    checkpoint: Path | None = None,
-    num_classes: int | None = None,
-    img_size: int | None = None,
-    in_chans: int | None = None,
-    trust_checkpoint: bool = False,
-    model_kwargs: dict[str, Any] | None = None,
+    model_flags: ModelFlags | None = None,
     bench: bool = False,
     status: str | None = None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
@@ -236,14 +244,7 @@ def run_single_pass(
 
     from vitcompress.api import run_pass
 
-    options = {
-        "checkpoint": checkpoint,
-        "num_classes": num_classes,
-        "img_size": img_size,
-        "in_chans": in_chans,
-        "kwargs": dict(model_kwargs or {}),
-        "trust_checkpoint": trust_checkpoint,
-    }
+    options = model_flags.section() if model_flags is not None else {}
     splits = {} if data is None else {name: getattr(data, name) for name in type(data).model_fields}
     with err_console.status(status) if status is not None else contextlib.nullcontext():
         result = run_pass(

@@ -9,28 +9,22 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
+    ModelFlags,
     OverwriteOpt,
-    TrustOpt,
     err_console,
     out_console,
-    parse_model_kwargs,
     print_run_json,
     run_single_pass,
 )
-from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.errors import VitcompressError
 from vitcompress.passes.distill.config import DistillConfig
 
 
 @config_options(DistillConfig)
+@model_options
 def distill(
     model: ModelArg,
     out: Annotated[
@@ -74,16 +68,10 @@ def distill(
         float, typer.Option(min=0.0, help="Max gradient norm; lower it if training diverges (0: no clipping).")
     ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialization.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     cfg: ConfigFlags = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Train a compressed model (the student) against its teacher: labels, soft KD, DeiT, feature KD.
 
@@ -144,12 +132,7 @@ def distill(
             out,
             data=section,
             seed=seed,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            trust_checkpoint=trust_checkpoint,
-            model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+            model_flags=model_flags,
             progress=progress,
             overwrite=overwrite,
         )

@@ -9,24 +9,19 @@ from vitcompress.accuracy import EVAL_BATCH_SIZE
 from vitcompress.choices import Precision, Provider, Runtime
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
-    TrustOpt,
+    ModelFlags,
     err_console,
-    model_ref,
     out_console,
     print_json,
 )
+from vitcompress.cli.options import GENERATED, model_options
 
 if TYPE_CHECKING:
     from vitcompress.data import DataSpec
 
 
+@model_options
 def evaluate(
     model: Annotated[
         str,
@@ -112,14 +107,8 @@ def evaluate(
             "common preprocessing scoring far better on a few images (warns; JSON: sanity).",
         ),
     ] = True,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     json_out: JsonOpt = False,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Top-1, top-5 and mean cross-entropy of a model on labelled data, in PyTorch or ONNX Runtime.
 
@@ -168,9 +157,7 @@ def evaluate(
         from vitcompress.models import load_model
 
         loaded = load_model(
-            model_ref(
-                model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint, model_kwargs, num_heads
-            )
+            model_flags.ref(model)
         )
         spec = _with_overrides(spec, loaded.input.channels, mean, std, input_range, crop_pct, num_workers)
         dataset = load_dataset(spec, loaded.input, loaded.num_classes)

@@ -6,38 +6,26 @@ from typing import Annotated
 import typer
 
 from vitcompress.cli.common import (
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
-    TrustOpt,
+    ModelFlags,
     err_console,
-    model_ref,
     out_console,
     print_json,
 )
-from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.passes.export import ExportConfig
 
 
 @config_options(ExportConfig, exclude={"filename"})  # the file name is --out's
+@model_options
 def export(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .onnx file (written atomically).")],
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     seed: Annotated[int, typer.Option(help="Seed of the parity batch.")] = 0,
     json_out: JsonOpt = False,
     cfg: ConfigFlags = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Export to ONNX (fp32, dynamic batch axis) and verify the file against PyTorch.
 
@@ -56,9 +44,7 @@ def export(
 
     cfg = cfg.build(filename=out.name)
     loaded = load_model(
-        model_ref(
-            model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint, model_kwargs, num_heads
-        )
+        model_flags.ref(model)
     )
     with err_console.status(f"exporting {loaded.label} with {cfg.exporter.value}, opset {cfg.opset}"):
         result = export_model(loaded, out, cfg, seed=seed)

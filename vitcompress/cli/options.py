@@ -137,6 +137,36 @@ def config_parameters(
     return parameters
 
 
+def inject_options(
+    command: F, parameters: list[inspect.Parameter], into: str, pack: Callable[[dict[str, Any]], Any]
+) -> F:
+    """`command` with `parameters` added to its command-line signature; their values reach it packed
+    into one argument, `into` (`pack(values)`). Parameters the command declares itself win."""
+    signature = inspect.signature(command, eval_str=True)  # in the command's own module
+    own = [p for name, p in signature.parameters.items() if name != into]
+    taken = {p.name for p in own}
+    added = [p for p in parameters if p.name not in taken]
+    names = {p.name for p in added}
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in names}
+        return command(**kwargs, **{into: pack(values)})
+
+    # --help order: the command's required parameters, the added options, then the rest
+    required = [p for p in own if p.default is inspect.Parameter.empty]
+    optional = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in required]
+    new = signature.replace(
+        parameters=[p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in required]
+        + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in added]
+        + optional
+    )
+    run.__signature__ = new  # type: ignore[attr-defined]
+    del run.__wrapped__  # typer must read the new signature, not the command's
+    run.__annotations__ = {p.name: p.annotation for p in new.parameters.values()}
+    return run  # type: ignore[return-value]
+
+
 def config_options(
     config: type[BaseModel], *, flags: Mapping[str, str] | None = None, exclude: set[str] | None = None
 ) -> Callable[[F], F]:
@@ -146,28 +176,44 @@ def config_options(
     aliases = dict(flags or {})
 
     def decorate(command: F) -> F:
-        signature = inspect.signature(command, eval_str=True)  # in the command's own module
-        own = [p for name, p in signature.parameters.items() if name != "cfg"]
-        skip = set(exclude or ()) | {p.name for p in own}
-        generated = config_parameters(config, aliases, skip)
-        names = {p.name for p in generated}
+        own = set(inspect.signature(command).parameters)
+        generated = config_parameters(config, aliases, set(exclude or ()) | own)
 
-        @functools.wraps(command)
-        def run(**kwargs: Any) -> Any:
-            given = {name: kwargs.pop(name) for name in names}
-            given = {k: _plain(v) for k, v in given.items() if v is not None}
-            return command(**kwargs, cfg=ConfigFlags(config, given, aliases))
+        def pack(values: dict[str, Any]) -> ConfigFlags:
+            given = {k: _plain(v) for k, v in values.items() if v is not None}
+            return ConfigFlags(config, given, aliases)
 
-        # --help order: the command's required parameters, the config's options, then the rest
-        required = [p for p in own if p.default is inspect.Parameter.empty]
-        optional = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in required]
-        run.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in required]
-            + generated
-            + optional
-        )
-        del run.__wrapped__  # typer must read the new signature, not the command's
-        run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}  # type: ignore[attr-defined]
-        return run  # type: ignore[return-value]
+        return inject_options(command, generated, "cfg", pack)
 
     return decorate
+
+
+def model_options(command: F) -> F:
+    """Give a command the flags that build a model from a reference (--checkpoint, --num-classes,
+    --img-size, --in-chans, --model-kwargs, --num-heads, --trust-checkpoint), declared once here;
+    the command receives them as `model_flags: ModelFlags`."""
+    from vitcompress.cli.common import (
+        CheckpointOpt,
+        ImgSizeOpt,
+        InChansOpt,
+        ModelFlags,
+        ModelKwargsOpt,
+        NumClassesOpt,
+        NumHeadsOpt,
+        TrustOpt,
+    )
+
+    flags = [
+        ("checkpoint", CheckpointOpt, None),
+        ("num_classes", NumClassesOpt, None),
+        ("img_size", ImgSizeOpt, None),
+        ("in_chans", InChansOpt, None),
+        ("model_kwargs", ModelKwargsOpt, None),
+        ("num_heads", NumHeadsOpt, None),
+        ("trust_checkpoint", TrustOpt, False),
+    ]
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in flags
+    ]
+    return inject_options(command, parameters, "model_flags", lambda values: ModelFlags(**values))

@@ -7,23 +7,16 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
+    ModelFlags,
     OverwriteOpt,
-    TrustOpt,
     ledger_table,
     out_console,
-    parse_model_kwargs,
     print_run_json,
     run_single_pass,
 )
-from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.errors import PruneError
 from vitcompress.passes.prune.config import PruneConfig
 
@@ -40,6 +33,7 @@ DataOpt = Annotated[
 
 
 @config_options(PruneConfig, flags=FLAGS)
+@model_options
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: the pruned artifact and reports.")],
@@ -49,16 +43,10 @@ def prune(
         bool, typer.Option("--bench", help="Also export to ONNX and measure latency against the original.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of data order and example inputs.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     cfg: ConfigFlags = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Prune attention heads, head size, MLP width or embedding width for real (tensors shrink).
 
@@ -90,12 +78,7 @@ def prune(
         out,
         data=data_section,
         seed=seed,
-        checkpoint=checkpoint,
-        num_classes=num_classes,
-        img_size=img_size,
-        in_chans=in_chans,
-        trust_checkpoint=trust_checkpoint,
-        model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+        model_flags=model_flags,
         bench=bench,
         status=f"pruning {model}",
         overwrite=overwrite,

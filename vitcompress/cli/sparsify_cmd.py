@@ -7,29 +7,23 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
+    ModelFlags,
     OverwriteOpt,
-    TrustOpt,
     err_console,
     ledger_table,
     out_console,
-    parse_model_kwargs,
     print_run_json,
     run_single_pass,
 )
-from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.errors import VitcompressError
 from vitcompress.passes.sparsify.config import SparsifyConfig
 
 
 @config_options(SparsifyConfig, flags={"layers": "--layer"})
+@model_options
 def sparsify(
     model: ModelArg,
     out: Annotated[
@@ -44,16 +38,10 @@ def sparsify(
         bool, typer.Option("--bench", help="Also export to ONNX and measure latency against the original.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the calibration order and example inputs.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     cfg: ConfigFlags = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Zero weights of the linear layers in a hardware pattern, post-training (no fine-tuning).
 
@@ -106,12 +94,7 @@ def sparsify(
             out,
             data=data_section,
             seed=seed,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            trust_checkpoint=trust_checkpoint,
-            model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+            model_flags=model_flags,
             bench=bench,
             progress=progress,
             overwrite=overwrite,

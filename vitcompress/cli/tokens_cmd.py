@@ -7,23 +7,16 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
+    ModelFlags,
     OverwriteOpt,
-    TrustOpt,
     ledger_table,
     out_console,
-    parse_model_kwargs,
     print_run_json,
     run_single_pass,
 )
-from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.errors import VitcompressError
 from vitcompress.passes.tokens.config import TokensConfig
 
@@ -44,6 +37,7 @@ def _parse_r(values: list[str] | None) -> int | list[int] | None:
 
 
 @config_options(TokensConfig)
+@model_options
 def tokens(
     model: ModelArg,
     out: Annotated[
@@ -71,16 +65,10 @@ def tokens(
         int | None, typer.Option(min=1, help="Score this many samples (stratified).")
     ] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the example inputs.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     cfg: ConfigFlags = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Shrink the token count block by block: merge similar tokens (ToMe) or prune unattended ones (EViT).
 
@@ -112,12 +100,7 @@ def tokens(
         out,
         data=data_section,
         seed=seed,
-        checkpoint=checkpoint,
-        num_classes=num_classes,
-        img_size=img_size,
-        in_chans=in_chans,
-        trust_checkpoint=trust_checkpoint,
-        model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+        model_flags=model_flags,
         bench=bench,
         status=f"reducing the tokens of {model}",
         overwrite=overwrite,

@@ -8,6 +8,7 @@ line in `vitcompress.passes`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -70,6 +71,25 @@ class PassConfig(BaseModel):
         """Whether this pass, as configured, reads the model as loaded (a teacher, a baseline), so the
         pipeline keeps a copy of it when an earlier pass changes the model."""
         return False
+
+
+def package_exports(package: str, modules: tuple[str, ...]) -> Callable[[str], Any]:
+    """A pass package's module `__getattr__`: a name is looked up in its `modules` in order (the
+    config first), each imported on first use, so that importing the config alone stays light and
+    every name of the pass module it once was is still importable from the package."""
+
+    def find(name: str) -> Any:
+        import importlib
+
+        if name in modules:  # a submodule (`from vitcompress.passes.quantize import onnx`)
+            return importlib.import_module(f"{package}.{name}")
+        for module in modules:
+            found = importlib.import_module(f"{package}.{module}" if "." not in module else module)
+            if name in vars(found):
+                return vars(found)[name]
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return find
 
 
 def fraction_or_count(value: float | None, *, whole: bool = False) -> float | None:
