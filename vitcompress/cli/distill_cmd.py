@@ -70,7 +70,7 @@ def distill(
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialization.")] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
-    cfg: ConfigFlags = GENERATED,
+    options: ConfigFlags[DistillConfig] = GENERATED,
     model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Train a compressed model (the student) against its teacher: labels, soft KD, DeiT, feature KD.
@@ -97,7 +97,7 @@ def distill(
     teacher_spec = (
         TeacherSpec(source=teacher, checkpoint=teacher_checkpoint, kwargs=kwargs) if teacher else None
     )
-    cfg = cfg.build(teacher=teacher_spec, clip_grad=clip_grad or None)
+    cfg = options.build(teacher=teacher_spec, clip_grad=clip_grad or None)
     section = DataSection(
         train=DataSpec.parse(data, limit=data_limit, seed=seed),
         eval=DataSpec.parse(eval_data) if eval_data else None,

@@ -24,7 +24,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .onnx file (written atomically).")],
     seed: Annotated[int, typer.Option(help="Seed of the parity batch.")] = 0,
     json_out: JsonOpt = False,
-    cfg: ConfigFlags = GENERATED,
+    options: ConfigFlags[ExportConfig] = GENERATED,
     model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Export to ONNX (fp32, dynamic batch axis) and verify the file against PyTorch.
@@ -42,7 +42,7 @@ def export(
     from vitcompress.models import load_model
     from vitcompress.passes.export import export_model
 
-    cfg = cfg.build(filename=out.name)
+    cfg = options.build(filename=out.name)
     loaded = load_model(
         model_flags.ref(model)
     )

@@ -38,7 +38,7 @@ def factorize(
     seed: Annotated[int, typer.Option(help="Seed of the data order and example inputs.")] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
-    cfg: ConfigFlags = GENERATED,
+    options: ConfigFlags[LowRankConfig] = GENERATED,
     model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Replace linear layers by two thin ones from a truncated SVD (W ~= B @ A, rank r).
@@ -60,7 +60,7 @@ def factorize(
 
     from vitcompress.data import DataSection, DataSpec
 
-    cfg = cfg.build()
+    cfg = options.build()
     data_section = DataSection()
     if data is not None:
         data_section = DataSection(calibration=DataSpec.parse(data, limit=data_limit, seed=seed))

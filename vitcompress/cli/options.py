@@ -4,7 +4,7 @@
 (`--field-name`, or the flag in `flags` where it differs), its type, its help (the field's
 `description`) and its default (shown in --help, and left to the config: an option not given is
 not passed, so presets and validators that fill fields still work). The command receives a
-`ConfigFlags` in its `cfg` parameter and builds the config with `cfg.build(...)`, adding what it
+`ConfigFlags` in its `options` parameter and builds the config with `options.build(...)`, adding what it
 sets itself (an output file name). A field the command declares as a parameter of its own is not
 generated (it has its own form on the command line, e.g. a nested teacher); a field whose type
 has no command-line form (a mapping, a nested model) stays recipe-only.
@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -31,22 +31,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _SCALARS = (bool, int, float, str, Path)
 
-# The default of a command's `cfg` parameter, filled by @config_options: `cfg: ConfigFlags = GENERATED`
+# The default of a command's `cfg` parameter, filled by @config_options: `options: ConfigFlags[Config] = GENERATED`
 GENERATED: Any = None
 
 
 @dataclass(frozen=True)
-class ConfigFlags:
+class ConfigFlags(Generic[C]):
     """The config options a user gave (None: not given), and how each is spelled on the command line."""
 
-    config: type[BaseModel]
+    config: type[C]
     given: dict[str, Any]
     flags: Mapping[str, str] = field(default_factory=dict)  # field -> flag, where it is not --field-name
 
     def flag(self, name: str) -> str:
         return self.flags.get(name, "--" + name.replace("_", "-"))
 
-    def build(self, **extra: Any) -> Any:
+    def build(self, **extra: Any) -> C:
         """The config from the options given plus `extra` (fields the command sets itself); a
         validation error names the flag."""
         from vitcompress.cli.common import build_config
@@ -130,7 +130,7 @@ def config_parameters(
         if cli_type is bool and "/" not in flag:
             decls = [f"{flag}/--no-{flag.removeprefix('--')}"]
         option = typer.Option(*decls, help=info.description or "", show_default=_shown_default(info))
-        annotation = Annotated[cli_type | None, option]  # type: ignore[operator]
+        annotation = Annotated[cli_type | None, option]  # type: ignore[operator,valid-type]
         parameters.append(
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
         )
@@ -168,10 +168,10 @@ def inject_options(
 
 
 def config_options(
-    config: type[BaseModel], *, flags: Mapping[str, str] | None = None, exclude: set[str] | None = None
+    config: type[C], *, flags: Mapping[str, str] | None = None, exclude: set[str] | None = None
 ) -> Callable[[F], F]:
     """Give a command one option per field of `config` (see the module docstring). The command has
-    a `cfg: ConfigFlags` parameter; `flags` spells a field's flag where it differs from
+    an `options: ConfigFlags[Config]` parameter (`cfg = options.build()`); `flags` spells a field's flag where it differs from
     `--field-name` (kept for compatibility); `exclude` names fields the command sets itself."""
     aliases = dict(flags or {})
 
@@ -179,11 +179,11 @@ def config_options(
         own = set(inspect.signature(command).parameters)
         generated = config_parameters(config, aliases, set(exclude or ()) | own)
 
-        def pack(values: dict[str, Any]) -> ConfigFlags:
+        def pack(values: dict[str, Any]) -> ConfigFlags[C]:
             given = {k: _plain(v) for k, v in values.items() if v is not None}
             return ConfigFlags(config, given, aliases)
 
-        return inject_options(command, generated, "cfg", pack)
+        return inject_options(command, generated, "options", pack)
 
     return decorate
 

@@ -45,7 +45,7 @@ def prune(
     seed: Annotated[int, typer.Option(help="Seed of data order and example inputs.")] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
-    cfg: ConfigFlags = GENERATED,
+    options: ConfigFlags[PruneConfig] = GENERATED,
     model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Prune attention heads, head size, MLP width or embedding width for real (tensors shrink).
@@ -63,7 +63,7 @@ def prune(
 
     from vitcompress.data import DataSection, DataSpec
 
-    cfg = cfg.build()
+    cfg = options.build()
     data_section = DataSection()
     if data is not None:
         data_section = DataSection(calibration=DataSpec.parse(data, limit=data_limit, seed=seed))

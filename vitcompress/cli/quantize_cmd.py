@@ -38,7 +38,7 @@ def quantize(
         int | None, typer.Option(min=1, help="Threads for --mode auto's timing (default: all cores).")
     ] = None,
     json_out: JsonOpt = False,
-    cfg: ConfigFlags = GENERATED,
+    options: ConfigFlags[QuantizeConfig] = GENERATED,
 ) -> None:
     """Quantize an exported model with ONNX Runtime (static INT8 QDQ, dynamic INT8, fp16) or for
     OpenVINO (NNCF INT8 IR, --runtime openvino).
@@ -61,7 +61,7 @@ def quantize(
     from vitcompress.passes.quantize.run import quantize_model
     from vitcompress.runtime import onnx_size
 
-    cfg = cfg.build(filename=out.name)
+    cfg = options.build(filename=out.name)
     wanted = ".xml" if cfg.runtime == "openvino" else ".onnx"
     if out.suffix != wanted:
         raise typer.BadParameter(f"{out} must end in {wanted} (runtime {cfg.runtime})", param_hint="--out")

@@ -40,7 +40,7 @@ def sparsify(
     seed: Annotated[int, typer.Option(help="Seed of the calibration order and example inputs.")] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
-    cfg: ConfigFlags = GENERATED,
+    options: ConfigFlags[SparsifyConfig] = GENERATED,
     model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Zero weights of the linear layers in a hardware pattern, post-training (no fine-tuning).
@@ -65,7 +65,7 @@ def sparsify(
     from vitcompress.data import DataSection, DataSpec
     from vitcompress.report import fmt_bytes
 
-    cfg = cfg.build()
+    cfg = options.build()
     data_section = DataSection()
     if data is not None:
         data_section = DataSection(calibration=DataSpec.parse(data, limit=data_limit, seed=seed))

@@ -67,7 +67,7 @@ def tokens(
     seed: Annotated[int, typer.Option(help="Seed of the example inputs.")] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
-    cfg: ConfigFlags = GENERATED,
+    options: ConfigFlags[TokensConfig] = GENERATED,
     model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Shrink the token count block by block: merge similar tokens (ToMe) or prune unattended ones (EViT).
@@ -88,7 +88,7 @@ def tokens(
 
     from vitcompress.data import DataSection, DataSpec
 
-    cfg = cfg.build(r=_parse_r(r))
+    cfg = options.build(r=_parse_r(r))
     if data is not None and not bench:
         raise VitcompressError("--data scores the exported model: give --bench too")
     data_section = (

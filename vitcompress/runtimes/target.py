@@ -17,7 +17,7 @@ recipe, `runtime: tensorrt` measures through ONNX Runtime's TensorRT execution p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,12 +77,13 @@ class TargetSection(BaseModel):
 
 
 class TargetAware(Protocol):
-    """What a pass config class says about a target (see PassConfig)."""
+    """What a pass config class says about a target (see PassConfig): an object with these (the
+    class itself, whose `lowers_precision` is a class attribute)."""
 
-    lowers_precision: ClassVar[bool]
+    @property
+    def lowers_precision(self) -> bool: ...
 
-    @classmethod
-    def target_defaults(cls, target: TargetSection) -> dict[str, Any]: ...
+    def target_defaults(self, target: TargetSection) -> dict[str, Any]: ...
 
 
 def apply_target(data: Any, configs: Mapping[str, TargetAware]) -> Any:
