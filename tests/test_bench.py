@@ -7,11 +7,11 @@ import json
 import pytest
 
 from tests.conftest import tiny_ref
-from vitcompress.timing import bench_models, check_gate
 from vitcompress.errors import BudgetExceededError, ProviderUnavailableError
 from vitcompress.models import load_model
 from vitcompress.passes.export import ExportConfig, export_model
 from vitcompress.runtime import Provider
+from vitcompress.timing import bench_models, check_gate
 
 
 @pytest.fixture(scope="module")

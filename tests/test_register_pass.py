@@ -27,7 +27,7 @@ class ScaleHeadConfig(PassConfig):
     factor: float = Field(2.0, gt=0, description="What the head's weights are multiplied by.")
 '''
 
-RUN = '''
+RUN = """
 import torch
 
 from vitcompress.state import Measured
@@ -38,7 +38,7 @@ def run(state, cfg):
     with torch.no_grad():
         head.weight.mul_(cfg.factor)
     return state.passed(cfg, Measured(details={"scaled": head.weight.shape[0]}))
-'''
+"""
 
 
 @pytest.fixture

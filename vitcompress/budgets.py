@@ -48,9 +48,7 @@ def latency_failures(
     return failures
 
 
-def check_budgets(
-    budgets: Budgets, records: Sequence[PassRecord], onnx_path: Path | None
-) -> tuple[str, ...]:
+def check_budgets(budgets: Budgets, records: Sequence[PassRecord], onnx_path: Path | None) -> tuple[str, ...]:
     """Every budget of a recipe the ledger `records` fail, one sentence each (empty: all met)."""
     failures: list[str] = []
     measured = next((r for r in reversed(records) if r.latency_p50_ms is not None), None)

@@ -87,5 +87,3 @@ def load_model(ref: ModelRef) -> LoadedModel:
         f"model {source!r} not found",
         hint="use timm:NAME (e.g. timm:deit_tiny_patch16_224), hf:DIR, or a vitcompress artifact directory",
     )
-
-
