@@ -3,7 +3,7 @@
     python scripts/bench_export.py --model deit_small_patch16_224 --threads 2 --runs 100
 
 Random-init timm model at its default resolution, batch 1. All three are timed interleaved in one
-loop (vitcompress.bench.time_interleaved) so machine noise falls on each alike. Prints a Markdown
+loop (vitcompress.timing.time_interleaved) so machine noise falls on each alike. Prints a Markdown
 table for BENCHMARKS.md and, with --json FILE, the raw numbers.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitcompress.bench import Environment, time_interleaved
 from vitcompress.models import ModelRef, load_model
 from vitcompress.passes.export import ExportConfig, Exporter, export_model
 from vitcompress.runtime import OnnxRunner
+from vitcompress.timing import Environment, time_interleaved
 
 
 def main() -> None:

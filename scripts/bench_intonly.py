@@ -35,14 +35,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import benchlib
 
-from vitcompress.bench import profile_ops
+from vitcompress.accuracy import evaluate_onnx, onnx_metadata
 from vitcompress.data import DataSpec, load_dataset
-from vitcompress.evaluate import evaluate_onnx, onnx_metadata
 from vitcompress.models import load_model
 from vitcompress.passes.export import ExportConfig, export_model
 from vitcompress.passes.intonly.build import Finetune, plan_model, write_integer_only
 from vitcompress.passes.quantize import QuantizeConfig, quantize_model
 from vitcompress.runtime import OnnxRunner
+from vitcompress.timing import profile_ops
 
 SETTINGS: dict[str, float | None] = {"minmax": None, "percentile 99.99": 99.99, "percentile 99.9": 99.9}
 

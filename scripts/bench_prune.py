@@ -6,7 +6,7 @@
 
 Speed track: random-init timm model (default deit_small_patch16_224 at 224), pruned with magnitude
 importance to 50% and 25% of its MACs (heads, head size and MLP width, round_to 8), each exported to
-ONNX; ONNX Runtime fp32 at batch 1, all models interleaved in one run (vitcompress.bench).
+ONNX; ONNX Runtime fp32 at batch 1, all models interleaved in one run (vitcompress.timing).
 Accuracy track: the Fashion-MNIST reference ViT (scripts/train_reference.py; cached) pruned to 50%
 MACs with l2, taylor and hessian importance (512 stratified training images for the data-driven
 ones), top-1 on the 10k test images right after pruning, before any fine-tuning.

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import benchlib
 
+from vitcompress.accuracy import evaluate_onnx
 from vitcompress.data import DataSpec, load_dataset
-from vitcompress.evaluate import evaluate_onnx
 from vitcompress.models import load_model
 from vitcompress.models.stats import count_macs
 from vitcompress.passes.export import ExportConfig, export_model

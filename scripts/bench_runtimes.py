@@ -65,7 +65,7 @@ def ov_gemm_peak(precision: str, threads: int, size: int = 1024, runs: int = 30)
 
 
 def peaks(threads: int) -> dict[str, float]:
-    from vitcompress.bench import gemm_peak
+    from vitcompress.timing import gemm_peak
 
     out = {p: max(gemm_peak(p, threads) for _ in range(3)) for p in ("fp32", "int8")}
     out["bf16"] = max(ov_gemm_peak("bf16", threads) for _ in range(3))
@@ -108,8 +108,8 @@ def time_rows(rows: list[dict[str, Any]], threads: int, batch: int, runs: int, b
     """Time every row's file on its runtime in one interleaved run; fills p50/p90/throughput."""
     import numpy as np
 
-    from vitcompress.bench import open_bench_runner, time_interleaved
     from vitcompress.runtime import Provider
+    from vitcompress.timing import open_bench_runner, time_interleaved
 
     runners = [
         open_bench_runner(Path(r["path"]), r["runtime"], Provider.cpu, r.get("hint"), threads) for r in rows
@@ -286,8 +286,8 @@ def speed_model(
 def accuracy_track(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     import benchlib
 
+    from vitcompress.accuracy import evaluate_onnx
     from vitcompress.data import DataSpec, load_dataset
-    from vitcompress.evaluate import evaluate_onnx
     from vitcompress.models import load_model
     from vitcompress.passes.export import ExportConfig, export_model
     from vitcompress.passes.quantize import Calibration, Mode, QuantizeConfig, quantize_model

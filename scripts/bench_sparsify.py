@@ -418,9 +418,9 @@ def tensorrt_track(args: argparse.Namespace, workdir: Path) -> list[dict]:
     """GPU only: dense vs 2:4 engines (fp16 weights) with ONNX Runtime's TensorRT provider, one
     interleaved run; the 2:4 session is built with sparsity on (vitcompress.runtime). Here, without
     the provider, it stops with ProviderUnavailableError (exit 2) before building anything."""
-    from vitcompress.bench import bench_models
     from vitcompress.passes.quantize import QuantizeConfig, quantize_model
     from vitcompress.runtime import Provider, require_provider
+    from vitcompress.timing import bench_models
 
     require_provider(Provider.tensorrt)
     rows = []

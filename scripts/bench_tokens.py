@@ -226,7 +226,7 @@ def accuracy_track(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def int8_rows(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     """Static INT8 of the original and of the merged model at --int8-r: the matching (and attention)
     matmuls in float (the default) or quantized too; top-1 with ONNX Runtime on both halves."""
-    from vitcompress.evaluate import evaluate_onnx
+    from vitcompress.accuracy import evaluate_onnx
 
     ref, source = benchlib.reference(args, variant="p4")
     calibration = None

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from vitcompress.bench import Environment, bench_models
-from vitcompress.evaluate import evaluate_torch
+from vitcompress.accuracy import evaluate_torch
 from vitcompress.models import ModelRef
+from vitcompress.timing import Environment, bench_models
 
 
 def parser(doc: str | None, speed: bool = True) -> argparse.ArgumentParser:

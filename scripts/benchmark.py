@@ -257,9 +257,9 @@ def track(
     workdir: Path,
     test: Any = None,  # a vitcompress Dataset: top-1 per row (the accuracy track)
 ) -> list[dict[str, Any]]:
-    from vitcompress.bench import bench_models
-    from vitcompress.evaluate import evaluate_onnx
+    from vitcompress.accuracy import evaluate_onnx
     from vitcompress.runtime import onnx_size
+    from vitcompress.timing import bench_models
 
     workdir.mkdir(parents=True, exist_ok=True)
     common = {"threads": args.threads, "model": spec}
@@ -384,9 +384,9 @@ def main() -> int:
     if args.smoke:
         args.runs, args.runs_b32 = min(args.runs, 10), min(args.runs_b32, 5)
 
-    from vitcompress.bench import gemm_peak
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.models import ModelRef, load_model
+    from vitcompress.timing import gemm_peak
 
     results = benchlib.start(args)
     # the best of three measurements, before any model is built (one alone has come out 25% low)

@@ -52,8 +52,8 @@ def train_model(out: Path, steps: int, seed: int) -> dict[str, float]:
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
+    from vitcompress.accuracy import evaluate_torch
     from vitcompress.data import DataSpec, load_dataset
-    from vitcompress.evaluate import evaluate_torch
     from vitcompress.fileio import file_mode
     from vitcompress.models import ModelRef, load_model
 

@@ -71,8 +71,8 @@ def train(
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
+    from vitcompress.accuracy import evaluate_torch
     from vitcompress.data import DataSpec, load_dataset
-    from vitcompress.evaluate import evaluate_torch
     from vitcompress.models import load_model
 
     torch.manual_seed(seed)

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from tests.conftest import tiny_ref
-from vitcompress.bench import bench_models, check_gate
 from vitcompress.errors import BudgetExceededError, ProviderUnavailableError
 from vitcompress.models import load_model
 from vitcompress.passes.export import ExportConfig, export_model
 from vitcompress.runtime import Provider
+from vitcompress.timing import bench_models, check_gate
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_bench_cli_json_fields_and_gate_exit_code(cli, onnx_pair):
 
 
 def test_block_interleaving_times_every_call_and_rotates():
-    from vitcompress.bench import time_interleaved
+    from vitcompress.timing import time_interleaved
 
     order: list[str] = []
     calls = [lambda: order.append("a"), lambda: order.append("b")]
@@ -124,7 +124,7 @@ def test_block_interleaving_times_every_call_and_rotates():
 
 
 def test_gemm_peak_int8_beats_fp32_and_precision_is_read_from_the_graph(tmp_path):
-    from vitcompress.bench import gemm_peak, model_precision
+    from vitcompress.timing import gemm_peak, model_precision
 
     fp32, int8 = gemm_peak("fp32", 1, size=512), gemm_peak("int8", 1, size=512)
     assert 1e9 < fp32 < int8  # any x86-64 core does > 1 GMAC/s; u8s8 kernels beat fp32 FMA
@@ -173,13 +173,13 @@ def test_bench_profile_breaks_time_down_by_kernel_type(cli, onnx_pair):
 
 
 def _latency(p50: float, p99: float, model: str = "m.onnx", batch: int = 1):
-    from vitcompress.bench import Latency
+    from vitcompress.timing import Latency
 
     return Latency(model, batch, 20, p50, p50, p99, p50, p50 * 0.9, batch * 1e3 / p50, 1.0)
 
 
 def test_noise_rule_on_synthetic_numbers():
-    from vitcompress.bench import noise_reasons
+    from vitcompress.timing import noise_reasons
 
     assert noise_reasons([_latency(1.0, 1.5), _latency(2.0, 3.9)]) == []
     assert noise_reasons([_latency(1.0, 2.0)]) == []  # exactly 2x: still clean
@@ -195,7 +195,7 @@ def test_noise_rule_on_synthetic_numbers():
 
 
 def test_expected_gemm_peak_is_a_low_bound_from_clock_cores_and_isa(monkeypatch):
-    import vitcompress.bench as bench
+    import vitcompress.timing as bench
 
     env = bench.Environment("cpu", 8, {f: False for f in bench.ISA_FLAGS}, "x86_64", {})
     isa = dict(env.isa, avx2=True, fma=True)
@@ -216,7 +216,7 @@ def test_expected_gemm_peak_is_a_low_bound_from_clock_cores_and_isa(monkeypatch)
 
 
 def test_compute_floor_reads_the_right_way_round():
-    from vitcompress.bench import ComputeFloor
+    from vitcompress.timing import ComputeFloor
 
     floor = ComputeFloor(19_600_000, "fp32", 218.0, 0.09, 0.27, p50_ms=0.333)
     text = floor.describe()
@@ -229,7 +229,7 @@ def test_compute_floor_reads_the_right_way_round():
 
 
 def test_bench_cli_warns_when_its_measurement_is_noisy(cli, onnx_pair, monkeypatch):
-    import vitcompress.bench as bench
+    import vitcompress.timing as bench
 
     def jittery(calls, warmup, runs, on_step=None, block=1):
         return [[1.0] * (runs - 1) + [5.0] for _ in calls]  # one call in runs took 5x the median

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny_ref
+from vitcompress.accuracy import _Tally, evaluate_onnx, evaluate_torch, onnx_input_spec
 from vitcompress.data import DataSpec, load_dataset
 from vitcompress.errors import DataError, OnnxModelError
-from vitcompress.evaluate import _Tally, evaluate_onnx, evaluate_torch, onnx_input_spec
 from vitcompress.models import load_model
 from vitcompress.passes.export import ExportConfig, export_model
 

@@ -230,6 +230,7 @@ def test_out_that_is_a_file_or_holds_foreign_files(cli, tmp_path):
 
 def test_quantize_shows_its_file_only_after_the_gate(tmp_path, monkeypatch):
     import vitcompress.passes.quantize as quantize
+    import vitcompress.passes.quantize.onnx as quantize_onnx
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.models import ModelRef, load_model
     from vitcompress.passes.export import ExportConfig, export_model
@@ -257,7 +258,7 @@ def test_quantize_shows_its_file_only_after_the_gate(tmp_path, monkeypatch):
         seen.append(target.exists())
         return real_agreement(float_path, quant_path, *args, **kwargs)
 
-    monkeypatch.setattr(quantize, "agreement", gate_measures)
+    monkeypatch.setattr(quantize_onnx, "agreement", gate_measures)  # where the gate calls it
     cfg = quantize.QuantizeConfig(mode="dynamic", max_top1_drop=100)
     details = quantize.quantize_model(source, target, cfg, None, data)
     assert seen == [False]  # the gate ran while no file stood under the final name
@@ -267,8 +268,8 @@ def test_quantize_shows_its_file_only_after_the_gate(tmp_path, monkeypatch):
 
 
 def test_rerunning_a_finished_recipe_skips_its_finished_passes(cli, tmp_path, reference, monkeypatch):
-    import vitcompress.passes.distill as distill
-    import vitcompress.passes.prune as prune
+    import vitcompress.passes.distill.run as distill  # where the passes call them
+    import vitcompress.passes.prune.run as prune
 
     out = tmp_path / "out"
     (tmp_path / "r.yaml").write_text(RECIPE)

@@ -108,7 +108,7 @@ BAD = [
     (
         "unknown data source",
         HEAD + "data:\n  calibration: {source: fashion}\npasses:\n  - kind: prune\n    mlp: 0.5\n",
-        "data.calibration.source: Input should be 'fashion-mnist', 'digits', 'folder' or 'synthetic'",
+        "data.calibration.source: Input should be 'fashion-mnist', 'digits', 'folder', 'synthetic' or 'memory'",
     ),
     (
         "folder without path",

@@ -106,7 +106,7 @@ def test_atomic_writes_follow_the_umask_at_write_time(tmp_path):
 def test_a_noisy_measurement_is_said_in_both_reports(cli, tmp_path, monkeypatch):
     import json
 
-    import vitcompress.bench as bench
+    import vitcompress.timing as bench
 
     def jittery(calls, warmup, runs, on_step=None, block=1):
         return [[1.0] * (runs - 1) + [9.0] for _ in calls]

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_ref
-from vitcompress.data import DIGITS_CLASSES, DataSpec, load_dataset
-from vitcompress.evaluate import (
+from vitcompress.accuracy import (
     PROBE_IMAGES,
     _result,
     _Tally,
@@ -31,6 +30,7 @@ from vitcompress.evaluate import (
     onnx_metadata,
     sanity_onnx,
 )
+from vitcompress.data import DIGITS_CLASSES, DataSpec, load_dataset
 from vitcompress.models.loader import InputSpec
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -244,14 +244,14 @@ def test_eval_reuses_the_files_preprocessing_and_overrides_warn(cli, tmp_path, f
     assert wrong_count.exit_code == 2 and "2 values for a model with 3 channels" in wrong_count.output
 
     # the same ONNX file, direct: the validate-style sanity names the model and the data
-    from vitcompress.evaluate import warn_if_insane
+    from vitcompress.accuracy import warn_if_insane
 
     data = load_dataset(DataSpec(source="digits", split="test", **IMAGENET), spec, 10)
     checked = sanity_onnx(path, data, evaluate_onnx(path, data), label="fp32 baseline m.onnx")
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("vitcompress.evaluate")
+    logger = logging.getLogger("vitcompress.accuracy")
     logger.addHandler(handler)
     try:
         warn_if_insane(checked)

@@ -396,7 +396,7 @@ passes:
 
 
 def test_sweep_runs_identical_leading_passes_once(cli, tmp_path, monkeypatch):
-    import vitcompress.passes.distill as distill
+    import vitcompress.passes.distill.run as distill  # where the pass calls distill_model
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(SHARED_PRETRAIN)

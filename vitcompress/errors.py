@@ -77,6 +77,10 @@ class MissingDependencyError(VitcompressError):
     """An optional package that a feature needs is not installed."""
 
 
+class QuantizeError(VitcompressError):
+    """Quantization cannot run on this model or data, or produced nothing quantized."""
+
+
 class ParityError(VitcompressError):
     """The exported model does not reproduce the PyTorch model."""
 
@@ -87,6 +91,32 @@ class BudgetExceededError(VitcompressError):
     """A measured value is over the budget the user set (latency gate)."""
 
     exit_code = EXIT_BUDGET
+
+
+class LowRankError(VitcompressError):
+    """A factorization request that cannot be met (no layer matched, unreachable budget)."""
+
+
+class TokensError(VitcompressError):
+    """A token schedule the model cannot run (too many tokens removed, wrong length, bad family)."""
+
+
+class SparsifyError(VitcompressError):
+    """A sparsification request that cannot be met (no layer fits the pattern, missing data)."""
+
+
+class IntegerOnlyError(VitcompressError):
+    """An integer-only model cannot be built from this model or data (bad input: exit code 2)."""
+
+
+class IntegerOnlyVerificationError(VitcompressError):
+    """A graph claimed integer-only holds float math, or disagrees with the NumPy reference."""
+
+    exit_code = 4  # a failed verification
+
+
+class DistillError(VitcompressError):
+    """Training cannot go on: NaN loss, mismatched teacher and student, a checkpoint from another run."""
 
 
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:

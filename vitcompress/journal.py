@@ -20,8 +20,7 @@ from vitcompress.fileio import write_json
 from vitcompress.state import ModelState, Parity, PassRecord, RunSettings
 
 if TYPE_CHECKING:
-    from vitcompress.models.loader import LoadedModel
-    from vitcompress.recipe import Recipe
+    from vitcompress.models.loader import LoadedModel, ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,9 @@ class Journal:
             },
         )
 
-    def restore(self, recipe: Recipe, settings: RunSettings) -> tuple[ModelState, int] | None:
-        """The state after the passes an earlier run of this recipe finished, or None."""
+    def restore(self, source: ModelRef, steps: int, settings: RunSettings) -> tuple[ModelState, int] | None:
+        """The state after the passes an earlier run of this recipe finished, or None: `source` is the
+        recipe's model, `steps` its number of passes."""
         try:
             data = json.loads(self.path.read_text())
             done = int(data["done"])
@@ -75,16 +75,16 @@ class Journal:
         files = [data["model_artifact"], data["onnx_path"], data["baseline_onnx"]]
         if data["teacher"] not in (None, LOADED):
             files.append(data["teacher"])
-        if not 0 < done <= len(recipe.passes) or any(f is not None and not Path(f).exists() for f in files):
+        if not 0 < done <= steps or any(f is not None and not Path(f).exists() for f in files):
             return None
         from vitcompress.models.artifact import load_artifact
 
         model = (
-            load_artifact(Path(data["model_artifact"])) if data["model_artifact"] else self._as_loaded(recipe)
+            load_artifact(Path(data["model_artifact"])) if data["model_artifact"] else self._as_loaded(source, settings.seed)
         )
         teacher: LoadedModel | None = None
         if data["teacher"] == LOADED:
-            teacher = self._as_loaded(recipe)
+            teacher = self._as_loaded(source, settings.seed)
         elif data["teacher"] is not None:
             teacher = load_artifact(Path(data["teacher"]))
         self.model_artifact, self.teacher = data["model_artifact"], data["teacher"]
@@ -109,12 +109,12 @@ class Journal:
         return state, done
 
     @staticmethod
-    def _as_loaded(recipe: Recipe) -> LoadedModel:
+    def _as_loaded(source: ModelRef, seed: int) -> LoadedModel:
         from vitcompress.models import load_model
-        from vitcompress.pipeline import model_ref, seed_everything
+        from vitcompress.state import seed_everything
 
-        seed_everything(recipe.run.seed)  # what the first run drew a random-init model with
-        return load_model(model_ref(recipe))
+        seed_everything(seed)  # what the first run drew a random-init model with
+        return load_model(source)
 
 
 def _record(data: dict[str, Any]) -> PassRecord:

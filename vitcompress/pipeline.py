@@ -12,90 +12,46 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vitcompress.budgets import check_budgets
 from vitcompress.errors import BudgetExceededError
 from vitcompress.fileio import write_text
 from vitcompress.journal import Journal
 from vitcompress.passes import PASSES, Needs
 from vitcompress.recipe import Recipe, dump_recipe
-from vitcompress.state import ModelState, PassRecord, RunSettings
+from vitcompress.state import ModelState, PassRecord, RunResult, RunSettings, seed_everything
 
 if TYPE_CHECKING:
-    from vitcompress.models import ModelRef
+    from vitcompress.data import InMemory
+    from vitcompress.models import LoadedModel
+    from vitcompress.passes.base import PassConfig
+    from vitcompress.state import EvalFn
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RunResult:
-    state: ModelState
-    out_dir: Path
-    budget_failures: tuple[str, ...]
+class RunInputs:
+    """What a run takes from the Python API instead of the recipe: a model already in memory (the
+    recipe's `model:` then only names it), data splits handed over (`source: memory` in the recipe's
+    data section) and the caller's accuracy function."""
 
-    @property
-    def ledger(self) -> tuple[PassRecord, ...]:
-        return self.state.records
-
-
-def model_ref(recipe: Recipe) -> ModelRef:
-    from vitcompress.models import ModelRef
-
-    section = recipe.model
-    return ModelRef(
-        source=section.source,
-        checkpoint=section.checkpoint,
-        num_classes=section.num_classes,
-        img_size=section.img_size,
-        in_chans=section.in_chans,
-        trust_checkpoint=section.trust_checkpoint,
-        kwargs=dict(section.kwargs),
-    )
+    model: LoadedModel | None = None
+    memory: dict[str, InMemory] = field(default_factory=dict)
+    eval_fn: EvalFn | None = None
 
 
-def check_budgets(recipe: Recipe, state: ModelState) -> tuple[str, ...]:
-    budgets, failures = recipe.budgets, []
-    measured = next((r for r in reversed(state.records) if r.latency_p50_ms is not None), None)
-    if (budgets.max_p50_ms or budgets.min_speedup) and measured is None:
-        failures.append("latency budgets are set but no pass measured latency: add a validate pass")
-    if (
-        measured is not None
-        and budgets.max_p50_ms is not None
-        and measured.latency_p50_ms is not None
-        and measured.latency_p50_ms > budgets.max_p50_ms
-    ):
-        runner = measured.details.get("runner")  # the runtime the budget was checked on
-        on = f" on {runner['runtime']} {runner['version']} ({runner['precision']})" if runner else ""
-        failures.append(f"p50 {measured.latency_p50_ms:.2f} ms{on} > max_p50_ms {budgets.max_p50_ms:g}")
-    speedup = measured.details.get("speedup_vs_baseline") if measured else None
-    if budgets.min_speedup is not None and speedup is not None and speedup < budgets.min_speedup:
-        failures.append(f"speed-up {speedup:.2f}x < min_speedup {budgets.min_speedup:g}x")
-    failures += [str(r.details["gate_failure"]) for r in state.records if "gate_failure" in r.details]
-    if budgets.max_top1_drop is not None:
-        accuracy = next((r for r in reversed(state.records) if "top1_drop_points" in r.details), None)
-        if accuracy is None:
-            failures.append(
-                "max_top1_drop is set but no pass measured accuracy: add data.eval and a validate pass"
-            )
-        elif not accuracy.details.get("sanity", {}).get("ok", True):
-            # a drop measured against a broken reference proves nothing, however small it is
-            sanity = accuracy.details["sanity"]
-            failures.append(
-                f"max_top1_drop cannot be judged: the {sanity['model']} it is measured against fails the "
-                f"sanity check ({'; '.join(sanity['problems'])}), so the measured drop of "
-                f"{accuracy.details['top1_drop_points']:.2f} points means nothing: the model is untrained "
-                "(a checkpoint missing?) or the data is not preprocessed as it was trained (data mean, "
-                "std, input_range)"
-            )
-        elif accuracy.details["top1_drop_points"] > budgets.max_top1_drop:
-            failures.append(
-                f"top-1 drop {accuracy.details['top1_drop_points']:.2f} points > max_top1_drop {budgets.max_top1_drop:g}"
-            )
-    if budgets.max_size_mb is not None and state.onnx_path is not None:
-        from vitcompress.runtime import onnx_size
-
-        size_mb = onnx_size(state.onnx_path) / 1e6
-        if size_mb > budgets.max_size_mb:
-            failures.append(f"ONNX size {size_mb:.2f} MB > max_size_mb {budgets.max_size_mb:g}")
-    return tuple(failures)
+def run_pass(state: ModelState, cfg: PassConfig) -> ModelState:
+    """Run one pass inside the ledger envelope: the pass returns its measurements
+    (`ModelState.passed`, which names the record after the step and marks a model-changing pass),
+    and the wall time is taken here, so no pass times itself."""
+    engine = PASSES[cfg.kind].runner()
+    start = time.perf_counter()
+    after = engine(state, cfg)
+    wall_s = time.perf_counter() - start
+    if len(after.records) == len(state.records) + 1:
+        timed = replace(after.records[-1], wall_s=wall_s)
+        after = replace(after, records=(*after.records[:-1], timed))
+    return after
 
 
 def release_memory() -> None:
@@ -111,25 +67,11 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every generator a pass may draw from (random init of a hub-less timm model, a distill
-    pass's feature projections, numpy shuffles), so a recipe with `run.seed` is reproducible."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def leading_model_passes(recipe: Recipe) -> int:
     """How many passes at the start of `recipe` work on the PyTorch model only (before any export)."""
     count = 0
     for cfg in recipe.passes:
-        spec = PASSES[cfg.kind]
-        if spec.produces_onnx or spec.needs is Needs.onnx:
+        if cfg.produces_onnx or cfg.needs is Needs.onnx:
             break
         count += 1
     return count
@@ -218,6 +160,8 @@ def run_recipe(
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
     overwrite: bool = False,
     prefixes: PrefixCache | None = None,
+    *,
+    inputs: RunInputs | None = None,
 ) -> RunResult:
     """Run every pass of `recipe`, writing artifacts and reports to `out_dir`.
 
@@ -225,7 +169,8 @@ def run_recipe(
     written before budgets are checked, so a failed gate (BudgetExceededError) still leaves them.
     `out_dir` is held by this run alone (see rundir.py): a directory holding another recipe's run is
     refused unless `overwrite`; one holding this recipe's earlier run is resumed. With `prefixes`,
-    leading PyTorch passes that an earlier run of the same cache already ran are reused.
+    leading PyTorch passes that an earlier run of the same cache already ran are reused. `inputs`
+    holds what the Python API was handed in memory: the model, data splits, an eval function.
     """
     from vitcompress.rundir import claim_run_dir, recipe_fingerprint
 
@@ -236,9 +181,9 @@ def run_recipe(
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:
         scratch = Path(tempfile.mkdtemp(prefix=f"vitcompress-rank{rank}-"))
-        return _run(recipe, resolved, scratch, rank, on_pass, progress, None)
+        return _run(recipe, resolved, scratch, rank, on_pass, progress, None, inputs or RunInputs())
     with claim_run_dir(Path(out_dir), recipe_fingerprint(resolved), overwrite=overwrite) as claimed:
-        return _run(recipe, resolved, claimed, rank, on_pass, progress, prefixes)
+        return _run(recipe, resolved, claimed, rank, on_pass, progress, prefixes, inputs or RunInputs())
 
 
 def _run(
@@ -249,6 +194,7 @@ def _run(
     on_pass: Callable[[int, str], None] | None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None,
     prefixes: PrefixCache | None,
+    inputs: RunInputs,
 ) -> RunResult:
     from vitcompress.report import write_reports
 
@@ -261,17 +207,24 @@ def _run(
         threads=recipe.run.threads,
         data=recipe.data,
         progress=progress,
+        memory=dict(inputs.memory),
+        eval_fn=inputs.eval_fn,
     )
-    journal = Journal.for_dir(out_dir) if rank == 0 else None
+    # a model held in memory is not in the recipe: a rerun cannot rebuild it, so no journal
+    journal = Journal.for_dir(out_dir) if rank == 0 and inputs.model is None else None
     hit = prefixes.longest(recipe) if prefixes is not None else None
-    restored = journal.restore(recipe, settings) if journal is not None and hit is None else None
+    restored = None
+    if journal is not None and hit is None:
+        from vitcompress.models import as_model_ref
+
+        restored = journal.restore(as_model_ref(recipe.model), len(recipe.passes), settings)
     if restored is not None:
         state, done = restored
     elif hit is not None:
         # which artifact the reused teacher is cannot be told from here: this run keeps no journal
         state, done, journal = _reuse(hit, settings), hit[0], None
     else:
-        state, done = _load(recipe, settings, on_pass), 0
+        state, done = _load(recipe, settings, on_pass, inputs.model), 0
         if journal is not None:
             journal.start(state)
     for index, cfg in enumerate(recipe.passes, start=1):
@@ -281,24 +234,21 @@ def _run(
         if on_pass:
             on_pass(index, name)
         log.info("pass %d/%d: %s", index, len(recipe.passes), name)
-        spec = PASSES[cfg.kind]
-        if rank > 0 and (spec.produces_onnx or spec.needs is Needs.onnx):
+        if rank > 0 and (cfg.produces_onnx or cfg.needs is Needs.onnx):
             continue
         # each pass draws from its own seeded stream: what it does does not depend on how many
         # random numbers the passes before it happened to draw
         seed_everything(recipe.run.seed * 1_000 + index)
         teacher_before = state.teacher
-        state = spec.runner()(state, cfg)
-        if spec.changes_model:
-            state = replace(state, model_changed=True)
+        state = run_pass(state, cfg)
         if journal is not None:
-            journal.passed(index, state, spec.changes_model, state.teacher is not teacher_before)
+            journal.passed(index, state, cfg.changes_model, state.teacher is not teacher_before)
         if prefixes is not None and index <= leading_model_passes(recipe):
             prefixes.keep(prefix_key(recipe, index), state)
         release_memory()
     if rank > 0:
         return RunResult(state=state, out_dir=out_dir, budget_failures=())
-    failures = check_budgets(recipe, state)
+    failures = check_budgets(recipe.budgets, state.records, state.onnx_path)
     result = RunResult(state=state, out_dir=out_dir, budget_failures=failures)
     write_reports(recipe, result)
     if failures:
@@ -306,15 +256,21 @@ def _run(
     return result
 
 
-def _load(recipe: Recipe, settings: RunSettings, on_pass: Callable[[int, str], None] | None) -> ModelState:
-    """The state before the first pass: the model as loaded, and a copy of it when a pass reads it."""
-    from vitcompress.models import load_model
+def _load(
+    recipe: Recipe,
+    settings: RunSettings,
+    on_pass: Callable[[int, str], None] | None,
+    given: LoadedModel | None = None,
+) -> ModelState:
+    """The state before the first pass: the model as loaded (or as `given`), and a copy of it when
+    a pass reads it."""
+    from vitcompress.models import as_model_ref, load_model
     from vitcompress.models.stats import count_macs
 
     if on_pass:
         on_pass(0, "load")
     start = time.perf_counter()
-    loaded = load_model(model_ref(recipe))
+    loaded = given if given is not None else load_model(as_model_ref(recipe.model))
     macs, _ = count_macs(loaded)
     load_record = PassRecord(
         name="load",
@@ -334,9 +290,8 @@ def _load(recipe: Recipe, settings: RunSettings, on_pass: Callable[[int, str], N
 
 def needs_teacher(recipe: Recipe) -> bool:
     """The model as loaded is kept (a copy: a whole second model in memory) only when a later pass
-    reads it: distill without a teacher of its own, or validate exporting the fp32 baseline."""
-    return any(PASSES[cfg.kind].changes_model for cfg in recipe.passes) and any(
-        (cfg.kind == "distill" and getattr(cfg, "teacher", None) is None)
-        or (cfg.kind == "validate" and getattr(cfg, "compare_baseline", False))
-        for cfg in recipe.passes
+    reads it (each pass says so: distill without a teacher of its own, validate exporting the fp32
+    baseline)."""
+    return any(cfg.changes_model for cfg in recipe.passes) and any(
+        cfg.wants_original_model() for cfg in recipe.passes
     )

@@ -29,10 +29,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
+from vitcompress.budgets import Budgets
 from vitcompress.data import DataSection
 from vitcompress.errors import RecipeError, closest, did_you_mean
-from vitcompress.passes import PASS_CONFIGS, PASSES, Needs
+from vitcompress.passes import PASSES, Needs
 from vitcompress.passes.base import PassConfig
 from vitcompress.runtimes.target import TargetSection, apply_target
 
@@ -44,7 +46,8 @@ MAX_RECIPE_NODES = 10_000  # YAML nodes after expanding every alias; a recipe ne
 if TYPE_CHECKING:
     AnyPass = PassConfig
 else:  # the discriminated union of every registered pass config
-    AnyPass = Annotated[Union[PASS_CONFIGS], Field(discriminator="kind")]  # noqa: UP007
+    # (PASSES, not the built-in PASS_CONFIGS: a pass registered before this module loads counts)
+    AnyPass = Annotated[Union[tuple(spec.config for spec in PASSES.values())], Field(discriminator="kind")]  # noqa: UP007
 
 
 class _Section(BaseModel):
@@ -84,22 +87,6 @@ class RunSection(_Section):
 
     seed: int = Field(0, description="Seed for every random choice (inputs, data order, calibration).")
     threads: int = Field(2, ge=1, description="Threads for ONNX Runtime measurements.")
-
-
-class Budgets(_Section):
-    """Gates on the final model; a failed gate exits with code 3 after the reports are written."""
-
-    max_p50_ms: float | None = Field(None, gt=0, description="Median latency at the first batch size.")
-    min_speedup: float | None = Field(None, gt=0, description="Speed-up over the fp32 baseline, same run.")
-    max_size_mb: float | None = Field(
-        None, gt=0, description="Size of the final ONNX file in MB (1e6 bytes)."
-    )
-    max_top1_drop: float | None = Field(
-        None,
-        ge=0,
-        le=100,
-        description="Top-1 drop against the fp32 baseline on data.eval, in points (needs validate).",
-    )
 
 
 class SweepSection(_Section):
@@ -144,7 +131,7 @@ class Recipe(_Section):
     @model_validator(mode="before")
     @classmethod
     def _expand_target(cls, data: Any) -> Any:
-        return apply_target(data)
+        return apply_target(data, {kind: spec.config for kind, spec in PASSES.items()})
 
     @model_validator(mode="after")
     def _pass_order(self) -> Recipe:
@@ -154,13 +141,13 @@ class Recipe(_Section):
         sparsified: tuple[str, str] | None = None  # the first pass that leaves sparsity masks
         names: set[str] = set()
         for index, cfg in enumerate(self.passes):
-            spec = PASSES[cfg.kind]
+            spec = type(cfg)  # each pass declares what the order depends on (see PassConfig)
             label = f"passes[{index}] ({cfg.kind})"
             step_name = cfg.step_name
             if step_name in names:
                 raise ValueError(f"{label}: step name {step_name!r} is used twice; give each a distinct name")
             names.add(step_name)
-            if cfg.kind == "distill" and self.data.train is None:
+            if cfg.needs_train() and self.data.train is None:
                 raise ValueError(f"{label} trains on data: add data.train to the recipe")
             if cfg.needs_data() and self.data.for_calibration() is None:
                 raise ValueError(
@@ -188,6 +175,15 @@ class Recipe(_Section):
     def resolved(self) -> dict[str, Any]:
         """Every setting written out, defaults included (library defaults change between versions)."""
         return self.model_dump(mode="json")
+
+
+def rebuild_schema() -> None:
+    """Make `Recipe` accept every registered pass (after `vitcompress.passes.register`)."""
+    configs = tuple(spec.config for spec in PASSES.values())
+    union = Annotated[Union[configs], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
+    field = Recipe.__pydantic_fields__["passes"]
+    Recipe.__pydantic_fields__["passes"] = FieldInfo.merge_field_infos(field, annotation=list[union])  # type: ignore[valid-type]
+    Recipe.model_rebuild(force=True)
 
 
 # --------------------------------------------------------------------------- errors

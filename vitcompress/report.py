@@ -6,13 +6,13 @@ import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcompress import __version__
+from vitcompress._version import __version__
 from vitcompress.fileio import write_json, write_text
 from vitcompress.state import PassRecord
 
 if TYPE_CHECKING:
-    from vitcompress.pipeline import RunResult
     from vitcompress.recipe import Recipe
+    from vitcompress.state import RunResult
 
 
 def fmt_count(value: int | None) -> str:
@@ -97,9 +97,11 @@ def _environment(result: RunResult) -> dict[str, Any] | None:
 
 def _plot_points(result: RunResult) -> list[Any]:
     """The fp32 baseline and the final model, both measured by the last validate pass (same run)."""
+    from vitcompress.passes import measuring_kinds
     from vitcompress.plot import ParetoPoint
 
-    record = next((r for r in reversed(result.ledger) if r.kind == "validate"), None)
+    measuring = measuring_kinds()
+    record = next((r for r in reversed(result.ledger) if r.kind in measuring), None)
     if record is None or record.top1 is None or "baseline_top1" not in record.details:
         return []
     bench = record.details["bench"]
@@ -132,7 +134,7 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
     lines += [md_row(row) for row in ledger_rows(result.ledger)]
     lines.append("")
     if any(r.top1 is not None or "agreement" in r.details for r in result.ledger):
-        from vitcompress.evaluate import EVAL_BATCH_SIZE
+        from vitcompress.accuracy import EVAL_BATCH_SIZE
 
         lines += [
             f"Accuracy: top-1 on data.eval, every pass scored the same way (ONNX Runtime or PyTorch, "
@@ -152,7 +154,7 @@ def write_reports(recipe: Recipe, result: RunResult) -> None:
         (r.details["compute_floor"] for r in reversed(result.ledger) if "compute_floor" in r.details), None
     )
     if floor:
-        from vitcompress.bench import ComputeFloor
+        from vitcompress.timing import ComputeFloor
 
         known = set(ComputeFloor.__dataclass_fields__)
         described = ComputeFloor(**{k: v for k, v in floor.items() if k in known}).describe()

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vitcompress.choices import Provider
 from vitcompress.errors import InputShapeError, OnnxModelError, ProviderUnavailableError
-
-
-class Provider(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    tensorrt = "tensorrt"
-
 
 ORT_PROVIDERS: dict[Provider, tuple[str, ...]] = {
     Provider.cpu: ("CPUExecutionProvider",),

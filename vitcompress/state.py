@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 if TYPE_CHECKING:
-    from vitcompress.data import DataSection, Dataset, DataSpec
+    import torch
+
+    from vitcompress.data import DataSection, Dataset, DataSpec, InMemory
     from vitcompress.models.loader import LoadedModel
+
+# A caller's accuracy function: takes a model (a batch of inputs -> logits: the torch module, or an
+# exported file behind the same call) and returns its top-1 accuracy as a fraction in [0, 1].
+EvalFn = Callable[[Callable[["torch.Tensor"], "torch.Tensor"]], float]
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,8 @@ class Parity:
 
 @dataclass(frozen=True)
 class PassRecord:
-    """One row of the ledger."""
+    """One row of the ledger: the step's name and kind, its wall time (the pipeline's envelope) and
+    what the pass measured."""
 
     name: str
     kind: str
@@ -43,6 +50,40 @@ class PassRecord:
         return asdict(self)
 
 
+class Step(Protocol):
+    """What the state needs to know of the pass config that ran (every PassConfig is one)."""
+
+    changes_model: ClassVar[bool]
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def step_name(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a pass measured, for its ledger record (the envelope, name, kind and time, is the
+    pipeline's)."""
+
+    params: int | None = None
+    macs: int | None = None
+    size_bytes: int | None = None
+    parity: Parity | None = None
+    latency_p50_ms: float | None = None
+    top1: float | None = None
+    artifact: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def asdict_shallow(value: Any) -> dict[str, Any]:
+    """A dataclass's fields as they are (no deep copy: parity stays a Parity)."""
+    from dataclasses import fields
+
+    return {f.name: getattr(value, f.name) for f in fields(value)}
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Settings every pass may read: where to write, how to measure."""
@@ -53,6 +94,35 @@ class RunSettings:
     data: DataSection | None = None  # the recipe's data splits, for passes that need data
     # progress(step name, done, total, metrics) for long passes (training); the CLI draws it
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None
+    # data the Python API was handed, by split (train, eval, val, calibration): the recipe's data
+    # section names them `source: memory`
+    memory: dict[str, InMemory] = field(default_factory=dict)
+    eval_fn: EvalFn | None = None  # the caller's accuracy function, used wherever top-1 is measured
+
+
+__all__ = [
+    "EvalFn",
+    "Measured",
+    "ModelState",
+    "Parity",
+    "PassRecord",
+    "RunResult",
+    "RunSettings",
+    "seed_everything",
+]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a pass may draw from (random init of a hub-less timm model, a distill
+    pass's feature projections, numpy shuffles), so a recipe with `run.seed` is reproducible."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 @dataclass(frozen=True)
@@ -92,9 +162,38 @@ class ModelState:
             raise DataError(f"{needed_by} needs data.{split}{fallback} in the recipe")
         if limit is not None:
             spec = spec.model_copy(update={"limit": min(spec.limit or limit, limit)})
+        if spec.source.value == "memory":
+            from vitcompress.data import memory_dataset
+
+            key = split
+            if split == "calibration" and self.settings.data is not None and self.settings.data.calibration is None:
+                key = "train"
+            if key not in self.settings.memory:
+                raise DataError(f"{needed_by}: data.{key} is 'memory' but no data was handed over for it")
+            return memory_dataset(self.settings.memory[key], spec, self.model.input, self.model.num_classes)
         return load_dataset(spec, self.model.input, self.model.num_classes)
+
+    def passed(self, cfg: Step, measured: Measured | None = None, **changes: Any) -> ModelState:
+        """What a pass returns: the state with its measurements appended to the ledger, under the
+        step's name and kind, and the `changes` it made (onnx_path, teacher, ...); a pass that
+        declares `changes_model` marks the model changed. The pipeline adds the wall time."""
+        record = PassRecord(name=cfg.step_name, kind=cfg.kind, **asdict_shallow(measured or Measured()))
+        if cfg.changes_model:
+            changes.setdefault("model_changed", True)
+        return self.with_record(record, **changes)
 
     def with_record(self, record: PassRecord, **changes: Any) -> ModelState:
         from dataclasses import replace
 
         return replace(self, records=(*self.records, record), **changes)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    state: ModelState
+    out_dir: Path
+    budget_failures: tuple[str, ...]
+
+    @property
+    def ledger(self) -> tuple[PassRecord, ...]:
+        return self.state.records

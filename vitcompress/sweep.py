@@ -21,10 +21,10 @@ from typing import Any
 
 from vitcompress.errors import BudgetExceededError, RecipeError, VitcompressError
 from vitcompress.fileio import write_json, write_text
-from vitcompress.passes import PASSES
+from vitcompress.passes import measuring_kinds
 from vitcompress.plot import ParetoPoint, plot_pareto
 from vitcompress.recipe import Recipe, apply_overrides, validate_recipe
-from vitcompress.runtime import Provider
+from vitcompress.runtimes.base import Provider
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def plan_variants(
 
 
 def _check_measurable(recipe: Recipe) -> None:
-    if not any(PASSES[cfg.kind].produces_onnx for cfg in recipe.passes):
+    if not any(cfg.produces_onnx for cfg in recipe.passes):
         raise RecipeError(
             "sweep compares ONNX models: the recipe has no export pass",
             hint="add `- kind: export` (and quantize/validate after it if wanted)",
@@ -155,7 +155,7 @@ def _check_measurable(recipe: Recipe) -> None:
 
 
 def _provider(recipe: Recipe) -> Provider:
-    validate = [cfg for cfg in recipe.passes if cfg.kind == "validate"]
+    validate = [cfg for cfg in recipe.passes if cfg.measures]
     return getattr(validate[-1], "provider", Provider.cpu) if validate else Provider.cpu
 
 
@@ -167,7 +167,8 @@ def _read_outcome(variant: Variant) -> None:
     with_macs = [r for r in ledger if r.get("macs") is not None]
     if with_macs:
         variant.macs, variant.params = with_macs[-1]["macs"], with_macs[-1]["params"]
-    with_top1 = [r for r in ledger if r.get("top1") is not None and r["kind"] == "validate"]
+    measuring = measuring_kinds()
+    with_top1 = [r for r in ledger if r.get("top1") is not None and r["kind"] in measuring]
     if with_top1:
         variant.top1 = with_top1[-1]["top1"]
         details = with_top1[-1]["details"]
@@ -177,8 +178,8 @@ def _read_outcome(variant: Variant) -> None:
 
 
 def _evaluate(path: Path, recipe: Recipe, provider: Provider) -> float:
+    from vitcompress.accuracy import evaluate_onnx, onnx_input_spec
     from vitcompress.data import load_dataset
-    from vitcompress.evaluate import evaluate_onnx, onnx_input_spec
 
     assert recipe.data.eval is not None  # checked by _check_measurable
     spec, num_classes = onnx_input_spec(path)
@@ -194,13 +195,12 @@ def _baseline(
     for variant in measured:
         if variant.baseline is not None:
             return Path(variant.baseline[0]), variant.baseline[1]
-    from vitcompress.models import load_model
+    from vitcompress.models import as_model_ref, load_model
     from vitcompress.passes.export import ExportConfig, export_model
-    from vitcompress.pipeline import model_ref
 
     path = out_dir / "baseline.onnx"
     if not path.is_file():
-        loaded = load_model(model_ref(recipe))
+        loaded = load_model(as_model_ref(recipe.model))
         export_model(loaded, path, ExportConfig(), seed=recipe.run.seed)
     return path, _evaluate(path, recipe, provider)
 
@@ -231,9 +231,9 @@ def _run_sweep(
     on_variant: Callable[[int, int, Variant], None] | None,
     on_bench: Callable[[int], None] | None,
 ) -> SweepResult:
-    from vitcompress.bench import bench_models
     from vitcompress.pipeline import PrefixCache, run_recipe
     from vitcompress.runtime import onnx_size
+    from vitcompress.timing import bench_models
 
     # variants that share their leading PyTorch passes (a pretrain step, the same pruning) run them once
     prefixes = PrefixCache.for_runs([v.recipe for v in variants])

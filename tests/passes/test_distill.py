@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import tiny_ref
+from vitcompress.accuracy import evaluate_torch
 from vitcompress.data import DataSpec, load_dataset
-from vitcompress.evaluate import evaluate_torch
 from vitcompress.models import load_model
 from vitcompress.passes.distill import (
     DistillConfig,

@@ -70,7 +70,7 @@ def test_half_the_macs_or_params_on_every_family(family, target, tmp_path_factor
 
 
 def test_unreachable_target_is_refused_before_scoring_with_the_nearest_figure(monkeypatch):
-    import vitcompress.passes.prune as prune
+    import vitcompress.passes.prune.run as prune  # where prune_model calls compute_stats
 
     loaded = load_model(ModelRef("timm:deit_tiny_patch16_224", num_classes=10, kwargs={"depth": 2}))
 

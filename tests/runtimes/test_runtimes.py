@@ -57,7 +57,7 @@ def test_export_writes_ir_checked_against_pytorch_under_each_precision(exported)
         assert bf16["tolerance"] == {"atol": 1e-2, "rtol": 5e-2, "min_top1_agreement": 0.75}
         assert fp32["max_abs_diff"] < bf16["max_abs_diff"] <= bf16["allowed_max_abs_diff"]
     # the same metadata as the ONNX file, plus the precision hint
-    from vitcompress.evaluate import onnx_metadata
+    from vitcompress.accuracy import onnx_metadata
 
     onnx_meta, ir_meta = onnx_metadata(result.path), onnx_metadata(result.ir_path)
     assert ir_meta is not None and onnx_meta is not None

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from vitcompress import __version__
+from vitcompress._version import __version__
 from vitcompress.cli.common import err_console
 from vitcompress.errors import EXIT_BAD_INPUT, VitcompressError
 

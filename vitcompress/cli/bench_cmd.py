@@ -7,9 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from vitcompress.choices import Precision, Provider, Runtime
 from vitcompress.cli.common import JsonOpt, err_console, out_console, print_json
-from vitcompress.runtime import Provider
-from vitcompress.runtimes.base import Precision, Runtime
 
 
 def bench(
@@ -95,7 +94,7 @@ def bench(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vitcompress.bench import bench_entries, bench_models, check_gate
+    from vitcompress.timing import bench_entries, bench_models, check_gate
 
     batch_sizes = batch_size or [1]
     threads = threads or os.cpu_count() or 1
@@ -126,7 +125,7 @@ def bench(
     gated = report.find(str(last_path), batch_sizes[0], last_runtime.value)
     profiles = {}
     if profile:
-        from vitcompress.bench import profile_ops
+        from vitcompress.timing import profile_ops
 
         with err_console.status("profiling"):
             profiles = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -17,14 +17,14 @@ from rich.console import Console
 from vitcompress.errors import VitcompressError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from rich.table import Table
 
+    from vitcompress.api import Result
     from vitcompress.data import DataSection
     from vitcompress.models import ModelRef
     from vitcompress.passes.base import PassConfig
-    from vitcompress.pipeline import RunResult
     from vitcompress.state import PassRecord
 
 # What `--data` accepts, for every command's help
@@ -163,28 +163,43 @@ def parse_model_kwargs(items: list[str] | None, num_heads: int | None = None) ->
     return kwargs
 
 
-def model_ref(
-    source: str,
-    checkpoint: Path | None,
-    num_classes: int | None,
-    img_size: int | None,
-    in_chans: int | None,
-    trust: bool,
-    model_kwargs: list[str] | None = None,
-    num_heads: int | None = None,
-) -> ModelRef:
-    """The model a command's flags name (`--model-kwargs KEY=VALUE` and `--num-heads` included)."""
-    from vitcompress.models import ModelRef
+@dataclass(frozen=True)
+class ModelFlags:
+    """The flags of every command that builds a model from a reference (`@model_options` adds them):
+    what a recipe's `model:` section says besides the source."""
 
-    kwargs = parse_model_kwargs(model_kwargs, num_heads)
-    return ModelRef(source, checkpoint, num_classes, img_size, in_chans, trust, kwargs)
+    checkpoint: Path | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    in_chans: int | None = None
+    model_kwargs: list[str] | None = None
+    num_heads: int | None = None
+    trust_checkpoint: bool = False
+
+    def section(self) -> dict[str, Any]:
+        """The recipe `model:` settings these flags give (`--model-kwargs` and `--num-heads` parsed)."""
+        return {
+            "checkpoint": self.checkpoint,
+            "num_classes": self.num_classes,
+            "img_size": self.img_size,
+            "in_chans": self.in_chans,
+            "kwargs": parse_model_kwargs(self.model_kwargs, self.num_heads),
+            "trust_checkpoint": self.trust_checkpoint,
+        }
+
+    def ref(self, source: str) -> ModelRef:
+        """The model `source` names, built as these flags say."""
+        from vitcompress.models import as_model_ref
+
+        return as_model_ref(source, **self.section())
 
 
 C = TypeVar("C", bound=BaseModel)
 
 
-def build_config(cls: type[C], **flags: Any) -> C:
-    """Validate CLI flags through the same pydantic config a recipe uses; errors name the flag."""
+def build_config(cls: type[C], flag_names: Mapping[str, str] | None = None, **flags: Any) -> C:
+    """Validate CLI flags through the same pydantic config a recipe uses; errors name the flag
+    (`flag_names`: field -> flag where the flag is not --field-name)."""
     try:
         return cls(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as err:
@@ -192,7 +207,8 @@ def build_config(cls: type[C], **flags: Any) -> C:
         message = first["msg"].removeprefix("Value error, ")
         if not first["loc"]:  # a rule across several options: the message names them
             raise VitcompressError(message) from None
-        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        field = str(first["loc"][0])
+        flag = (flag_names or {}).get(field, "--" + field.replace("_", "-"))
         raise VitcompressError(f"{flag}: {message} (got {first.get('input')!r})") from None
 
 
@@ -216,51 +232,36 @@ def run_single_pass(
     *,
     data: DataSection | None = None,
     seed: int = 0,
-    checkpoint: Path | None = None,
-    num_classes: int | None = None,
-    img_size: int | None = None,
-    in_chans: int | None = None,
-    trust_checkpoint: bool = False,
-    model_kwargs: dict[str, Any] | None = None,
+    model_flags: ModelFlags | None = None,
     bench: bool = False,
     status: str | None = None,
     progress: Callable[[str, int, int, dict[str, float]], None] | None = None,
     overwrite: bool = False,
-) -> tuple[RunResult, PassRecord]:
-    """Run one pass as a one-pass recipe (plus export and validate with `bench`): what a pass command
-    does, so it runs the same code as `compress`. Returns the run and the pass's ledger record."""
-    from vitcompress.data import DataSection
-    from vitcompress.passes.export import ExportConfig
-    from vitcompress.passes.validate import ValidateConfig
-    from vitcompress.pipeline import run_recipe
-    from vitcompress.recipe import ModelSection, Recipe, RunSection
+) -> tuple[Result, PassRecord]:
+    """What a pass command does: `vitcompress.api.run_pass` (a one-pass recipe, plus export and
+    validate with `bench`) with a status spinner. Returns the run and the pass's ledger record."""
+    import contextlib
 
-    passes: list[Any] = [cfg, ExportConfig(), ValidateConfig(batch_sizes=[1])] if bench else [cfg]
-    recipe = Recipe(
-        version=1,
-        name=f"{cfg.kind} {model}",
-        model=ModelSection(
-            source=model,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            kwargs=dict(model_kwargs or {}),
-            trust_checkpoint=trust_checkpoint,
-        ),
-        run=RunSection(seed=seed),
-        data=data or DataSection(),
-        passes=passes,
-    )
-    if status is None:
-        result = run_recipe(recipe, out, progress=progress, overwrite=overwrite)
-    else:
-        with err_console.status(status):
-            result = run_recipe(recipe, out, progress=progress, overwrite=overwrite)
+    from vitcompress.api import run_pass
+
+    options = model_flags.section() if model_flags is not None else {}
+    splits = {} if data is None else {name: getattr(data, name) for name in type(data).model_fields}
+    with err_console.status(status) if status is not None else contextlib.nullcontext():
+        result = run_pass(
+            cfg,
+            model,
+            out,
+            data=splits,
+            seed=seed,
+            model_options=options,
+            bench=bench,
+            overwrite=overwrite,
+            progress=progress,
+        )
     return result, next(r for r in result.ledger if r.kind == cfg.kind)
 
 
-def print_run_json(out: Path, result: RunResult, record: PassRecord) -> None:
+def print_run_json(out: Path, result: Result, record: PassRecord) -> None:
     print_json(
         {"out_dir": str(out), "artifact": record.artifact, "ledger": [r.to_dict() for r in result.ledger]}
     )

@@ -9,27 +9,22 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
+    ModelFlags,
     OverwriteOpt,
-    TrustOpt,
-    build_config,
     err_console,
     out_console,
-    parse_model_kwargs,
     print_run_json,
     run_single_pass,
 )
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.distill import DistillConfig
+from vitcompress.passes.distill.config import DistillConfig
 
 
+@config_options(DistillConfig)
+@model_options
 def distill(
     model: ModelArg,
     out: Annotated[
@@ -53,18 +48,6 @@ def distill(
             "of --data held out (not trained on)."
         ),
     ] = None,
-    val_fraction: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=0.99,
-            help="Without --val-data: the fraction of --data held out for validation (at most "
-            "--eval-limit images); 0 keeps the last weights.",
-        ),
-    ] = 0.1,
-    eval_limit: Annotated[
-        int, typer.Option(min=1, help="At most this many validation and test images (stratified).")
-    ] = 2000,
     data_limit: Annotated[
         int | None, typer.Option(min=1, help="Train on this many samples (stratified).")
     ] = None,
@@ -81,41 +64,14 @@ def distill(
     teacher_kwargs: Annotated[
         str, typer.Option(help="timm constructor kwargs of the teacher, as JSON.")
     ] = "{}",
-    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = 1.0,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[
-        int, typer.Option(min=1, help="Images per step (per process under torchrun).")
-    ] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up + cosine).")] = 5e-4,
     clip_grad: Annotated[
         float, typer.Option(min=0.0, help="Max gradient norm; lower it if training diverges (0: no clipping).")
     ] = 1.0,
-    hard_label: Annotated[float, typer.Option(help="Weight of cross-entropy on the labels.")] = 0.5,
-    soft_kd: Annotated[float, typer.Option(help="Weight of soft logit KD.")] = 0.5,
-    temperature: Annotated[float, typer.Option(help="KD temperature.")] = 2.0,
-    deit_hard: Annotated[float, typer.Option(help="Weight of DeiT hard distillation.")] = 0.0,
-    feature: Annotated[float, typer.Option(help="Weight of feature KD on block outputs.")] = 0.0,
-    augment: Annotated[str, typer.Option(help="none, shift or shift-flip.")] = "none",
-    eval_every: Annotated[
-        int | None, typer.Option(help="Evaluate on the validation data every N steps (default: each epoch).")
-    ] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = 100,
-    cache_teacher: Annotated[
-        bool, typer.Option("--cache-teacher", help="Compute teacher logits once.")
-    ] = False,
-    no_resume: Annotated[
-        bool, typer.Option("--no-resume", help="Start over even if OUT has a checkpoint.")
-    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialization.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
+    options: ConfigFlags[DistillConfig] = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Train a compressed model (the student) against its teacher: labels, soft KD, DeiT, feature KD.
 
@@ -132,7 +88,7 @@ def distill(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from vitcompress.data import DataSection, DataSpec
-    from vitcompress.passes.distill import TeacherSpec
+    from vitcompress.passes.distill.config import TeacherSpec
 
     try:
         kwargs = json.loads(teacher_kwargs)
@@ -141,27 +97,7 @@ def distill(
     teacher_spec = (
         TeacherSpec(source=teacher, checkpoint=teacher_checkpoint, kwargs=kwargs) if teacher else None
     )
-    cfg = build_config(
-        DistillConfig,
-        teacher=teacher_spec,
-        epochs=epochs,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        clip_grad=clip_grad or None,
-        hard_label=hard_label,
-        soft_kd=soft_kd,
-        temperature=temperature,
-        deit_hard=deit_hard,
-        feature=feature,
-        augment=augment,
-        eval_every=eval_every,
-        eval_limit=eval_limit,
-        val_fraction=val_fraction,
-        checkpoint_every=checkpoint_every,
-        cache_teacher=cache_teacher,
-        resume=not no_resume,
-    )
+    cfg = options.build(teacher=teacher_spec, clip_grad=clip_grad or None)
     section = DataSection(
         train=DataSpec.parse(data, limit=data_limit, seed=seed),
         eval=DataSpec.parse(eval_data) if eval_data else None,
@@ -196,12 +132,7 @@ def distill(
             out,
             data=section,
             seed=seed,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            trust_checkpoint=trust_checkpoint,
-            model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+            model_flags=model_flags,
             progress=progress,
             overwrite=overwrite,
         )

@@ -5,29 +5,23 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vitcompress.accuracy import EVAL_BATCH_SIZE
+from vitcompress.choices import Precision, Provider, Runtime
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
-    TrustOpt,
+    ModelFlags,
     err_console,
-    model_ref,
     out_console,
     print_json,
 )
-from vitcompress.evaluate import EVAL_BATCH_SIZE
-from vitcompress.runtime import Provider
-from vitcompress.runtimes.base import Precision, Runtime
+from vitcompress.cli.options import GENERATED, model_options
 
 if TYPE_CHECKING:
     from vitcompress.data import DataSpec
 
 
+@model_options
 def evaluate(
     model: Annotated[
         str,
@@ -113,14 +107,8 @@ def evaluate(
             "common preprocessing scoring far better on a few images (warns; JSON: sanity).",
         ),
     ] = True,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     json_out: JsonOpt = False,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Top-1, top-5 and mean cross-entropy of a model on labelled data, in PyTorch or ONNX Runtime.
 
@@ -136,8 +124,7 @@ def evaluate(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vitcompress.data import DataSpec, load_dataset
-    from vitcompress.evaluate import (
+    from vitcompress.accuracy import (
         evaluate_onnx,
         evaluate_torch,
         onnx_classes,
@@ -146,6 +133,7 @@ def evaluate(
         sanity_torch,
         warn_if_insane,
     )
+    from vitcompress.data import DataSpec, load_dataset
 
     if input_range is not None and input_range not in ("0-1", "0-255"):
         raise typer.BadParameter(f"{input_range!r} is not 0-1 or 0-255", param_hint="--input-range")
@@ -169,9 +157,7 @@ def evaluate(
         from vitcompress.models import load_model
 
         loaded = load_model(
-            model_ref(
-                model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint, model_kwargs, num_heads
-            )
+            model_flags.ref(model)
         )
         spec = _with_overrides(spec, loaded.input.channels, mean, std, input_range, crop_pct, num_workers)
         dataset = load_dataset(spec, loaded.input, loaded.num_classes)

@@ -6,62 +6,26 @@ from typing import Annotated
 import typer
 
 from vitcompress.cli.common import (
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
-    TrustOpt,
-    build_config,
+    ModelFlags,
     err_console,
-    model_ref,
     out_console,
     print_json,
 )
-from vitcompress.passes.export import ExportConfig, Exporter
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
+from vitcompress.passes.export import ExportConfig
 
 
+@config_options(ExportConfig, exclude={"filename"})  # the file name is --out's
+@model_options
 def export(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .onnx file (written atomically).")],
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    exporter: Annotated[
-        Exporter,
-        typer.Option(
-            help="torchscript: graphs ONNX Runtime quantizes and fuses (default); dynamo: torch.export based."
-        ),
-    ] = Exporter.torchscript,
-    opset: Annotated[int, typer.Option(help="ONNX opset (14-21).")] = 17,
-    parity_batch: Annotated[int, typer.Option(help="Images in the parity batch.")] = 8,
-    atol: Annotated[
-        float, typer.Option(help="Parity gate: max |Δlogit| <= atol + rtol * max|logit|.")
-    ] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Relative part of the parity gate.")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of the parity batch.")] = 0,
-    runtime: Annotated[
-        str,
-        typer.Option(
-            help="ort: the .onnx file; openvino: also OpenVINO IR (.xml + .bin of the same name) converted "
-            "from it, with the same metadata, checked against PyTorch under each precision hint."
-        ),
-    ] = "ort",
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            help="--runtime openvino: the precision hint recorded with the IR and parity-checked (fp32 or "
-            "bf16; fp32 is always checked too). Default: bf16 on CPUs with AVX512_BF16/AMX, else fp32."
-        ),
-    ] = None,
     json_out: JsonOpt = False,
+    options: ConfigFlags[ExportConfig] = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Export to ONNX (fp32, dynamic batch axis) and verify the file against PyTorch.
 
@@ -78,21 +42,9 @@ def export(
     from vitcompress.models import load_model
     from vitcompress.passes.export import export_model
 
-    cfg = build_config(
-        ExportConfig,
-        exporter=exporter,
-        opset=opset,
-        parity_batch=parity_batch,
-        atol=atol,
-        rtol=rtol,
-        filename=out.name,
-        runtime=runtime,
-        precision=precision,
-    )
+    cfg = options.build(filename=out.name)
     loaded = load_model(
-        model_ref(
-            model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint, model_kwargs, num_heads
-        )
+        model_flags.ref(model)
     )
     with err_console.status(f"exporting {loaded.label} with {cfg.exporter.value}, opset {cfg.opset}"):
         result = export_model(loaded, out, cfg, seed=seed)

@@ -7,83 +7,39 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
+    ModelFlags,
     OverwriteOpt,
-    TrustOpt,
-    build_config,
     ledger_table,
     out_console,
-    parse_model_kwargs,
     print_run_json,
     run_single_pass,
 )
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.lowrank import LowRankConfig, Method
+from vitcompress.passes.lowrank.config import LowRankConfig
 
 
+@config_options(LowRankConfig, flags={"layers": "--layer"})
+@model_options
 def factorize(
     model: ModelArg,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Run directory: the factorized artifact and reports.")
     ],
-    rank: Annotated[int | None, typer.Option(help="The same rank for every layer.")] = None,
-    rank_fraction: Annotated[float | None, typer.Option(help="Rank as a fraction of min(out, in).")] = None,
-    energy: Annotated[
-        float | None, typer.Option(help="Keep this fraction of each layer's spectral energy.")
-    ] = None,
-    target_params: Annotated[
-        float | None,
-        typer.Option(help="Model parameters to keep (fraction <1 or count); ranks set globally."),
-    ] = None,
-    target_macs: Annotated[
-        float | None, typer.Option(help="Model MACs to keep (fraction <1 or count).")
-    ] = None,
-    layer: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layer", help="Module-name glob of linears to factorize (repeat). Default: MLP fc1/fc2."
-        ),
-    ] = None,
-    method: Annotated[
-        Method, typer.Option(help="svd (weights), whitened (output on --data), auto (both, keep the better).")
-    ] = Method.svd,
-    attention: Annotated[
-        str,
-        typer.Option(help="comcat: also factorize attention per head (W_q^T W_k, W_o W_v); none: leave it."),
-    ] = "none",
-    attention_rank: Annotated[
-        float, typer.Option(help="COMCAT head size: a fraction of the head size (<=1) or a size (>1).")
-    ] = 0.5,
-    round_to: Annotated[int, typer.Option(min=1, help="Ranks are multiples of this.")] = 8,
-    tolerance: Annotated[
-        float, typer.Option(help="How close to a target (fraction of the original).")
-    ] = 0.02,
     data: Annotated[
         str | None, typer.Option("--data", help=f"Calibration data for --method whitened/auto: {DATA_FORMS}.")
     ] = None,
     data_limit: Annotated[int | None, typer.Option(min=1, help="Use this many samples (stratified).")] = 512,
-    calibration_batches: Annotated[int, typer.Option(min=1, help="Batches for whitened/auto.")] = 8,
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the calibration batches.")] = 32,
     bench: Annotated[
         bool, typer.Option("--bench", help="Also export to ONNX and measure latency against the original.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the data order and example inputs.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
+    options: ConfigFlags[LowRankConfig] = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Replace linear layers by two thin ones from a truncated SVD (W ~= B @ A, rank r).
 
@@ -104,22 +60,7 @@ def factorize(
 
     from vitcompress.data import DataSection, DataSpec
 
-    cfg = build_config(
-        LowRankConfig,
-        rank=rank,
-        rank_fraction=rank_fraction,
-        energy=energy,
-        target_params=target_params,
-        target_macs=target_macs,
-        layers=layer,
-        method=method,
-        attention=attention,
-        attention_rank=attention_rank,
-        round_to=round_to,
-        tolerance=tolerance,
-        calibration_batches=calibration_batches,
-        batch_size=batch_size,
-    )
+    cfg = options.build()
     data_section = DataSection()
     if data is not None:
         data_section = DataSection(calibration=DataSpec.parse(data, limit=data_limit, seed=seed))
@@ -134,12 +75,7 @@ def factorize(
         out,
         data=data_section,
         seed=seed,
-        checkpoint=checkpoint,
-        num_classes=num_classes,
-        img_size=img_size,
-        in_chans=in_chans,
-        trust_checkpoint=trust_checkpoint,
-        model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+        model_flags=model_flags,
         bench=bench,
         status=f"factorizing {model}",
         overwrite=overwrite,

@@ -3,31 +3,20 @@ from __future__ import annotations
 from rich.table import Table
 
 from vitcompress.cli.common import (
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
-    TrustOpt,
-    model_ref,
+    ModelFlags,
     out_console,
     print_json,
 )
+from vitcompress.cli.options import GENERATED, model_options
 
 
+@model_options
 def inspect(
     model: ModelArg,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     json_out: JsonOpt = False,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Show a ViT's structure: heads, head dim, MLP width, params and MACs (batch 1) per block,
     and its architecture settings with where each came from (checkpoint tensor, flag, timm default).
@@ -55,9 +44,7 @@ def inspect(
     from vitcompress.report import fmt_count
 
     loaded = load_model(
-        model_ref(
-            model, checkpoint, num_classes, img_size, in_chans, trust_checkpoint, model_kwargs, num_heads
-        )
+        model_flags.ref(model)
     )
     stats = model_stats(loaded)
     sparse = sparse_layers(loaded.model)

@@ -6,10 +6,13 @@ from typing import Annotated
 
 import typer
 
-from vitcompress.cli.common import DATA_FORMS, JsonOpt, build_config, err_console, out_console, print_json
-from vitcompress.passes.quantize import PRESETS, Calibration, Mode, QuantizeConfig, refuse_integer_only_file
+from vitcompress.cli.common import DATA_FORMS, JsonOpt, err_console, out_console, print_json
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options
+from vitcompress.passes.quantize.config import QuantizeConfig
+from vitcompress.passes.quantize.onnx import refuse_integer_only_file
 
 
+@config_options(QuantizeConfig, exclude={"filename"})  # the file name is --out's
 def quantize(
     model: Annotated[
         Path, typer.Argument(help="A float32 .onnx file exported by vitcompress.", show_default=False)
@@ -22,24 +25,6 @@ def quantize(
             help="Output .onnx file, or .xml (OpenVINO IR + .bin) with --runtime openvino; written atomically.",
         ),
     ],
-    runtime: Annotated[
-        str | None,
-        typer.Option(
-            help="ort (ONNX Runtime quantization, default) or openvino (NNCF INT8 IR; with --mode auto also "
-            "vitcompress's QDQ file on OpenVINO, the faster kept). Preset cpu-x86-openvino-int8 sets it."
-        ),
-    ] = None,
-    preset: Annotated[
-        str | None, typer.Option(help=f"Target preset: {', '.join(PRESETS)}. Sets the options below.")
-    ] = None,
-    mode: Annotated[
-        Mode | None,
-        typer.Option(
-            help="static (int8, calibrated; openvino: NNCF), dynamic (int8), auto (two int8 forms timed "
-            "here, the faster kept; the CPU presets' choice: on ort static vs dynamic, on openvino NNCF vs "
-            "vitcompress's QDQ file) or fp16."
-        ),
-    ] = None,
     data: Annotated[
         str | None,
         typer.Option(help=f"Calibration data (static mode): {DATA_FORMS}."),
@@ -48,34 +33,12 @@ def quantize(
         str | None,
         typer.Option(help="Held-out data: top-1 agreement, accuracy and the --max-top1-drop gate."),
     ] = None,
-    calibration: Annotated[
-        Calibration | None, typer.Option(help="Activation ranges: minmax, entropy, percentile.")
-    ] = None,
-    calibration_size: Annotated[
-        int | None, typer.Option(min=2, help="Calibration images (stratified).")
-    ] = None,
-    per_channel: Annotated[bool | None, typer.Option(help="Per-channel weight scales.")] = None,
-    quantize_attention: Annotated[
-        bool | None, typer.Option(help="Also quantize the q@k and attn@v matmuls.")
-    ] = None,
-    exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="ONNX node name to keep float (repeat).")
-    ] = None,
-    max_top1_drop: Annotated[
-        float | None,
-        typer.Option(help="Gate: top-1 drop vs float in points; layers fall back to float until it holds."),
-    ] = None,
     eval_limit: Annotated[int | None, typer.Option(min=1, help="Images of --eval-data to use.")] = None,
-    verify_provider: Annotated[
-        bool,
-        typer.Option(
-            help="Require the target's execution provider here; --no-verify-provider builds for another machine."
-        ),
-    ] = True,
     threads: Annotated[
         int | None, typer.Option(min=1, help="Threads for --mode auto's timing (default: all cores).")
     ] = None,
     json_out: JsonOpt = False,
+    options: ConfigFlags[QuantizeConfig] = GENERATED,
 ) -> None:
     """Quantize an exported model with ONNX Runtime (static INT8 QDQ, dynamic INT8, fp16) or for
     OpenVINO (NNCF INT8 IR, --runtime openvino).
@@ -92,26 +55,13 @@ def quantize(
       vitcompress quantize model.onnx --out model.fp16.onnx --preset gpu-fp16 --no-verify-provider
       vitcompress quantize model.onnx --out model.int8.xml --preset cpu-x86-openvino-int8 --data fashion-mnist
     """
+    from vitcompress.accuracy import onnx_input_spec
     from vitcompress.data import DataSpec, load_dataset
     from vitcompress.errors import BudgetExceededError
-    from vitcompress.evaluate import onnx_input_spec
-    from vitcompress.passes.quantize import quantize_model
+    from vitcompress.passes.quantize.run import quantize_model
     from vitcompress.runtime import onnx_size
 
-    cfg = build_config(
-        QuantizeConfig,
-        preset=preset,
-        runtime=runtime,
-        mode=mode,
-        calibration=calibration,
-        calibration_size=calibration_size,
-        per_channel=per_channel,
-        quantize_attention=quantize_attention,
-        exclude=exclude,
-        max_top1_drop=max_top1_drop,
-        filename=out.name,
-        verify_provider=verify_provider,
-    )
+    cfg = options.build(filename=out.name)
     wanted = ".xml" if cfg.runtime == "openvino" else ".onnx"
     if out.suffix != wanted:
         raise typer.BadParameter(f"{out} must end in {wanted} (runtime {cfg.runtime})", param_hint="--out")
@@ -120,7 +70,7 @@ def quantize(
     calibration_data = None
     if cfg.needs_data():
         if data is None:
-            from vitcompress.passes.quantize import QuantizeError
+            from vitcompress.errors import QuantizeError
 
             raise QuantizeError(
                 f"{cfg.mode.value} quantization needs --data for calibration", hint="or --mode dynamic"

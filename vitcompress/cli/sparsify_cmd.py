@@ -7,87 +7,41 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
+    ModelFlags,
     OverwriteOpt,
-    TrustOpt,
-    build_config,
     err_console,
     ledger_table,
     out_console,
-    parse_model_kwargs,
     print_run_json,
     run_single_pass,
 )
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.sparsify.config import PATTERN_HELP, Allocation, SelectMethod, SparsifyConfig
+from vitcompress.passes.sparsify.config import SparsifyConfig
 
 
+@config_options(SparsifyConfig, flags={"layers": "--layer"})
+@model_options
 def sparsify(
     model: ModelArg,
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Run directory: the sparse artifact (OUT/sparsify) and reports."),
     ],
-    pattern: Annotated[str, typer.Option(help=f"{PATTERN_HELP}.")] = "2:4",
-    sparsity: Annotated[
-        float | None,
-        typer.Option(help="Block patterns: fraction of the weights (whole blocks) to zero; default 0.5."),
-    ] = None,
-    allocation: Annotated[
-        Allocation,
-        typer.Option(
-            help="Block patterns: uniform (same sparsity per layer) or global (one ranking of all blocks)."
-        ),
-    ] = Allocation.uniform,
-    max_layer_sparsity: Annotated[
-        float, typer.Option(help="--allocation global: no layer sparser than this.")
-    ] = 0.9,
-    method: Annotated[
-        SelectMethod,
-        typer.Option(help="obs: second-order selection + weight update (needs --data); magnitude: no data."),
-    ] = SelectMethod.obs,
-    layer: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layer",
-            help="Module-name glob of linears to sparsify (repeat). Default: every block's qkv, proj, fc1, fc2.",
-        ),
-    ] = None,
     data: Annotated[
         str | None, typer.Option("--data", help=f"Calibration data for --method obs: {DATA_FORMS}.")
     ] = None,
     data_limit: Annotated[int | None, typer.Option(min=1, help="Use this many samples (stratified).")] = 512,
-    calibration_batches: Annotated[int, typer.Option(min=1, help="Calibration batches (obs).")] = 8,
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the calibration batches.")] = 32,
-    damping: Annotated[
-        float, typer.Option(help="OBS: Hessian damping, a fraction of its mean diagonal.")
-    ] = 0.01,
-    sequential: Annotated[
-        bool,
-        typer.Option(
-            help="OBS: calibrate each block on the already sparsified blocks before it (SparseGPT)."
-        ),
-    ] = True,
     bench: Annotated[
         bool, typer.Option("--bench", help="Also export to ONNX and measure latency against the original.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the calibration order and example inputs.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
+    options: ConfigFlags[SparsifyConfig] = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Zero weights of the linear layers in a hardware pattern, post-training (no fine-tuning).
 
@@ -111,19 +65,7 @@ def sparsify(
     from vitcompress.data import DataSection, DataSpec
     from vitcompress.report import fmt_bytes
 
-    cfg = build_config(
-        SparsifyConfig,
-        pattern=pattern,
-        sparsity=sparsity,
-        allocation=allocation,
-        max_layer_sparsity=max_layer_sparsity,
-        method=method,
-        layers=layer,
-        damping=damping,
-        sequential=sequential,
-        calibration_batches=calibration_batches,
-        batch_size=batch_size,
-    )
+    cfg = options.build()
     data_section = DataSection()
     if data is not None:
         data_section = DataSection(calibration=DataSpec.parse(data, limit=data_limit, seed=seed))
@@ -152,12 +94,7 @@ def sparsify(
             out,
             data=data_section,
             seed=seed,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            trust_checkpoint=trust_checkpoint,
-            model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+            model_flags=model_flags,
             bench=bench,
             progress=progress,
             overwrite=overwrite,

@@ -7,25 +7,18 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
+    ModelFlags,
     OverwriteOpt,
-    TrustOpt,
-    build_config,
     ledger_table,
     out_console,
-    parse_model_kwargs,
     print_run_json,
     run_single_pass,
 )
+from vitcompress.cli.options import GENERATED, ConfigFlags, config_options, model_options
 from vitcompress.errors import VitcompressError
-from vitcompress.passes.tokens.config import Method, Schedule, TokensConfig
+from vitcompress.passes.tokens.config import TokensConfig
 
 
 def _parse_r(values: list[str] | None) -> int | list[int] | None:
@@ -43,15 +36,13 @@ def _parse_r(values: list[str] | None) -> int | list[int] | None:
     return numbers[0] if len(numbers) == 1 and "," not in text else numbers
 
 
+@config_options(TokensConfig)
+@model_options
 def tokens(
     model: ModelArg,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Run directory: the artifact with the schedule, and reports.")
     ],
-    method: Annotated[
-        Method,
-        typer.Option(help="merge: ToMe (average similar tokens); prune: EViT (drop unattended tokens)."),
-    ] = Method.merge,
     r: Annotated[
         list[str] | None,
         typer.Option(
@@ -60,23 +51,6 @@ def tokens(
             help="Tokens each block removes: one count (every block) or one per block, comma-separated.",
         ),
     ] = None,
-    final_tokens: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Tokens leaving the last block (class tokens included), spread over the blocks."
-        ),
-    ] = None,
-    schedule: Annotated[
-        Schedule, typer.Option(help="constant, or decreasing (more early, fewer late; same total).")
-    ] = Schedule.constant,
-    start_block: Annotated[int, typer.Option(min=0, help="Blocks before this one keep all tokens.")] = 0,
-    proportional_attention: Annotated[
-        bool,
-        typer.Option(help="Weigh merged tokens by their size in attention (log size added to the logits)."),
-    ] = True,
-    fuse: Annotated[
-        bool, typer.Option("--fuse", help="--method prune: fuse the dropped tokens into one token.")
-    ] = False,
     bench: Annotated[
         bool,
         typer.Option(
@@ -91,15 +65,10 @@ def tokens(
         int | None, typer.Option(min=1, help="Score this many samples (stratified).")
     ] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the example inputs.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
+    options: ConfigFlags[TokensConfig] = GENERATED,
+    model_flags: ModelFlags = GENERATED,
 ) -> None:
     """Shrink the token count block by block: merge similar tokens (ToMe) or prune unattended ones (EViT).
 
@@ -119,16 +88,7 @@ def tokens(
 
     from vitcompress.data import DataSection, DataSpec
 
-    cfg = build_config(
-        TokensConfig,
-        method=method,
-        r=_parse_r(r),
-        final_tokens=final_tokens,
-        schedule=schedule,
-        start_block=start_block,
-        proportional_attention=proportional_attention,
-        fuse=fuse,
-    )
+    cfg = options.build(r=_parse_r(r))
     if data is not None and not bench:
         raise VitcompressError("--data scores the exported model: give --bench too")
     data_section = (
@@ -140,12 +100,7 @@ def tokens(
         out,
         data=data_section,
         seed=seed,
-        checkpoint=checkpoint,
-        num_classes=num_classes,
-        img_size=img_size,
-        in_chans=in_chans,
-        trust_checkpoint=trust_checkpoint,
-        model_kwargs=parse_model_kwargs(model_kwargs, num_heads),
+        model_flags=model_flags,
         bench=bench,
         status=f"reducing the tokens of {model}",
         overwrite=overwrite,

@@ -39,6 +39,7 @@ from vitcompress.data.folder import (
     list_folder,
     raise_decode_errors,
 )
+from vitcompress.data.memory import InMemory, TensorPreprocess, memory_raw
 from vitcompress.data.preprocess import (
     FolderPreprocess,
     Preprocess,
@@ -66,6 +67,7 @@ __all__ = [
     "Dataset",
     "FolderFiles",
     "FolderPreprocess",
+    "InMemory",
     "Preprocess",
     "RawData",
     "class_names",
@@ -73,6 +75,7 @@ __all__ = [
     "holdout",
     "load_dataset",
     "load_raw",
+    "memory_dataset",
     "normalize",
     "recipe_preprocessing",
     "resolve_input",
@@ -83,6 +86,11 @@ log = logging.getLogger(__name__)
 
 def load_raw(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> RawData | FolderFiles:
     """The split's samples: arrays for the in-memory sources, a file list (nothing decoded) for a folder."""
+    if spec.source is DataSource.memory:
+        raise DataError(
+            "data source 'memory' is data handed to the Python API, not a file or data set",
+            hint="pass train=/val=/calibration= to vitcompress.compress, or name a data set or folder",
+        )
     if spec.source is DataSource.folder:
         return list_folder(spec)  # the limit is applied inside, before any header is read
     if spec.source is DataSource.fashion_mnist:
@@ -113,7 +121,7 @@ class Dataset:
     """A loaded split, ready to iterate in model-ready batches or to read by index."""
 
     raw: RawData | FolderFiles
-    preprocess: Preprocess | FolderPreprocess
+    preprocess: Preprocess | FolderPreprocess | TensorPreprocess
     spec: DataSpec
     indices: np.ndarray | None = None  # a subset: its samples' positions in the split `spec` loads
 
@@ -326,4 +334,12 @@ def load_dataset(spec: DataSpec, input_spec: InputSpec, num_classes: int) -> Dat
             preprocess.conversions(),
         )
     log.info("model input: %s", describe_input(input_spec, whole=not isinstance(raw, FolderFiles)))
+    return Dataset(raw, preprocess, spec)
+
+
+def memory_dataset(held: InMemory, spec: DataSpec, input_spec: InputSpec, num_classes: int) -> Dataset:
+    """Samples the caller handed over in Python, as a split (`spec` says its limit and seed)."""
+    raw = memory_raw(held, spec, num_classes)
+    preprocess = TensorPreprocess(input_spec, tuple(raw.images.shape[1:]))
+    log.info("data: %s, %d samples, inputs as given", held.description, len(raw))
     return Dataset(raw, preprocess, spec)

@@ -16,6 +16,7 @@ class DataSource(str, Enum):
     digits = "digits"
     folder = "folder"
     synthetic = "synthetic"
+    memory = "memory"  # tensors or a DataLoader handed to the Python API; no recipe file can hold them
 
 
 # Sources whose images live in memory as uint8 arrays; a folder is read lazily, image by image.
@@ -27,7 +28,11 @@ class DataSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: DataSource = Field(..., description="fashion-mnist, digits, folder or synthetic.")
+    source: DataSource = Field(
+        ...,
+        description="fashion-mnist, digits, folder or synthetic; memory: the DataLoader or tensors given "
+        "to the Python API (vitcompress.compress(train=...)), recorded so the resolved recipe says so.",
+    )
     path: Path | None = Field(
         None, description="Image folder (class/xxx.jpg), or the Fashion-MNIST directory (default: Debian's)."
     )
@@ -80,7 +85,7 @@ class DataSpec(BaseModel):
     def parse(cls, text: str, limit: int | None = None, seed: int = 0) -> DataSpec:
         """The CLI form: `fashion-mnist[:train|test]`, `digits[:test]`, `synthetic`, or a folder path."""
         name, _, rest = text.partition(":")
-        sources = {s.value for s in DataSource}
+        sources = {s.value for s in DataSource} - {DataSource.memory.value}
         if name in sources and name != "folder":
             split = rest or "train"
             if split not in ("train", "test"):
@@ -98,6 +103,8 @@ class DataSpec(BaseModel):
         """What a person reads: a split only where the source has splits (a folder or synthetic
         noise has none: calling an evaluation folder 'train' was wrong)."""
         limit = f"{self.limit} samples" if self.limit else None
+        if self.source is DataSource.memory:
+            return "in memory (given in Python)" + (f" ({limit})" if limit else "")
         if self.source is DataSource.folder:
             return f"folder {self.path}" + (f" ({limit})" if limit else "")
         if self.source is DataSource.synthetic:

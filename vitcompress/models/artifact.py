@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitcompress import __version__
+from vitcompress._version import __version__
 from vitcompress.errors import CheckpointError
 from vitcompress.fileio import atomic_dir, atomic_tree, recover_tree
 from vitcompress.models.adapters import adapter_for

@@ -337,7 +337,7 @@ def _warn_random_weights(name: str) -> None:
     )
 
 
-def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
+def load_timm(name: str, ref: ModelRef) -> LoadedModel:
     if name not in set(_timm_names()):
         raise ModelNotFoundError(f"unknown timm model {name!r}", hint=did_you_mean(name, _timm_names()))
     checkpoint = load_checkpoint(ref.checkpoint, trust=ref.trust_checkpoint) if ref.checkpoint else None
@@ -366,6 +366,19 @@ def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
             allow_missing = tuple(f"{h}." for h in adapter.head_names)
         load_strict(model, state_dict, ref.checkpoint, allow_missing)
     model.eval()
+    return _timm_loaded(model, adapter, name, kwargs, resolution.sources, f"timm:{name}")
+
+
+def _timm_loaded(
+    model: nn.Module,
+    adapter: ViTAdapter,
+    name: str,
+    kwargs: dict[str, Any],
+    sources: dict[str, str],
+    label: str,
+) -> LoadedModel:
+    """A built timm ViT with what the passes need to know: its input (timm's data config) and
+    the recipe to rebuild it."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     vit: Any = model
     height, width = (int(s) for s in vit.patch_embed.img_size)
@@ -388,8 +401,8 @@ def _load_timm(name: str, ref: ModelRef) -> LoadedModel:
             crop_mode=str(cfg.get("crop_mode") or "center"),
         ),
         num_classes=int(vit.num_classes),
-        label=f"timm:{name}",
-        settings=timm_settings(model, name, resolution.sources, kwargs),
+        label=label,
+        settings=timm_settings(model, name, sources, kwargs),
     )
 
 
@@ -518,7 +531,7 @@ def _hf_settings(config: Any) -> tuple[ModelSetting, ...]:
     )
 
 
-def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
+def load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
     import json
 
     if not directory.is_dir():
@@ -608,56 +621,65 @@ def _load_hf(directory: Path, ref: ModelRef) -> LoadedModel:
     )
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- in memory
 
 
-def _final_artifact(run_dir: Path) -> Path:
-    """A run directory (from `compress`, `prune`, ...) stands for the last model artifact it holds."""
-    import json
-
-    try:
-        ledger = json.loads((run_dir / "report.json").read_text())["ledger"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"{run_dir / 'report.json'} is not a readable vitcompress report: {err}"
-        ) from err
-    artifacts = [r["artifact"] for r in ledger if r.get("artifact") and Path(r["artifact"]).name != ""]
-    for artifact in reversed(artifacts):
-        candidate = run_dir / Path(artifact).name
-        if (candidate / ARTIFACT_MANIFEST).is_file():
-            log.info("%s is a run directory; loading its final model %s", run_dir, candidate)
-            return candidate
-    raise ModelNotFoundError(
-        f"run directory {run_dir} holds no model artifact", hint="its passes left only ONNX files; use those"
-    )
-
-
-def load_model(ref: ModelRef) -> LoadedModel:
-    """Build and load the model a reference names; every failure is a VitcompressError with a fix."""
-    source = ref.source
-    if source.startswith("timm:"):
-        return _load_timm(source[len("timm:") :], ref)
-    if source.startswith("hf:"):
-        return _load_hf(Path(source[len("hf:") :]).expanduser(), ref)
-    path = Path(source).expanduser()
-    if path.is_dir() and not (path / ARTIFACT_MANIFEST).is_file() and (path / "report.json").is_file():
-        path = _final_artifact(path)
-    if path.is_dir() and (path / ARTIFACT_MANIFEST).is_file():
-        if ref.checkpoint or ref.num_classes or ref.img_size or ref.in_chans or ref.kwargs:
-            raise CheckpointError(
-                f"{path} is a vitcompress artifact; --checkpoint/--num-classes/--img-size/--in-chans/"
-                "--model-kwargs/--num-heads do not apply",
-                hint="drop those options",
-            )
-        from vitcompress.models.artifact import load_artifact
-
-        return load_artifact(path)
-    if path.exists():
+def _timm_from_module(model: nn.Module, label: str | None) -> LoadedModel:
+    """A timm ViT the caller holds: its architecture is read back from its own tensors (as from a
+    checkpoint), so its artifacts rebuild without the caller's code."""
+    vit: Any = model
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = str(cfg.get("architecture") or "")
+    if name not in set(_timm_names()):
         raise ModelNotFoundError(
-            f"{source!r} is not a model reference",
-            hint=f"use timm:NAME --checkpoint {source}, hf:DIR, or a vitcompress artifact directory",
+            f"this timm model does not name its architecture (pretrained_cfg architecture {name!r})",
+            hint="create it with timm.create_model(NAME, ...) or pass it as a reference, timm:NAME",
         )
-    raise ModelNotFoundError(
-        f"model {source!r} not found",
-        hint="use timm:NAME (e.g. timm:deit_tiny_patch16_224), hf:DIR, or a vitcompress artifact directory",
+    state_dict = {k: v.detach() for k, v in model.state_dict().items()}
+    heads = int(vit.blocks[0].attn.num_heads) if len(getattr(vit, "blocks", ())) else None
+    no_flags: dict[str, int | None] = {"num_classes": None, "img_size": None, "in_chans": None}
+    resolution = resolve_timm_kwargs(name, {"num_heads": heads} if heads else {}, no_flags, state_dict)
+    height, width = (int(s) for s in vit.patch_embed.img_size)
+    kwargs = {**resolution.kwargs, "img_size": height if height == width else [height, width]}
+    label = label or f"timm:{name} (in memory)"
+    return _timm_loaded(model, adapter_for(model), name, kwargs, resolution.sources, label)
+
+
+def _hf_from_module(model: nn.Module, label: str | None) -> LoadedModel:
+    """A Hugging Face ViT/DeiT classifier the caller holds, wrapped to return logits."""
+    net: Any = model.net if isinstance(model, HFClassifier) else model
+    if type(net).__name__ not in HF_ARCHITECTURES:
+        raise ModelNotFoundError(
+            f"{type(net).__name__} is not a supported Hugging Face classifier",
+            hint=f"use one of {', '.join(HF_ARCHITECTURES)}",
+        )
+    config = net.config
+    wrapper = model if isinstance(model, HFClassifier) else HFClassifier(net)
+    size = int(config.image_size)
+    settings = _hf_preprocessing({}, int(config.num_channels))
+    return LoadedModel(
+        model=wrapper,
+        adapter=adapter_for(wrapper),
+        source={"kind": "hf", "config": config.to_dict()},
+        input=InputSpec(int(config.num_channels), size, size, **settings),
+        num_classes=int(config.num_labels),
+        label=label or f"hf:{type(net).__name__} (in memory)",
+        settings=_hf_settings(config),
     )
+
+
+def from_module(model: nn.Module, label: str | None = None) -> LoadedModel:
+    """A model the caller already holds (a timm ViT/DeiT or a Hugging Face ViT/DeiT classifier), as
+    the passes take it. The module itself is used (not copied): passes that change the model edit it."""
+    if not isinstance(model, nn.Module):
+        raise ModelNotFoundError(
+            f"expected a torch.nn.Module, got {type(model).__name__}",
+            hint="pass a timm or Hugging Face ViT, or a reference such as timm:NAME or a path",
+        )
+    loaded = _hf_from_module(model, label) if _is_hf(model) else _timm_from_module(model, label)
+    loaded.model.eval()
+    return loaded
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return isinstance(model, HFClassifier) or hasattr(getattr(model, "config", None), "to_dict")

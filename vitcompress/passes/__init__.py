@@ -1,134 +1,123 @@
 """The registry of passes: one explicit table, no import-time side effects.
 
-Each entry names its config class (a frozen pydantic model with `kind: Literal[...]`) and its
-function `(state, cfg) -> state`, plus what it consumes and produces so the recipe validator can
-check the order of passes before anything runs.
+Each pass is a config class (a frozen pydantic model with `kind: Literal[...]` and documented
+fields) that declares what the core needs to know as class attributes (`engine`, `needs`,
+`changes_model`, `produces_onnx`, ...; see `PassConfig`), and an engine module with
+`run(state, cfg) -> state`. Registering a pass is one line in `PASS_CONFIGS`; only the config
+modules are imported here, so the recipe schema loads without the engines.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from vitcompress.errors import RecipeError, did_you_mean
-from vitcompress.passes.base import PassConfig
-from vitcompress.passes.distill import DistillConfig
+from vitcompress.passes.base import Needs, PassConfig
+from vitcompress.passes.distill.config import DistillConfig
 from vitcompress.passes.export import ExportConfig
-from vitcompress.passes.lowrank import LowRankConfig
-from vitcompress.passes.prune import PruneConfig
-from vitcompress.passes.quantize import QuantizeConfig
+from vitcompress.passes.lowrank.config import LowRankConfig
+from vitcompress.passes.prune.config import PruneConfig
+from vitcompress.passes.quantize.config import QuantizeConfig
 from vitcompress.passes.sparsify.config import SparsifyConfig
 from vitcompress.passes.tokens.config import TokensConfig
 from vitcompress.passes.validate import ValidateConfig
 
+__all__ = ["PASSES", "PASS_CONFIGS", "Needs", "PassConfig", "PassSpec", "get_pass", "measuring_kinds", "register", "unregister"]
 
-class Needs(str, Enum):
-    torch = "torch"  # works on the PyTorch model
-    onnx = "onnx"  # works on the exported ONNX file
+# The passes, in the order `recipe list` and the schema show them: one line per pass.
+PASS_CONFIGS: tuple[type[PassConfig], ...] = (
+    PruneConfig,
+    LowRankConfig,
+    TokensConfig,
+    DistillConfig,
+    SparsifyConfig,
+    ExportConfig,
+    QuantizeConfig,
+    ValidateConfig,
+)
 
 
 @dataclass(frozen=True)
 class PassSpec:
-    kind: str
+    """A registered pass as the core sees it: its config class and what that class declares."""
+
     config: type[PassConfig]
-    summary: str
-    needs: Needs
-    changes_model: bool  # edits the PyTorch model (the ONNX file must be exported after it)
-    produces_onnx: bool
-    module: str  # where `run` lives; imported only when the pass runs (keeps CLI start-up fast)
-    makes_sparse: bool = False  # leaves sparsity masks on linears
-    reshapes_linears: bool = False  # replaces or resizes linears (a sparsity mask would no longer fit)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind_name()
+
+    @property
+    def summary(self) -> str:
+        return self.config.summary
+
+    @property
+    def needs(self) -> Needs:
+        return self.config.needs
+
+    @property
+    def changes_model(self) -> bool:
+        return self.config.changes_model
+
+    @property
+    def produces_onnx(self) -> bool:
+        return self.config.produces_onnx
+
+    @property
+    def makes_sparse(self) -> bool:
+        return self.config.makes_sparse
+
+    @property
+    def reshapes_linears(self) -> bool:
+        return self.config.reshapes_linears
+
+    @property
+    def module(self) -> str:
+        return self.config.engine
 
     def runner(self) -> Callable[[Any, Any], Any]:
         import importlib
 
-        return importlib.import_module(self.module).run  # type: ignore[no-any-return]
+        return importlib.import_module(self.config.engine).run  # type: ignore[no-any-return]
 
 
-PASSES: dict[str, PassSpec] = {
-    spec.kind: spec
-    for spec in (
-        PassSpec(
-            "prune",
-            PruneConfig,
-            "structured pruning (torch-pruning): heads, head dims, MLP and embedding width",
-            Needs.torch,
-            changes_model=True,
-            produces_onnx=False,
-            module="vitcompress.passes.prune",
-            reshapes_linears=True,
-        ),
-        PassSpec(
-            "lowrank",
-            LowRankConfig,
-            "low-rank factorization of linear layers (truncated or activation-whitened SVD)",
-            Needs.torch,
-            changes_model=True,
-            produces_onnx=False,
-            module="vitcompress.passes.lowrank",
-            reshapes_linears=True,
-        ),
-        PassSpec(
-            "tokens",
-            TokensConfig,
-            "token reduction with a fixed schedule: merge (ToMe) or prune (EViT) tokens in every block",
-            Needs.torch,
-            changes_model=True,
-            produces_onnx=False,
-            module="vitcompress.passes.tokens.run",
-        ),
-        PassSpec(
-            "distill",
-            DistillConfig,
-            "knowledge distillation from the uncompressed teacher (logit, DeiT, feature KD)",
-            Needs.torch,
-            changes_model=True,
-            produces_onnx=False,
-            module="vitcompress.passes.distill",
-        ),
-        PassSpec(
-            "sparsify",
-            SparsifyConfig,
-            "semi-structured (2:4, n:m) or block sparsity of linear layers, second-order (OBS) or magnitude",
-            Needs.torch,
-            changes_model=True,
-            produces_onnx=False,
-            module="vitcompress.passes.sparsify.engine",
-            makes_sparse=True,
-        ),
-        PassSpec(
-            "export",
-            ExportConfig,
-            "export to ONNX (fp32) and check parity against PyTorch",
-            Needs.torch,
-            changes_model=False,
-            produces_onnx=True,
-            module="vitcompress.passes.export",
-        ),
-        PassSpec(
-            "quantize",
-            QuantizeConfig,
-            "integer quantization with ONNX Runtime (static QDQ / dynamic int8, presets) or fp16",
-            Needs.onnx,
-            changes_model=False,
-            produces_onnx=False,
-            module="vitcompress.passes.quantize",
-        ),
-        PassSpec(
-            "validate",
-            ValidateConfig,
-            "measure ONNX Runtime latency against the fp32 baseline",
-            Needs.onnx,
-            changes_model=False,
-            produces_onnx=False,
-            module="vitcompress.passes.validate",
-        ),
-    )
-}
+PASSES: dict[str, PassSpec] = {cls.kind_name(): PassSpec(cls) for cls in PASS_CONFIGS}
 
-PASS_CONFIGS: tuple[type[PassConfig], ...] = tuple(spec.config for spec in PASSES.values())
+
+def register(config: type[PassConfig]) -> None:
+    """Add a pass at run time (a plug-in, a test's example pass): recipes validated afterwards
+    accept its kind, and the pipeline runs its engine. The built-in passes are the table above."""
+    kind = config.kind_name()
+    if not config.engine:
+        raise RecipeError(f"pass {kind!r} declares no engine module (class attribute `engine`)")
+    if kind in PASSES and PASSES[kind].config is not config:
+        raise RecipeError(f"a pass of kind {kind!r} is registered already ({PASSES[kind].config.__name__})")
+    PASSES[kind] = PassSpec(config)
+    _schema_changed()
+
+
+def unregister(kind: str) -> None:
+    """Remove a pass added by `register` (built-in passes stay)."""
+    if kind in {cls.kind_name() for cls in PASS_CONFIGS}:
+        raise RecipeError(f"{kind!r} is a built-in pass")
+    if PASSES.pop(kind, None) is not None:
+        _schema_changed()
+
+
+def _schema_changed() -> None:
+    import sys
+
+    recipe = sys.modules.get("vitcompress.recipe")  # not loaded yet: it reads PASSES when it is
+    if recipe is not None:
+        recipe.rebuild_schema()
+
+
+def measuring_kinds() -> frozenset[str]:
+    """The kinds whose ledger record measures the final model against the fp32 baseline (latency,
+    top-1): what reports, budgets and sweeps read."""
+    return frozenset(kind for kind, spec in PASSES.items() if spec.config.measures)
 
 
 def get_pass(kind: str) -> PassSpec:

@@ -19,18 +19,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from vitcompress.choices import FileRuntime, Runtime
 from vitcompress.errors import ExportError, ParityError
 from vitcompress.passes.base import PassConfig
-from vitcompress.state import ModelState, Parity, PassRecord
+from vitcompress.runtimes.base import METADATA_KEY, default_ir_precision
+from vitcompress.state import Measured, ModelState, Parity
 
 if TYPE_CHECKING:
     from vitcompress.models.loader import InputSpec, LoadedModel
     from vitcompress.runtime import OnnxRunner
     from vitcompress.runtimes.base import Runner
+    from vitcompress.runtimes.target import TargetSection
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,17 @@ class Exporter(str, Enum):
 class ExportConfig(PassConfig):
     """Export the current model to ONNX (fp32) and verify it against PyTorch."""
 
+    summary: ClassVar[str] = "export to ONNX (fp32) and check parity against PyTorch"
+    engine: ClassVar[str] = "vitcompress.passes.export"
+    produces_onnx: ClassVar[bool] = True
+
+    @classmethod
+    def target_defaults(cls, target: TargetSection) -> dict[str, Any]:
+        if target.runtime != "openvino":
+            return {}
+        hint = target.precision_hint
+        return {"runtime": "openvino", **({"precision": hint} if hint else {})}
+
     kind: Literal["export"] = "export"
     exporter: Exporter = Field(
         Exporter.torchscript,
@@ -57,8 +71,8 @@ class ExportConfig(PassConfig):
     atol: float = Field(1e-4, gt=0, description="Parity gate: max |Δlogit| <= atol + rtol * max|logit|.")
     rtol: float = Field(1e-4, ge=0, description="Relative part of the parity gate.")
     min_top1_agreement: float = Field(1.0, gt=0, le=1, description="Parity gate on top-1 agreement.")
-    runtime: Literal["ort", "openvino"] = Field(
-        "ort",
+    runtime: FileRuntime = Field(
+        Runtime.ort,
         description="ort: the ONNX file; openvino: also an OpenVINO IR (.xml + .bin, same name) converted "
         "from the parity-checked ONNX, carrying the same metadata and itself checked against PyTorch.",
     )
@@ -165,7 +179,6 @@ def _torch_export(loaded: LoadedModel, path: Path, cfg: ExportConfig) -> None:
             program.save(str(path))
 
 
-METADATA_KEY = "vitcompress.input"
 
 
 def metadata(
@@ -296,13 +309,6 @@ def export_model(
     )
 
 
-def default_ir_precision() -> str:
-    """What OpenVINO picks on this CPU for an fp32 model: bf16 with AVX512_BF16 or AMX, else fp32."""
-    from vitcompress.runtimes.base import CPU_PRECISION_FLAGS, Precision, cpu_flags
-
-    return "bf16" if any(f in cpu_flags() for f in CPU_PRECISION_FLAGS[Precision.bf16]) else "fp32"
-
-
 def _export_ir(
     loaded: LoadedModel, onnx_file: Path, xml: Path, cfg: ExportConfig, seed: int
 ) -> dict[str, dict[str, object]]:
@@ -359,14 +365,11 @@ def run(state: ModelState, cfg: ExportConfig) -> ModelState:
         result.parity.top1_agreement,
     )
     macs, _ = count_macs(state.model)
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=sum(p.numel() for p in state.model.model.parameters()),
         macs=macs,
         size_bytes=result.size_bytes,
         parity=result.parity,
-        wall_s=result.wall_s,
         artifact=str(result.path),
         details={
             "exporter": result.exporter,
@@ -382,4 +385,4 @@ def run(state: ModelState, cfg: ExportConfig) -> ModelState:
         },
     )
     baseline = state.baseline_onnx or (None if state.model_changed else result.path)
-    return state.with_record(record, onnx_path=result.path, baseline_onnx=baseline)
+    return state.passed(cfg, outcome, onnx_path=result.path, baseline_onnx=baseline)

@@ -11,7 +11,7 @@ first export, the original model is exported here (as `baseline.onnx`) so the ra
 in the same run on the same machine. Budgets are enforced by the pipeline after the reports are written.
 
 With data.eval, the fp32 baseline's score is checked before anything is compared against it
-(`evaluate.check_sanity`): a baseline near chance, inputs off scale, or a preprocessing under which
+(`accuracy.check_sanity`): a baseline near chance, inputs off scale, or a preprocessing under which
 the same images score far better is warned about loudly and recorded as `sanity`, and the pipeline
 fails a max_top1_drop budget measured against such a baseline.
 """
@@ -19,21 +19,41 @@ fails a max_top1_drop budget measured against such a baseline.
 from __future__ import annotations
 
 import logging
-import time
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from vitcompress.choices import Provider, Runtime
 from vitcompress.errors import RecipeError
-from vitcompress.passes.base import PassConfig
-from vitcompress.runtime import Provider
-from vitcompress.state import ModelState, PassRecord
+from vitcompress.passes.base import Needs, PassConfig
+from vitcompress.state import Measured, ModelState
+
+if TYPE_CHECKING:
+    from vitcompress.runtimes.target import TargetSection
 
 log = logging.getLogger(__name__)
 
 
 class ValidateConfig(PassConfig):
     """Bench the current ONNX model (and the fp32 baseline, interleaved) with ONNX Runtime."""
+
+    summary: ClassVar[str] = "measure ONNX Runtime latency against the fp32 baseline"
+    engine: ClassVar[str] = "vitcompress.passes.validate"
+    needs: ClassVar[Needs] = Needs.onnx
+    measures: ClassVar[bool] = True
+
+    @classmethod
+    def target_defaults(cls, target: TargetSection) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            "runtime": "ort" if target.runtime == "tensorrt" else target.runtime,
+            "provider": target.provider,
+            "compare_runtimes": True,
+        }
+        if target.precision_hint and target.runtime == "openvino":
+            settings["precision"] = target.precision_hint
+        if target.threads:
+            settings["threads"] = target.threads
+        return settings
 
     kind: Literal["validate"] = "validate"
     provider: Provider = Field(
@@ -49,7 +69,7 @@ class ValidateConfig(PassConfig):
         10, ge=1, description="Timed runs in a row per model before switching (1: round-robin)."
     )
     compare_baseline: bool = Field(True, description="Measure the fp32 baseline in the same run.")
-    runtime: Literal["ort", "openvino", "tensorrt"] | None = Field(
+    runtime: Runtime | None = Field(
         None,
         description="Runtime the budgets are checked on (default: the model file's own: .onnx ort, .xml "
         "openvino). The fp32 baseline always runs on ort.",
@@ -75,12 +95,15 @@ class ValidateConfig(PassConfig):
     )
 
 
+    def wants_original_model(self) -> bool:
+        return self.compare_baseline  # exports the model as loaded when none was exported before
+
+
 def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
-    from vitcompress.bench import bench_models, compute_floor
     from vitcompress.passes.export import ExportConfig, export_model
     from vitcompress.runtime import onnx_size
+    from vitcompress.timing import bench_models, compute_floor
 
-    start = time.perf_counter()
     if state.onnx_path is None:
         raise RecipeError("validate needs an ONNX model: put an export pass before it")
     baseline = state.baseline_onnx
@@ -158,8 +181,18 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
         details["compute_floor"] = floor.to_dict()
         log.info("compute floor: %s", floor.describe())
     top1 = None
-    if cfg.accuracy and state.data_spec("eval") is not None:
-        from vitcompress.evaluate import evaluate_onnx, sanity_onnx, warn_if_insane
+    eval_fn = state.settings.eval_fn
+    if cfg.accuracy and eval_fn is not None:
+        from vitcompress.accuracy import score_file
+
+        top1 = score_file(eval_fn, state.onnx_path, cfg.provider, threads, runtime=runtime, precision=hint)
+        details["accuracy"] = {"top1": top1, "by": "eval_fn"}
+        if len(paths) == 2:
+            details["baseline_top1"] = score_file(eval_fn, paths[0], cfg.provider, threads)
+            details["top1_drop_points"] = 100 * (details["baseline_top1"] - top1)  # type: ignore[operator]
+        log.info("top-1 %.2f%% (eval_fn)", 100 * top1)
+    elif cfg.accuracy and state.data_spec("eval") is not None:
+        from vitcompress.accuracy import evaluate_onnx, sanity_onnx, warn_if_insane
 
         data = state.load_split("eval", cfg.step_name)
         details["preprocessing"] = data.preprocessing()
@@ -173,7 +206,7 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
             details["top1_drop_points"] = 100 * (base.top1 - result.top1)
             reference, reference_result = paths[0], base
         log.info("top-1 %.2f%% on %s", 100 * result.top1, result.data)
-        if cfg.sanity:
+        if cfg.sanity and data.spec.source.value != "memory":  # in-memory inputs: no pixels to probe
             # the reference every drop is taken against: the fp32 baseline, or this model when it
             # is the baseline itself (or no baseline is measured)
             is_baseline = baseline is not None and reference.resolve() == baseline.resolve()
@@ -190,15 +223,12 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
             )
             details["sanity"] = sanity.to_dict()
             warn_if_insane(sanity)
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=last.params if last else None,
         macs=last.macs if last else None,
         size_bytes=onnx_size(state.onnx_path),
         latency_p50_ms=primary.p50_ms,
         top1=top1,
-        wall_s=time.perf_counter() - start,
         artifact=str(state.onnx_path),
         details={
             "speedup_vs_baseline": primary.speedup_vs_first,
@@ -207,7 +237,7 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
             **details,
         },
     )
-    return state.with_record(record, baseline_onnx=baseline)
+    return state.passed(cfg, outcome, baseline_onnx=baseline)
 
 
 def _installed(runtime: object) -> bool:

@@ -10,35 +10,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# the choices live in vitcompress.choices (the configs use them without the runtimes); re-exported
+from vitcompress.choices import Choice as Choice
+from vitcompress.choices import Device as Device
+from vitcompress.choices import FileRuntime as FileRuntime
+from vitcompress.choices import Precision as Precision
+from vitcompress.choices import Provider as Provider
+from vitcompress.choices import Runtime as Runtime
 from vitcompress.errors import InputShapeError, PrecisionUnavailableError
 
 if TYPE_CHECKING:
     import numpy as np
-
-
-class Runtime(str, Enum):
-    ort = "ort"  # ONNX Runtime: .onnx, and its mobile .ort format
-    openvino = "openvino"  # OpenVINO: IR (.xml + .bin), or an .onnx read by its ONNX frontend
-    tensorrt = "tensorrt"  # TensorRT: a serialized engine (.engine / .plan) for one GPU
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    gpu = "gpu"
-
-
-class Precision(str, Enum):
-    """The precision a runtime computes in. For ORT and TensorRT engines this is the file's own
-    (fp32, fp16, int8); OpenVINO takes it as a hint and can run an fp32 file in bf16."""
-
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    int8 = "int8"
 
 
 # The vitcompress metadata (preprocessing, class count and names) travels with every model file:
@@ -143,3 +128,8 @@ def require_cpu_precision(precision: Precision, flags: set[str] | None = None) -
             "CPU has neither (/proc/cpuinfo)",
             hint="use --precision fp32 here (or int8 via quantize), or run on a CPU that has them",
         )
+
+
+def default_ir_precision() -> str:
+    """What OpenVINO picks on this CPU for an fp32 model: bf16 with AVX512_BF16 or AMX, else fp32."""
+    return "bf16" if any(f in cpu_flags() for f in CPU_PRECISION_FLAGS[Precision.bf16]) else "fp32"

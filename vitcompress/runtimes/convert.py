@@ -141,8 +141,7 @@ def convert_model(
         build_engine(source, out, hint or (Precision.int8 if own is Precision.int8 else Precision.fp16))
         runner = open_runner(out, device=Device.gpu)
     elif target is Target.openvino:
-        from vitcompress.passes.export import default_ir_precision
-        from vitcompress.runtimes.base import require_cpu_precision
+        from vitcompress.runtimes.base import default_ir_precision, require_cpu_precision
         from vitcompress.runtimes.openvino import onnx_to_ir
 
         if hint is not None:

@@ -16,9 +16,12 @@ recipe, `runtime: tensorrt` measures through ONNX Runtime's TensorRT execution p
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vitcompress.choices import Device, Runtime
 
 
 class TargetSection(BaseModel):
@@ -26,10 +29,10 @@ class TargetSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    runtime: Literal["ort", "openvino", "tensorrt"] = Field(
-        "ort", description="ort (portable), openvino (x86 CPUs), tensorrt (NVIDIA GPUs)."
+    runtime: Runtime = Field(
+        Runtime.ort, description="ort (portable), openvino (x86 CPUs), tensorrt (NVIDIA GPUs)."
     )
-    device: Literal["cpu", "gpu"] | None = Field(None, description="Default: gpu for tensorrt, else cpu.")
+    device: Device | None = Field(None, description="Default: gpu for tensorrt, else cpu.")
     threads: int | None = Field(None, ge=1, description="Threads on the target (sets run.threads).")
     precision: Literal["fp32", "bf16", "fp16", "int8"] | None = Field(
         None,
@@ -60,50 +63,48 @@ class TargetSection(BaseModel):
     def resolved_device(self) -> str:
         return self.device or ("gpu" if self.runtime == "tensorrt" else "cpu")
 
+    @property
+    def provider(self) -> str | None:
+        """The ONNX Runtime execution provider on this target (None: OpenVINO on a GPU, refused)."""
+        if self.resolved_device != "gpu":
+            return "cpu"
+        return {"tensorrt": "tensorrt", "ort": "cuda"}.get(self.runtime)
 
-def apply_target(data: Any) -> Any:
-    """Expand `target` into the raw recipe's pass settings (explicit settings win)."""
+    @property
+    def precision_hint(self) -> str | None:
+        """OpenVINO's precision hint this target implies (fp32 or bf16), if any."""
+        return self.precision if self.precision in ("fp32", "bf16") else None
+
+
+class TargetAware(Protocol):
+    """What a pass config class says about a target (see PassConfig): an object with these (the
+    class itself, whose `lowers_precision` is a class attribute)."""
+
+    @property
+    def lowers_precision(self) -> bool: ...
+
+    def target_defaults(self, target: TargetSection) -> dict[str, Any]: ...
+
+
+def apply_target(data: Any, configs: Mapping[str, TargetAware]) -> Any:
+    """Expand `target` into the raw recipe's pass settings (explicit settings win): each pass's
+    config class (`configs`, by kind) says what the target means for it."""
     if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
         return data
     target = TargetSection(**data["target"])
-    device = target.resolved_device
     passes = data.get("passes")
     if not isinstance(passes, list):
         return data
-    kinds = [p.get("kind") for p in passes if isinstance(p, dict)]
-    if target.precision == "int8" and "quantize" not in kinds:
+    steps = [(p, configs.get(str(p.get("kind")))) if isinstance(p, dict) else (p, None) for p in passes]
+    lowered = any(cls is not None and cls.lowers_precision for _, cls in steps)
+    if target.precision == "int8" and not lowered:
         raise ValueError("target.precision int8 needs a quantize pass after the export")
-    if target.precision == "fp16" and "quantize" not in kinds:
+    if target.precision == "fp16" and not lowered:
         raise ValueError("target.precision fp16 needs a quantize pass (preset gpu-fp16) after the export")
-    provider = {"tensorrt": "tensorrt", "ort": "cuda"}.get(target.runtime) if device == "gpu" else "cpu"
-    hint = target.precision if target.precision in ("fp32", "bf16") else None
-    expanded = []
-    for cfg in passes:
-        if not isinstance(cfg, dict):
-            expanded.append(cfg)
-            continue
-        cfg = dict(cfg)
-        kind = cfg.get("kind")
-        if kind == "export" and target.runtime == "openvino":
-            cfg.setdefault("runtime", "openvino")
-            if hint:
-                cfg.setdefault("precision", hint)
-        elif kind == "quantize":
-            if target.runtime == "openvino":
-                cfg.setdefault("runtime", "openvino")
-            elif device == "gpu":
-                cfg.setdefault("provider", provider)
-            if target.precision == "fp16":
-                cfg.setdefault("mode", "fp16")
-        elif kind == "validate":
-            cfg.setdefault("runtime", "ort" if target.runtime == "tensorrt" else target.runtime)
-            cfg.setdefault("provider", provider)
-            cfg.setdefault("compare_runtimes", True)
-            if hint and target.runtime == "openvino":
-                cfg.setdefault("precision", hint)
-            if target.threads:
-                cfg.setdefault("threads", target.threads)
-        expanded.append(cfg)
+    expanded = [
+        {**cls.target_defaults(target), **cfg} if cls is not None and isinstance(cfg, dict) else cfg
+        for cfg, cls in steps
+    ]
     out = {**data, "passes": expanded}
     if target.threads:
         run = dict(out.get("run") or {})

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitcompress.errors import VitcompressError
+from vitcompress.errors import IntegerOnlyError, IntegerOnlyVerificationError
 
 if TYPE_CHECKING:
     from vitcompress.data import Dataset
@@ -21,16 +21,6 @@ if TYPE_CHECKING:
     from vitcompress.passes.intonly.vit import IntViT
 
 log = logging.getLogger(__name__)
-
-
-class IntegerOnlyError(VitcompressError):
-    """An integer-only model cannot be built from this model or data (bad input: exit code 2)."""
-
-
-class IntegerOnlyVerificationError(VitcompressError):
-    """A graph claimed integer-only holds float math, or disagrees with the NumPy reference."""
-
-    exit_code = 4  # a failed verification
 
 
 # ONNX element types by name; the integer region may hold these only

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -87,6 +87,11 @@ class Allocation(str, Enum):
 
 class SparsifyConfig(PassConfig):
     """Which linears to sparsify, to which pattern, and how the zeros are chosen."""
+
+    summary: ClassVar[str] = "semi-structured (2:4, n:m) or block sparsity of linear layers, second-order (OBS) or magnitude"
+    engine: ClassVar[str] = "vitcompress.passes.sparsify.engine"
+    changes_model: ClassVar[bool] = True
+    makes_sparse: ClassVar[bool] = True
 
     kind: Literal["sparsify"] = "sparsify"
     pattern: str = Field(

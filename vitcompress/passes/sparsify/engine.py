@@ -24,12 +24,11 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from vitcompress.errors import VitcompressError, did_you_mean
+from vitcompress.errors import SparsifyError, did_you_mean
 from vitcompress.passes.sparsify.config import Allocation, Pattern, SelectMethod, SparsifyConfig
 
 if TYPE_CHECKING:
@@ -41,10 +40,6 @@ if TYPE_CHECKING:
     from vitcompress.state import ModelState
 
 log = logging.getLogger(__name__)
-
-
-class SparsifyError(VitcompressError):
-    """A sparsification request that cannot be met (no layer fits the pattern, missing data)."""
 
 
 # --------------------------------------------------------------------------- layer selection
@@ -370,9 +365,8 @@ def sparsify_model(
 def run(state: ModelState, cfg: SparsifyConfig) -> ModelState:
     from vitcompress.models.artifact import save_artifact
     from vitcompress.models.stats import count_macs
-    from vitcompress.state import PassRecord
+    from vitcompress.state import Measured
 
-    start = time.perf_counter()
     loaded = state.model
     data = (
         state.load_split("calibration", f"{cfg.step_name} (method {cfg.method.value})")
@@ -389,12 +383,9 @@ def run(state: ModelState, cfg: SparsifyConfig) -> ModelState:
     directory = state.settings.out_dir / cfg.step_name
     save_artifact(loaded, directory, history=[{"pass": cfg.step_name, "config": cfg.model_dump(mode="json")}])
     params = sum(p.numel() for p in loaded.model.parameters())
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=params,
         macs=count_macs(loaded)[0],  # dense MACs: the zeros save time only where a sparse kernel runs
-        wall_s=time.perf_counter() - start,
         artifact=str(directory),
         details={
             "pattern": result.pattern,
@@ -409,4 +400,4 @@ def run(state: ModelState, cfg: SparsifyConfig) -> ModelState:
             "layers": [asdict(r) for r in result.layers],
         },
     )
-    return state.with_record(record, model_changed=True)
+    return state.passed(cfg, outcome)

@@ -14,16 +14,12 @@ fall linearly from 1.5x to 0.5x the mean, the same total as `constant`. Early re
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vitcompress.errors import VitcompressError
+from vitcompress.errors import TokensError
 from vitcompress.passes.base import PassConfig
-
-
-class TokensError(VitcompressError):
-    """A token schedule the model cannot run (too many tokens removed, wrong length, bad family)."""
 
 
 class Method(str, Enum):
@@ -38,6 +34,10 @@ class Schedule(str, Enum):
 
 class TokensConfig(PassConfig):
     """Reduce the tokens between attention and MLP in every block, with a fixed schedule."""
+
+    summary: ClassVar[str] = "token reduction with a fixed schedule: merge (ToMe) or prune (EViT) tokens in every block"
+    engine: ClassVar[str] = "vitcompress.passes.tokens.run"
+    changes_model: ClassVar[bool] = True
 
     kind: Literal["tokens"] = "tokens"
     method: Method = Field(

@@ -9,7 +9,6 @@ matching arithmetic.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from vitcompress.passes.tokens.config import TokensConfig, TokensError, plan_schedule
@@ -73,20 +72,16 @@ def reduce_tokens(loaded: LoadedModel, cfg: TokensConfig) -> dict[str, Any]:
 
 def run(state: ModelState, cfg: TokensConfig) -> ModelState:
     from vitcompress.models.artifact import save_artifact
-    from vitcompress.state import PassRecord
+    from vitcompress.state import Measured
 
-    start = time.perf_counter()
     loaded = state.model
     details = reduce_tokens(loaded, cfg)
     directory = state.settings.out_dir / cfg.step_name
     save_artifact(loaded, directory, history=[{"pass": cfg.step_name, "config": cfg.model_dump(mode="json")}])
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
+    outcome = Measured(
         params=sum(p.numel() for p in loaded.model.parameters()),
         macs=details["macs_after"],
-        wall_s=time.perf_counter() - start,
         artifact=str(directory),
         details=details,
     )
-    return state.with_record(record, model_changed=True)
+    return state.passed(cfg, outcome)

@@ -1,28 +1,9 @@
-"""Knowledge distillation: recover the accuracy a compressed student lost, from its uncompressed teacher.
-
-Losses, each with its own weight: cross-entropy on the labels; soft logit KD (Hinton et al. 2015:
-KL between temperature-softened distributions, times T^2); DeiT's hard distillation (cross-entropy on
-the teacher's top-1, Touvron et al. 2021), applied to the distillation head when the student has a
-distillation token (timm `deit_*_distilled_*`: class head learns the labels, distillation head the
-teacher); and feature KD (FitNets, Romero et al. 2015): MSE between student block outputs and the
-teacher's at the same relative depth, through learned projections where the widths differ.
-
-The loop: AdamW, linear warm-up then cosine decay, gradient clipping, autocast on GPU, evaluation
-every N steps on a validation split keeping the best weights. The validation split is data.val, or by
-default a stratified part of data.train held out (and not trained on); data.eval, the split the
-result is reported on, is scored once, at the end, so it never chooses the weights it grades.
-Checkpoints are written every N steps, each a directory replaced as one unit, and hold everything a
-resumed run needs to continue exactly (weights, projections, optimizer, step, RNG state, loss
-history, and the digest of the weights they go with); the data order is a function of (seed, epoch),
-so the position is the step. No checkpoint is written from weights that hold a NaN or Inf. Under
-`torchrun` the student is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU): each global
-batch is split across ranks, so N processes at batch B follow the single-process run at batch N*B.
-Only rank 0 writes.
-"""
+"""The training loop: AdamW with warm-up and cosine decay, held-out best weights, resumable
+checkpoints (model, optimizer, scheduler, step, RNG, data position) written atomically, and a stop
+on non-finite weights."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -32,14 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
-
-from vitcompress.errors import VitcompressError
-from vitcompress.evaluate import EVAL_BATCH_SIZE
+from vitcompress.accuracy import EVAL_BATCH_SIZE
+from vitcompress.errors import DistillError
 from vitcompress.fileio import file_sha256
-from vitcompress.passes.base import PassConfig
+from vitcompress.passes.distill.config import DistillConfig
+from vitcompress.passes.distill.distributed import world
+from vitcompress.passes.distill.losses import FeatureTaps, _student_module, block_pairs, kd_loss
 
 if TYPE_CHECKING:
     import torch
@@ -47,185 +28,8 @@ if TYPE_CHECKING:
 
     from vitcompress.data import Dataset
     from vitcompress.models.loader import LoadedModel
-    from vitcompress.state import ModelState
 
 log = logging.getLogger(__name__)
-
-
-class DistillError(VitcompressError):
-    """Training cannot go on: NaN loss, mismatched teacher and student, a checkpoint from another run."""
-
-
-class TeacherSpec(BaseModel):
-    """Another model as the teacher (default: the model as loaded, before compression)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field(..., description="timm:NAME, hf:DIR or an artifact directory.")
-    checkpoint: Path | None = None
-    num_classes: int | None = Field(None, gt=0)
-    img_size: int | None = Field(None, gt=0)
-    in_chans: int | None = Field(None, gt=0)
-    kwargs: dict[str, JsonValue] = Field(default_factory=dict)
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _home(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
-
-class DistillConfig(PassConfig):
-    """Train the student against the teacher on data.train."""
-
-    kind: Literal["distill"] = "distill"
-    teacher: TeacherSpec | None = Field(None, description="Default: the model as loaded, before compression.")
-    epochs: float | None = Field(1.0, gt=0, description="Passes over data.train (or set steps).")
-    steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
-    batch_size: int = Field(64, ge=1, description="Images per step (per process under torchrun).")
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.05, ge=0)
-    warmup: float = Field(0.05, ge=0, lt=1, description="Warm-up as a fraction of the steps.")
-    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="Cosine decays to lr * this.")
-    clip_grad: float | None = Field(1.0, gt=0, description="Max gradient norm (null: no clipping).")
-    hard_label: float = Field(0.5, ge=0, description="Weight of cross-entropy on the labels.")
-    soft_kd: float = Field(0.5, ge=0, description="Weight of soft logit KD (KL at temperature, x T^2).")
-    temperature: float = Field(2.0, gt=0, description="KD temperature.")
-    deit_hard: float = Field(
-        0.0, ge=0, description="Weight of DeiT hard distillation (CE on the teacher's top-1)."
-    )
-    feature: float = Field(
-        0.0, ge=0, description="Weight of feature KD (MSE of block outputs, learned projections)."
-    )
-    augment: Literal["none", "shift", "shift-flip"] = Field(
-        "none", description="Random shift by up to 1/14 of the size; shift-flip adds horizontal flips."
-    )
-    eval_every: int | None = Field(
-        None, gt=0, description="Evaluate on the validation split every N steps (default: each epoch)."
-    )
-    eval_limit: int | None = Field(
-        2000,
-        gt=0,
-        description="At most this many images (stratified) of the validation split, and of data.eval "
-        "(scored once at the end).",
-    )
-    val_fraction: float = Field(
-        0.1,
-        ge=0,
-        lt=1,
-        description="Without data.val, hold this fraction of data.train out (at most eval_limit images, "
-        "stratified, from the run's seed) to choose the best weights on; 0: keep the last weights.",
-    )
-    checkpoint_every: int = Field(100, gt=0, description="Steps between resumable checkpoints.")
-    cache_teacher: bool = Field(
-        False, description="Compute teacher logits once and reuse them (no augment, no feature KD)."
-    )
-    amp: bool = Field(True, description="Mixed precision on GPU (ignored on CPU).")
-    resume: bool = Field(True, description="Continue from this step's checkpoint if one exists.")
-    become_teacher: bool = Field(
-        False,
-        description="After training, this model becomes the teacher (and fp32 baseline) of later passes: "
-        "fine-tune or pretrain first, then compress and distill from the result.",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DistillConfig:
-        if self.hard_label + self.soft_kd + self.deit_hard + self.feature == 0:
-            raise ValueError("every loss weight is 0: set hard_label, soft_kd, deit_hard or feature")
-        if self.cache_teacher and (self.augment != "none" or self.feature > 0):
-            raise ValueError("cache_teacher needs augment: none and feature: 0 (cached logits are per image)")
-        return self
-
-    def needs_data(self) -> bool:
-        return True
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.soft_kd > 0 or self.deit_hard > 0 or self.feature > 0
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torchrun."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); no-op in a single process."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return world()
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    import torch.nn.functional as F
-
-    t = temperature
-    return (
-        F.kl_div(
-            F.log_softmax(student / t, dim=1),
-            F.log_softmax(teacher / t, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * t
-        * t
-    )
-
-
-class FeatureTaps:
-    """Forward hooks collecting every block's output of one model, for feature KD."""
-
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.outputs: list[torch.Tensor] = []
-        self.handles = [b.module.register_forward_hook(self._hook) for b in loaded.adapter.blocks()]
-
-    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        self.outputs.append(output[0] if isinstance(output, tuple) else output)
-
-    def take(self) -> list[torch.Tensor]:
-        out, self.outputs = self.outputs, []
-        return out
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def block_pairs(student_blocks: int, teacher_blocks: int) -> list[tuple[int, int]]:
-    """Student block i learns from the teacher block at the same relative depth."""
-    return [(i, round((i + 1) * teacher_blocks / student_blocks) - 1) for i in range(student_blocks)]
-
-
-def _student_module(loaded: LoadedModel, teacher: LoadedModel | None, feature: bool) -> nn.Module:
-    """The trained module: the student plus the feature projections (discarded after training)."""
-    from torch import nn
-
-    class StudentWithProjections(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.student = loaded.model
-            self.projections = nn.ModuleList()
-            if feature and teacher is not None:
-                d_s, d_t = loaded.adapter.embed_dim, teacher.adapter.embed_dim
-                for _ in loaded.adapter.blocks():
-                    self.projections.append(nn.Identity() if d_s == d_t else nn.Linear(d_s, d_t, bias=False))
-
-        def forward(self, x: torch.Tensor) -> Any:
-            return self.student(x)
-
-    return StudentWithProjections()
 
 
 # --------------------------------------------------------------------------- training
@@ -714,115 +518,3 @@ def distill_model(
         result.test_top1, result.test_loss = score(student.model, test_data, torch.device("cpu"))
         log.info("test top-1 %.2f%%, loss %.4f", 100 * result.test_top1, result.test_loss)
     return result
-
-
-def run(state: ModelState, cfg: DistillConfig) -> ModelState:
-    from vitcompress.data import load_dataset
-    from vitcompress.models import ModelRef, load_model
-    from vitcompress.models.artifact import save_artifact
-    from vitcompress.models.layers import masked_linears
-    from vitcompress.state import PassRecord
-
-    start = time.perf_counter()
-    train = state.load_split("train", cfg.step_name)
-    test_data = state.load_split("eval", cfg.step_name, cfg.eval_limit) if state.data_spec("eval") else None
-    student = state.model
-    val_spec = state.settings.data.val if state.settings.data is not None else None
-    val_data = None
-    if val_spec is not None:
-        if cfg.eval_limit is not None:
-            val_spec = val_spec.model_copy(
-                update={"limit": min(val_spec.limit or cfg.eval_limit, cfg.eval_limit)}
-            )
-        val_data = load_dataset(val_spec, student.input, student.num_classes)
-        test_spec = state.data_spec("eval")
-        if test_spec is not None and val_spec.model_copy(update={"limit": None}) == test_spec.model_copy(
-            update={"limit": None}
-        ):
-            log.warning(
-                "data.val is data.eval: the weights are chosen on the test data, its top-1 is optimistic"
-            )
-    train, val_data, selected_on = split_validation(train, cfg, state.settings.seed, val_data)
-    log.info("%s: best weights chosen on %s", cfg.step_name, selected_on)
-    teacher = state.teacher
-    if cfg.teacher is not None:
-        t = cfg.teacher
-        inherit = t.source.startswith(
-            "timm:"
-        )  # unless told otherwise, a timm teacher sees what the student sees
-        teacher = load_model(
-            ModelRef(
-                t.source,
-                t.checkpoint,
-                t.num_classes or (student.num_classes if inherit else None),
-                t.img_size or (student.input.height if inherit else None),
-                t.in_chans or (student.input.channels if inherit else None),
-                False,
-                dict(t.kwargs),
-            )
-        )
-    if teacher is None and cfg.uses_teacher:  # nothing changed the model before: it teaches a copy of itself
-        import copy
-
-        teacher = copy.deepcopy(student)
-    workdir = state.settings.out_dir / cfg.step_name
-    # Training state lives beside the artifact, not in it: the artifact directory is replaced whole.
-    train_dir = state.settings.out_dir / f"{cfg.step_name}.train"
-    if not train_dir.exists() and (workdir / "train").is_dir():  # a run directory of an earlier version
-        with contextlib.suppress(OSError):  # under torchrun another rank may have moved it first
-            os.rename(workdir / "train", train_dir)
-    progress = state.settings.progress
-
-    metrics: dict[str, float] = {}
-
-    def on_step(done: int, total: int, loss: float) -> None:
-        if progress is not None:
-            progress(cfg.step_name, done, total, {**metrics, "loss": loss})
-
-    init_distributed()
-    result = distill_model(
-        student,
-        teacher,
-        cfg,
-        train,
-        val_data,
-        train_dir,
-        seed=state.settings.seed,
-        on_step=on_step,
-        progress_metrics=metrics,
-        test_data=test_data,
-    )
-    if world()[0] == 0:
-        save_artifact(
-            student, workdir, history=[{"pass": cfg.step_name, "config": cfg.model_dump(mode="json")}]
-        )
-    record = PassRecord(
-        name=cfg.step_name,
-        kind=cfg.kind,
-        params=sum(p.numel() for p in student.model.parameters()),
-        macs=state.records[-1].macs if state.records else None,
-        top1=result.test_top1,
-        wall_s=time.perf_counter() - start,
-        artifact=str(workdir),
-        details={
-            "steps": result.steps,
-            "resumed_from": result.resumed_from,
-            "first_loss": result.losses[0] if result.losses else None,
-            "last_loss": result.losses[-1] if result.losses else None,
-            "selected_on": selected_on,
-            "train_images": len(train),
-            "best_step": result.best_step,
-            "val_top1": result.best_top1,
-            "test_top1": result.test_top1,
-            "test_loss": result.test_loss,
-            "evals": result.evals,
-            "images_per_s": result.images_per_s,
-            "train_wall_s": result.wall_s,
-            "sparse_layers_kept": len(masked_linears(student.model)),  # trained with their masks fixed
-        },
-    )
-    if cfg.become_teacher:
-        import copy
-
-        return state.with_record(record, model_changed=True, teacher=copy.deepcopy(student))
-    return state.with_record(record, model_changed=True)

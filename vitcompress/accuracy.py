@@ -22,15 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcompress.errors import OnnxModelError
+from vitcompress.errors import DataError, OnnxModelError
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
+    from vitcompress.choices import Provider
     from vitcompress.data import Dataset
     from vitcompress.models.loader import InputSpec, LoadedModel
-    from vitcompress.runtime import Provider
     from vitcompress.runtimes import Precision, Runner, Runtime
+    from vitcompress.state import EvalFn
 
 
 log = logging.getLogger(__name__)
@@ -180,7 +182,7 @@ def onnx_metadata(path: Path) -> dict[str, Any] | None:
         return dict(meta) if isinstance(meta, dict) else None
     import onnx
 
-    from vitcompress.passes.export import METADATA_KEY
+    from vitcompress.runtimes.base import METADATA_KEY
 
     model = onnx.load(str(path), load_external_data=False)
     for prop in model.metadata_props:
@@ -241,6 +243,51 @@ def file_runner(
         return OrtRunner(Path(path), threads=threads, provider=provider, precision=precision)
     device = Device.gpu if runtime is Runtime.tensorrt else Device.cpu
     return open_runner(Path(path), runtime, device=device, precision=precision, threads=threads)
+
+
+def checked_score(value: object, label: str) -> float:
+    """A caller's eval_fn result: a top-1 fraction in [0, 1], or an error that says what came back."""
+    import numbers
+
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0:
+        return float(value)
+    raise DataError(
+        f"eval_fn returned {value!r} for {label}; it must return top-1 accuracy as a fraction in [0, 1]",
+        hint="return correct / total (divide a percentage by 100)",
+    )
+
+
+def score_file(
+    eval_fn: EvalFn,
+    path: Path,
+    provider: Provider | None = None,
+    threads: int | None = None,
+    runtime: Runtime | None = None,
+    precision: Precision | None = None,
+) -> float:
+    """The caller's accuracy of a model file: `eval_fn` gets the file as a call from a batch of
+    inputs (a torch tensor) to logits (a torch tensor), like the module it was exported from."""
+    import torch
+
+    runner = file_runner(path, provider, threads, runtime, precision)
+
+    def predict(inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(runner.run(inputs.detach().cpu().float().numpy()))
+
+    return checked_score(eval_fn(predict), str(path))
+
+
+def score_torch(eval_fn: EvalFn, model: torch.nn.Module, label: str) -> float:
+    """The caller's accuracy of a PyTorch model, in eval mode and without gradients."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return checked_score(eval_fn(model), label)
+    finally:
+        model.train(was_training)
 
 
 def evaluate_onnx(

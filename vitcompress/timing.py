@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitcompress.budgets import latency_failures
 from vitcompress.errors import BudgetExceededError, OnnxModelError
 from vitcompress.runtime import OnnxRunner, Provider
 
@@ -301,23 +302,15 @@ def check_gate(
 ) -> None:
     """Raise BudgetExceededError (exit code 3) when a measured value is past its budget. `noise`
     (noise_reasons of the measurement) goes into the hint: a gate on a disturbed run may be wrong."""
-    hint = (
-        f"the measurement was noisy ({noise[0]}): rerun on a quiet machine before trusting this verdict"
-        if noise
-        else None
-    )
-    if max_p50_ms is not None and latency.p50_ms > max_p50_ms:
-        raise BudgetExceededError(
-            f"latency gate failed: {latency.model} p50 {latency.p50_ms:.2f} ms at batch {latency.batch_size} "
-            f"> budget {max_p50_ms:g} ms",
-            hint=hint,
+    failures = latency_failures(latency.p50_ms, latency.speedup_vs_first, max_p50_ms, min_speedup)
+    if failures:
+        hint = (
+            f"the measurement was noisy ({noise[0]}): rerun on a quiet machine before trusting this verdict"
+            if noise
+            else None
         )
-    if min_speedup is not None and latency.speedup_vs_first < min_speedup:
-        raise BudgetExceededError(
-            f"speed-up gate failed: {latency.model} is {latency.speedup_vs_first:.2f}x the baseline "
-            f"at batch {latency.batch_size}, budget {min_speedup:g}x",
-            hint=hint,
-        )
+        where = f"{latency.model} at batch {latency.batch_size}"
+        raise BudgetExceededError(f"latency gate failed: {where}: " + "; ".join(failures), hint=hint)
 
 
 # --------------------------------------------------------------------------- noise

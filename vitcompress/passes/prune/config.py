@@ -1,0 +1,141 @@
+"""Structured pruning of ViTs: attention heads, head dimensions, MLP width and embedding width.
+
+Importance of each structure comes from the weights (L1/L2 magnitude), the first-order Taylor
+estimate of the loss change |sum(g * w)| over the structure (Molchanov et al., CVPR 2019), or the
+Hessian-aware saliency of NViT (Yang et al., "Global Vision Transformer Pruning with Hessian-Aware
+Saliency", CVPR 2023): the second-order loss change of removing the whole structure with the Fisher
+approximation of the Hessian, E_batch[(sum_S g * w)^2]. Taylor and Hessian scores are loss changes, so
+they compare across blocks and structure kinds; that is what global pruning and MAC/parameter targets
+rank by (saliency per MAC or parameter removed, NViT's latency-aware redistribution).
+
+The ViT knowledge lives here: heads are removed whole, a block's head size stays uniform, at least
+`min_heads` heads remain, widths stay multiples of `round_to`. The surgery itself is torch-pruning's
+dependency graph, so every coupled tensor shrinks together (fused qkv rows and proj columns, fc1 rows
+and fc2 columns, the residual stream through tokens, norms and heads). The adapters then record the
+new shapes in the attributes each family reads (timm `num_heads`/`head_dim`/`scale`, HF head counts).
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from vitcompress.passes.base import PassConfig, fraction_or_count
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+class Importance(str, Enum):
+    l1 = "l1"
+    l2 = "l2"
+    taylor = "taylor"
+    hessian = "hessian"
+
+    @property
+    def needs_data(self) -> bool:
+        return self in (Importance.taylor, Importance.hessian)
+
+
+class Structure(str, Enum):
+    heads = "heads"
+    head_dim = "head_dim"
+    mlp = "mlp"
+    embed = "embed"
+
+
+class Scope(str, Enum):
+    uniform = "uniform"  # the same fraction in every block
+    global_ = "global"  # ranked across blocks: blocks that matter less give more
+
+
+class PruneConfig(PassConfig):
+    """Structured pruning: fractions per structure, or a MAC/parameter target."""
+
+    summary: ClassVar[str] = "structured pruning (torch-pruning): heads, head dims, MLP and embedding width"
+    engine: ClassVar[str] = "vitcompress.passes.prune.run"
+    changes_model: ClassVar[bool] = True
+    reshapes_linears: ClassVar[bool] = True
+
+    kind: Literal["prune"] = "prune"
+    heads: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of attention heads to remove.")
+    head_dim: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of each head's q/k/v size to remove.")
+    mlp: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of MLP hidden channels to remove.")
+    embed: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of the embedding (residual) width to remove."
+    )
+    scope: Scope = Field(
+        Scope.uniform, description="uniform: same fraction per block; global: ranked across blocks."
+    )
+    target_macs: float | None = Field(
+        None,
+        description="Instead of fractions: MACs to keep, a fraction in (0, 1) or an absolute count (integer > 1).",
+    )
+    target_params: float | None = Field(
+        None,
+        description="Instead of fractions: parameters to keep, a fraction in (0, 1) or a count (integer > 1).",
+    )
+    structures: list[Structure] = Field(
+        default_factory=lambda: [Structure.heads, Structure.mlp],
+        description="What a target may remove (fractions say it themselves).",
+    )
+    tolerance: float = Field(
+        0.02, gt=0, lt=0.5, description="How close to the target, as a fraction of the original."
+    )
+    importance: Importance = Field(
+        Importance.l2, description="l1, l2 (magnitude), taylor or hessian (need data)."
+    )
+    steps: int = Field(1, ge=1, le=100, description="Iterative pruning: reach the goal in this many steps.")
+    round_to: int = Field(8, ge=1, description="Keep widths (head size, MLP, embedding) multiples of this.")
+    min_heads: int = Field(1, ge=1, description="Never fewer heads than this in a block.")
+    protect: list[str] | None = Field(
+        None,
+        description="Module-name globs to leave whole (default: the classifier head(s) and patch embedding).",
+    )
+    calibration_batches: int = Field(8, ge=1, description="Batches of data for taylor/hessian importance.")
+    batch_size: int = Field(32, ge=1, description="Batch size for the importance batches.")
+
+    @field_validator("target_macs", "target_params")
+    @classmethod
+    def _target_range(cls, value: float | None) -> float | None:
+        return fraction_or_count(value)
+
+    @model_validator(mode="after")
+    def _one_goal(self) -> PruneConfig:
+        ratios = {s: getattr(self, s.value) for s in Structure if getattr(self, s.value) > 0}
+        if self.target_macs is not None and self.target_params is not None:
+            raise ValueError("set target_macs or target_params, not both")
+        target = self.target_macs if self.target_macs is not None else self.target_params
+        if target is not None and ratios:
+            raise ValueError(
+                f"a target and fractions ({', '.join(s.value for s in ratios)}) both given: "
+                "a target chooses the fractions itself; list what it may remove in structures"
+            )
+        if target is None and not ratios:
+            raise ValueError(
+                "nothing to prune: set heads, head_dim, mlp or embed, or target_macs/target_params"
+            )
+        if target is not None and not self.structures:
+            raise ValueError("structures is empty: a target needs at least one structure to remove")
+        return self
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        if self.target_macs is not None:
+            return "target_macs", self.target_macs
+        if self.target_params is not None:
+            return "target_params", self.target_params
+        return None
+
+    def enabled(self) -> list[Structure]:
+        if self.target is not None:
+            return list(dict.fromkeys(self.structures))
+        return [s for s in Structure if getattr(self, s.value) > 0]
+
+    def needs_data(self) -> bool:
+        return self.importance.needs_data
