@@ -200,6 +200,7 @@ def test_tome_int8_recipe_runs(cli, tmp_path):
         cli,
         tmp_path,
         "tome-int8.yaml",
+        "passes.tokens.r=[16,0]",  # the tiny model has 2 blocks, the reference 6
         "passes.quantize.calibration_size=32",
         "passes.quantize.max_top1_drop=null",
         "passes.validate.runs=5",
@@ -207,6 +208,6 @@ def test_tome_int8_recipe_runs(cli, tmp_path):
     )
     assert _kinds(report) == ["load", "tokens", "export", "quantize", "validate"]
     tokens = report["ledger"][1]
-    assert tokens["details"]["r"] == [4, 4] and tokens["details"]["final_tokens"] == 50 - 8
+    assert tokens["details"]["r"] == [16, 0] and tokens["details"]["final_tokens"] == 50 - 16
     assert tokens["macs"] < report["ledger"][0]["macs"]
     _assert_int8(report)
