@@ -188,8 +188,9 @@ def test_train_reference_script_smoke(tmp_path):
 
 
 def test_peer_benchmark_script_smoke(tmp_path):
-    """scripts/benchmark.py end to end on tiny models: every row of both tracks, measured."""
-    run, results = _run_script("benchmark.py", "--smoke", out=tmp_path / "b.json")
+    """scripts/benchmark.py end to end on tiny models: every row of the accuracy track, measured (the
+    speed track runs the same `track` on other recipes: see the next test)."""
+    run, results = _run_script("benchmark.py", "--smoke", "--track", "accuracy", out=tmp_path / "b.json")
     variants = [
         "ORT fp32",
         "ORT quantize_dynamic",
@@ -202,17 +203,33 @@ def test_peer_benchmark_script_smoke(tmp_path):
     assert [r["variant"] for r in accuracy] == variants
     assert results["accuracy"]["test_images"] == 100
     assert all(0.0 <= r["top1"] <= 1.0 for r in accuracy) and accuracy[0]["drop_points"] == 0.0
-    speed = results["speed"]["vit_tiny_patch16_224"]
-    assert [r["variant"] for r in speed] == variants
-    for row in accuracy + speed:
+    for row in accuracy:
         assert row["p50_ms"] > 0 and row["ips_b32"] > 0 and row["peak_rss_mb"] > 100
         assert row["floor_ms"] > 0 and 0 < row["floor_fraction"] <= 1.5
         assert row["precision"] in ("fp32", "int8")
-    base = speed[0]["macs"]
+    base = accuracy[0]["macs"]
     # the 50% MAC targets are met, by the peer's bisection and by our planner
-    assert abs(speed[2]["macs"] / base - 0.5) <= 0.03 and abs(speed[4]["macs"] / base - 0.5) <= 0.03
+    assert abs(accuracy[2]["macs"] / base - 0.5) <= 0.03 and abs(accuracy[4]["macs"] / base - 0.5) <= 0.03
     assert results["peak_macs_per_s"]["int8"] > results["peak_macs_per_s"]["fp32"] > 0
     assert "| vitcompress prune-kd-int8 |" in run.stdout and "goals:" in run.stdout
+
+
+def test_peer_benchmark_speed_recipes_drop_training_and_gates():
+    """The speed track's recipes: the ready recipe minus distillation, validation and every gate,
+    calibrated on synthetic data (random-init models have no accuracy to keep)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    spec = {"source": "timm:deit_small_patch16_224", "num_classes": None}
+    raw = benchmark.speed_recipe("prune-kd-int8", spec, smoke=True)
+    assert [p["kind"] for p in raw["passes"]] == ["prune", "export", "quantize"]
+    assert raw["model"] == {"source": "timm:deit_small_patch16_224"} and "budgets" not in raw
+    assert raw["data"] == {"calibration": {"source": "synthetic", "num_samples": 64, "num_classes": 1000}}
+    quantize = raw["passes"][-1]
+    assert quantize["calibration_size"] == 32 and quantize["max_top1_drop"] is None
+    assert raw["passes"][0]["calibration_batches"] == 2
 
 
 def test_time_readme_script_smoke(tmp_path):
