@@ -36,7 +36,7 @@ Progress = Callable[[str, int, int], None]
 
 def target_facts(spec: TargetSpec) -> dict[str, Any]:
     """The target half of a table key: this CPU, the runtime's version and the settings."""
-    from vitcompress.bench import Environment
+    from vitcompress.timing import Environment
     from vitcompress.runtimes import RUNTIMES, Runtime
 
     env = Environment.detect()
@@ -211,7 +211,7 @@ def target_file(loaded: LoadedModel, spec: TargetSpec, directory: Path, name: st
 
 
 def open_target(path: Path, spec: TargetSpec) -> Runner:
-    from vitcompress.bench import open_bench_runner
+    from vitcompress.timing import open_bench_runner
     from vitcompress.runtime import Provider
     from vitcompress.runtimes import Precision, Runtime
 
@@ -229,7 +229,7 @@ def _timed_call(path: Path, spec: TargetSpec, seed: int = 0) -> Callable[[], obj
     53.9 ms either way, so the table stays true to a deployed session."""
     import numpy as np
 
-    from vitcompress.bench import _input_for
+    from vitcompress.timing import _input_for
 
     if spec.runtime != "ort":
         runner = open_target(path, spec)
@@ -259,7 +259,7 @@ def time_files(
     """Median milliseconds of each file on the target, all timed in one interleaved run."""
     import numpy as np
 
-    from vitcompress.bench import time_interleaved
+    from vitcompress.timing import time_interleaved
 
     calls = [_timed_call(p, spec) for p in paths]
     times = time_interleaved(calls, warmup, runs, on_step, block=10)

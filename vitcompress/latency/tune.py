@@ -140,7 +140,7 @@ def _recipe_for(recipe: Recipe, goal: GoalSection, precision: str, planner_goal_
 
 
 def _proxy_top1(loaded: LoadedModel, eval_data: Any) -> float:
-    from vitcompress.evaluate import evaluate_torch
+    from vitcompress.accuracy import evaluate_torch
 
     return float(evaluate_torch(loaded, eval_data).top1)
 
