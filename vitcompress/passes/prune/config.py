@@ -147,7 +147,7 @@ class PruneConfig(PassConfig):
             if getattr(self, g) is not None
         ]
         if len(goals) > 1:
-            raise ValueError(f"set one target, not {' and '.join(goals)}")
+            raise ValueError(f"set one target, not {'both ' if len(goals) == 2 else ''}{' and '.join(goals)}")
         target = getattr(self, goals[0]) if goals else None
         if target is not None and ratios:
             raise ValueError(
