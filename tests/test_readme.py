@@ -34,6 +34,7 @@ def test_readme_examples_run_in_order(cli, tmp_path, monkeypatch):
     """Self-contained: every file an example needs is made by an earlier example."""
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path / "cache"))  # latency tables: not the user's
     examples = readme_examples()
     assert len(examples) >= 8 and examples[0][:2] == ["python", "scripts/make_example.py"]
     for args in examples:

@@ -162,6 +162,7 @@ def test_schema_and_validate_commands(cli, tmp_path):
         "budgets",
         "sweep",
         "target",
+        "goal",
     }
     assert "discriminator" in json.dumps(schema["properties"]["passes"])
 

@@ -34,6 +34,7 @@ from pydantic.fields import FieldInfo
 from vitcompress.budgets import Budgets
 from vitcompress.data import DataSection
 from vitcompress.errors import RecipeError, closest, did_you_mean
+from vitcompress.latency.goal import GoalSection
 from vitcompress.passes import PASSES, Needs
 from vitcompress.passes.base import PassConfig
 from vitcompress.runtimes.target import TargetSection, apply_target
@@ -126,6 +127,10 @@ class Recipe(_Section):
         None,
         description="Where the model will run: runtime (ort, openvino, tensorrt), device, threads, precision; "
         "expanded into the passes' settings.",
+    )
+    goal: GoalSection | None = Field(
+        None,
+        description="A latency goal for `vitcompress tune` (p50 on a runtime, max top-1 drop); compress ignores it.",
     )
 
     @model_validator(mode="before")

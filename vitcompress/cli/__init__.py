@@ -326,7 +326,9 @@ def _register() -> None:
         recipe_cmd,
         sparsify_cmd,
         sweep_cmd,
+        target_cmd,
         tokens_cmd,
+        tune_cmd,
     )
 
     app.command("compress")(compress_cmd.compress)
@@ -344,6 +346,8 @@ def _register() -> None:
     app.command("sweep")(sweep_cmd.sweep)
     app.command("convert")(convert_cmd.convert)
     app.add_typer(recipe_cmd.app, name="recipe")
+    app.add_typer(target_cmd.app, name="target")
+    app.command("tune")(tune_cmd.tune)
 
 
 _register()

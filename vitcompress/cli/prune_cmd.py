@@ -58,6 +58,12 @@ def prune(
     Examples:
       vitcompress prune timm:deit_small_patch16_224 --out pruned/ --heads 0.25 --mlp 0.5
       vitcompress prune timm:vit_tiny_patch16_224 --checkpoint w.safetensors --out p/ --target-macs 0.5 --importance taylor --data fashion-mnist
+      vitcompress prune timm:deit_small_patch16_224 --out p/ --target-speedup 2 --structure heads --structure mlp
+
+    A latency target (--target-latency-ms / --target-speedup) ranks heads, head-size and MLP chunks of
+    every block by saliency per millisecond saved, from the target's measured latency table, cuts
+    widths in the multiples the table found fast, then exports the result, measures it against the
+    original and re-plans if it missed (--remeasure); the ledger shows predicted and measured p50.
     """
     from rich.table import Table
 
@@ -99,3 +105,10 @@ def prune(
         f"MACs {record.details['macs_ratio']:.1%} and params {record.details['params_ratio']:.1%} of the original; "
         f"artifact {record.artifact}"
     )
+    target = record.details.get("target") or {}
+    for attempt in target.get("attempts", []):
+        measured = f", measured {attempt['measured_ms']:.3f} ms" if "measured_ms" in attempt else ""
+        out_console.print(
+            f"latency attempt {attempt['attempt']}: predicted {attempt['predicted_ms']:.3f} ms{measured} "
+            f"(goal {target['goal_ms']:.3f} ms on {target['runtime']})"
+        )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -99,6 +100,38 @@ class PruneConfig(PassConfig):
     )
     calibration_batches: int = Field(8, ge=1, description="Batches of data for taylor/hessian importance.")
     batch_size: int = Field(32, ge=1, description="Batch size for the importance batches.")
+    # --- latency targets (vitcompress.latency): a p50 on a runtime instead of MACs or parameters
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="Instead of fractions: p50 in ms to reach on the latency target below."
+    )
+    target_speedup: float | None = Field(
+        None,
+        gt=1,
+        description="Instead of fractions: measured speedup over the original on the latency target.",
+    )
+    latency_runtime: Literal["ort", "openvino"] = Field("ort", description="Latency target: the runtime.")
+    latency_precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="Latency target: precision the model will run in (int8: as `quantize` makes it)."
+    )
+    latency_threads: int = Field(2, ge=1, description="Latency target: runtime threads.")
+    latency_batch: int = Field(1, ge=1, description="Latency target: batch size.")
+    latency_tolerance: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Latency target: how close the measured p50 must land, a fraction of the goal.",
+    )
+    remeasure: int = Field(
+        2,
+        ge=0,
+        le=5,
+        description="Latency target: export and measure the result, re-plan at most this often if it misses "
+        "(0: trust the table's prediction, measure nothing).",
+    )
+    measure_runs: int = Field(50, ge=10, description="Latency target: timed runs per measurement.")
+    latency_table: Path | None = Field(
+        None, description="Latency target: a table file instead of the cache (must match model and target)."
+    )
 
     @field_validator("target_macs", "target_params")
     @classmethod
@@ -108,9 +141,14 @@ class PruneConfig(PassConfig):
     @model_validator(mode="after")
     def _one_goal(self) -> PruneConfig:
         ratios = {s: getattr(self, s.value) for s in Structure if getattr(self, s.value) > 0}
-        if self.target_macs is not None and self.target_params is not None:
-            raise ValueError("set target_macs or target_params, not both")
-        target = self.target_macs if self.target_macs is not None else self.target_params
+        goals = [
+            g
+            for g in ("target_macs", "target_params", "target_latency_ms", "target_speedup")
+            if getattr(self, g) is not None
+        ]
+        if len(goals) > 1:
+            raise ValueError(f"set one target, not {'both ' if len(goals) == 2 else ''}{' and '.join(goals)}")
+        target = getattr(self, goals[0]) if goals else None
         if target is not None and ratios:
             raise ValueError(
                 f"a target and fractions ({', '.join(s.value for s in ratios)}) both given: "
@@ -118,7 +156,12 @@ class PruneConfig(PassConfig):
             )
         if target is None and not ratios:
             raise ValueError(
-                "nothing to prune: set heads, head_dim, mlp or embed, or target_macs/target_params"
+                "nothing to prune: set heads, head_dim, mlp or embed, or target_macs/target_params/"
+                "target_latency_ms/target_speedup"
+            )
+        if self.latency_goal is not None and self.steps != 1:
+            raise ValueError(
+                "a latency target prunes in one step (steps: 1); the measurement loop adjusts it"
             )
         if target is not None and not self.structures:
             raise ValueError("structures is empty: a target needs at least one structure to remove")
@@ -132,8 +175,12 @@ class PruneConfig(PassConfig):
             return "target_params", self.target_params
         return None
 
+    @property
+    def latency_goal(self) -> float | None:
+        return self.target_latency_ms if self.target_latency_ms is not None else self.target_speedup
+
     def enabled(self) -> list[Structure]:
-        if self.target is not None:
+        if self.target is not None or self.latency_goal is not None:
             return list(dict.fromkeys(self.structures))
         return [s for s in Structure if getattr(self, s.value) > 0]
 

@@ -55,7 +55,7 @@ class PruneResult:
     params_before: int
     macs_after: int
     params_after: int
-    target: dict[str, float] | None = None
+    target: dict[str, Any] | None = None
 
 
 def _batches(data: Dataset | None, cfg: PruneConfig, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -131,6 +131,11 @@ def prune_model(
                     f"head_dim: {b.name} normalizes q and k per head (qk_norm); pruning head dims would change it",
                     hint="prune heads and MLP width instead",
                 )
+
+    if cfg.latency_goal is not None:  # hook: latency targets are planned against a measured table
+        from vitcompress.latency.plan import prune_to_latency
+
+        return prune_to_latency(loaded, cfg, data, seed, allowed, on_step)
 
     shape0 = current_shape(loaded)
     macs0, _ = count_macs(loaded)

@@ -1,0 +1,240 @@
+"""Latency tables (key, cache, interpolation, profile), latency-aware pruning and tune's refusals.
+
+One profile of the tiny ViT (2 blocks, 32x32) is measured per session into a private cache and
+shared by the tests; everything else is arithmetic on hand-made tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import tiny_ref
+
+TINY_ARGS = ["timm:vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+             "--model-kwargs", "depth=2", "--model-kwargs", "patch_size=8"]  # fmt: skip
+
+
+def hand_table(**target):
+    from vitcompress.latency.table import LatencyTable, TableKey
+
+    family = {"source": {"kind": "timm", "name": "x"}, "embed": 64, "depth": 2, "tokens": 17,
+              "heads": 4, "head_dim": 16, "mlp": 256}  # fmt: skip
+    key = TableKey(family, {"cpu": "cpu A", "runtime": "ort", "runtime_version": "1.0", "precision": "fp32",
+                            "threads": 2, "batch": 1, **target})  # fmt: skip
+    # one-block graph = fixed 1.0 + attention 0.5 per head-unit + MLP 1.0 per 256 channels
+    heads, dims, mlp = [1, 2, 4], [8, 16], [64, 256]
+    attn = [[1.0 + 0.25 * h * d / 8 + 1.0 for d in dims] for h in heads]
+    mlp_ms = [1.0 + 1.0 * (m / 256) + attn[-1][-1] - 2.0 for m in mlp]
+    return LatencyTable(key, heads, dims, attn, mlp, mlp_ms, fixed_ms=1.0, scale=2.0, offset_ms=0.5)
+
+
+def test_table_interpolates_adds_parts_and_calibrates():
+    table = hand_table()
+    full = table.block_ms(4, 16, 256)
+    assert full == pytest.approx(0.25 * 4 * 2 + 1.0)  # attention 2.0 + MLP 1.0
+    assert table.block_ms(3, 16, 256) == pytest.approx(0.25 * 3 * 2 + 1.0)  # between head grid points
+    assert table.block_ms(4, 16, 160) == pytest.approx(2.0 + 0.25 + 0.75 * 96 / 192)  # between MLP points
+    blocks = [(4, 16, 256), (1, 8, 64)]
+    raw = 1.0 + full + table.block_ms(1, 8, 64)
+    assert table.raw_ms(blocks) == pytest.approx(raw)
+    assert table.predict_ms(blocks) == pytest.approx(2.0 * raw + 0.5)
+
+
+def test_monotone_smoothing_removes_dips_only():
+    from vitcompress.latency.profile import monotone, monotone_2d
+
+    assert monotone([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert monotone_2d([[1.0, 0.5], [0.8, 2.0]]) == [[0.75, 0.75], [0.8, 2.0]]
+
+
+def test_cache_key_refuses_another_cpu_or_runtime_version(tmp_path, monkeypatch, caplog):
+    from vitcompress.latency.table import LatencyModelError, check_key, find_table, load_table
+
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path))
+    table = hand_table()
+    path = table.save()
+    assert path.parent == tmp_path / "latency" and path.name.endswith(f"{table.key.digest()}.json")
+    assert load_table(path).attn_ms == table.attn_ms
+    assert find_table(table.key).fixed_ms == 1.0
+    newer = hand_table(runtime_version="1.1").key
+    assert newer.digest() != table.key.digest() and newer.stem() == table.key.stem()
+    assert find_table(newer) is None  # never used: reported in the log instead
+    assert "runtime_version: table '1.0', here '1.1'" in caplog.text
+    with pytest.raises(LatencyModelError, match=r"target.cpu: table 'cpu A', here 'cpu B'"):
+        check_key(table, hand_table(cpu="cpu B").key, path)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """One ORT fp32 profile of the tiny ViT, in a private cache (about 5 s)."""
+    from vitcompress.latency.profile import profile_target
+    from vitcompress.latency.table import TargetSpec
+    from vitcompress.models import load_model
+
+    root = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VITCOMPRESS_CACHE", str(root))
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    seen: list[str] = []
+    table = profile_target(loaded, TargetSpec(), runs=10, on_progress=lambda what, _d, _t: seen.append(what))
+    table.save()
+    yield root, table, seen
+    mp.undo()
+
+
+def test_profile_measures_the_grid_and_fits_the_whole_models(tiny_cache):
+    _root, table, seen = tiny_cache
+    assert table.heads == [1, 2, 3]  # vit_tiny: 3 heads
+    assert table.head_dims == [16, 32, 48, 64] and table.mlp == [48, 192, 384, 576, 768]
+    assert len(table.attn_ms) == len(table.heads) and all(len(r) == 4 for r in table.attn_ms)
+    assert table.fixed_ms > 0 and all(ms > 0 for ms in table.mlp_ms)
+    assert table.key.family["depth"] == 2 and table.key.family["tokens"] == 17
+    assert table.key.target["runtime"] == "ort" and table.key.target["runtime_version"]
+    names = [a["name"] for a in table.anchors]
+    assert names == ["whole", "whole-half"]
+    whole = table.anchors[0]
+    assert table.predict_ms(table.full_blocks()) == pytest.approx(whole["predicted_ms"])
+    assert seen[0].startswith("building") and seen[-1] == "done"
+    assert table.fast_multiple in (8, 16, 32)
+
+
+def test_probes_have_the_asked_shape_and_run():
+    import torch
+
+    from vitcompress.latency.profile import cut, shaped
+    from vitcompress.models import load_model
+
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    one = cut(loaded, 1)
+    probe = shaped(one, 2, 32, 96)
+    assert len(probe.adapter.blocks()) == 1 and len(loaded.adapter.blocks()) == 2
+    b = probe.adapter.blocks()[0]
+    assert (b.attn.num_heads, b.attn.head_dim, b.mlp.hidden) == (2, 32, 96)
+    assert probe.model(probe.example_input(2)).shape == (2, 10)
+    assert cut(loaded, 0).model(loaded.example_input(1)).shape == (1, 10)
+    assert torch.equal(loaded.model.blocks[0].mlp.fc1.weight, one.model.blocks[0].mlp.fc1.weight)
+
+
+def reachable_speedup(table) -> float:
+    """A speedup halfway to the floor the table predicts (the tiny model's timings are noisy)."""
+    from vitcompress.latency.plan import smallest_ms
+    from vitcompress.models import load_model
+    from vitcompress.passes.prune import PruneConfig, current_shape
+
+    shape = current_shape(load_model(tiny_ref("timm:vit_tiny_patch16_224")))
+    floor = smallest_ms(table, PruneConfig(target_speedup=2), shape, lambda _s, _i: True)
+    whole = table.anchors[0]["measured_ms"]
+    return whole / ((whole + floor) / 2)
+
+
+def test_prune_to_a_speedup_meets_the_prediction(cli, tiny_cache, tmp_path, monkeypatch):
+    root, table, _ = tiny_cache
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(root))
+    out = tmp_path / "p"
+    speedup = reachable_speedup(table)
+    result = cli(
+        "prune", *TINY_ARGS, "--out", out, "--target-speedup", f"{speedup:.6f}", "--remeasure", "0", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    target = next(r for r in report["ledger"] if r["kind"] == "prune")["details"]["target"]
+    goal = table.anchors[0]["measured_ms"] / float(f"{speedup:.6f}")
+    assert target["goal_ms"] == pytest.approx(goal)
+    assert target["predicted_ms"] <= goal and target["attempts"][0]["attempt"] == 1
+    assert "measured_ms" not in target  # remeasure 0: the prediction only
+
+
+def test_latency_target_bad_input_exits_2(cli, tiny_cache, tmp_path, monkeypatch):
+    root, table, _ = tiny_cache
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(root))
+    result = cli("prune", *TINY_ARGS, "--out", tmp_path / "a", "--target-speedup", "50", "--remeasure", "0")
+    assert result.exit_code == 2
+    assert "cannot be reached" in result.output and "fastest reachable p50" in result.output
+    result = cli(
+        "prune", *TINY_ARGS, "--out", tmp_path / "b", "--target-speedup", "2", "--target-macs", "0.5"
+    )
+    assert result.exit_code == 2 and "set one target" in result.output
+    # a table from another CPU is refused, naming the field
+    other = table.to_dict()
+    other["key"]["target"]["cpu"] = "another CPU"
+    stale = tmp_path / "other.json"
+    stale.write_text(json.dumps(other))
+    result = cli("target", "predict", *TINY_ARGS, "--table", stale)
+    assert result.exit_code == 2
+    assert "measured for another target" in result.output and "another CPU" in result.output
+
+
+def test_tune_refuses_an_unreachable_goal_up_front(cli, tiny_cache, tmp_path, monkeypatch):
+    root, _table, _ = tiny_cache
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(root))
+    result = cli("tune", *TINY_ARGS, "--out", tmp_path / "t", "--target-p50-ms", "0.0001",
+                 "--precision", "fp32", "--data", "synthetic")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "fastest reachable p50" in result.output
+    assert not (tmp_path / "t" / "attempt-1").exists()
+
+
+def test_prune_remeasures_and_records_predicted_against_measured(tiny_cache, monkeypatch):
+    from vitcompress.models import load_model
+    from vitcompress.passes.prune import PruneConfig, prune_model
+
+    root, table, _ = tiny_cache
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(root))
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    speedup = reachable_speedup(table)
+    cfg = PruneConfig(target_speedup=speedup, remeasure=1, measure_runs=10, latency_tolerance=0.45)
+    result = prune_model(loaded, cfg)
+    target = result.target
+    assert target is not None and 1 <= len(target["attempts"]) <= 2
+    first = target["attempts"][0]
+    assert first["measured_ms"] > 0 and first["baseline_measured_ms"] > first["measured_ms"] * 0.5
+    assert target["goal_ms"] == pytest.approx(
+        target["attempts"][-1]["baseline_measured_ms"] / speedup
+    )  # speedup: this run's baseline
+    assert target["speedup"] == pytest.approx(
+        target["attempts"][-1]["baseline_measured_ms"] / target["measured_ms"]
+    )
+    assert result.macs_after < result.macs_before
+
+
+def test_tune_runs_the_best_candidate_and_reports_it(cli, tiny_cache, tmp_path, monkeypatch):
+    root, table, _ = tiny_cache
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(root))
+    out = tmp_path / "t"
+    speedup = reachable_speedup(table)
+    result = cli("tune", *TINY_ARGS, "--out", out, "--target-speedup", f"{speedup:.6f}", "--max-top1-drop", "100",
+                 "--precision", "fp32", "--data", "synthetic", "--distill-steps", "2", "--json")  # fmt: skip
+    report = json.loads((out / "tune.json").read_text())
+    # 0: met; 3: every attempt missed (a noisy machine can make a 0.1 ms model miss 10%)
+    assert result.exit_code == (0 if report["met"] else 3), result.output
+    goal = table.anchors[0]["measured_ms"] / float(f"{speedup:.6f}")
+    assert report["goal_ms"] == pytest.approx(goal)
+    meeting = [c for c in report["candidates"] if c["goal_factor"] == 1.0]
+    assert meeting and all(c["predicted_ms"] <= goal * 1.1 for c in meeting)
+    first = report["attempts"][0]
+    assert first["measured_ms"] > 0 and first["predicted_ms"] > 0 and first["out_dir"].endswith("attempt-1")
+    assert report["met"] == (report["attempts"][-1]["verdict"] == "meets the goal")
+    assert "| # | precision | predicted p50 | measured p50 |" in (out / "tune.md").read_text()
+    assert (out / "tune.png").stat().st_size > 1000
+
+
+def test_recipe_goal_section_is_validated():
+    from vitcompress.errors import RecipeError
+    from vitcompress.recipe import parse_recipe
+
+    base = "version: 1\nmodel: {source: timm:vit_tiny_patch16_224}\npasses: [{kind: export}]\n"
+    recipe = parse_recipe(base + "goal: {target_p50_ms: 5, max_top1_drop: 0.5, precisions: [int8]}\n")
+    assert recipe.goal is not None and recipe.goal.target_p50_ms == 5 and recipe.goal.precisions == ["int8"]
+    with pytest.raises(RecipeError, match="target_p50_ms or target_speedup"):
+        parse_recipe(base + "goal: {max_top1_drop: 0.5}\n")
+    with pytest.raises(RecipeError, match="bf16 is OpenVINO's hint"):
+        parse_recipe(base + "goal: {target_speedup: 2, precisions: [bf16]}\n")
+    with pytest.raises(RecipeError, match="target_p50_mss"):
+        parse_recipe(base + "goal: {target_p50_mss: 5}\n")
+
+
+def test_unknown_runtime_precision_is_refused_before_loading(cli):
+    result = cli("target", "profile", "timm:no_such_model", "--precision", "bf16")
+    assert result.exit_code == 2 and "not measured on ort" in result.output

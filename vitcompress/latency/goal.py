@@ -1,0 +1,60 @@
+"""The `goal:` section of a recipe (and the flags of `vitcompress tune`): what the user wants, in
+their terms: a p50 on a runtime, and the top-1 they can afford to lose. Light module: pydantic only."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class GoalSection(BaseModel):
+    """A latency goal for `vitcompress tune`: the search picks pruning, precision and runtime settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_p50_ms: float | None = Field(None, gt=0, description="Median latency to reach, in ms, at `batch`.")
+    target_speedup: float | None = Field(
+        None, gt=1, description="Instead: speedup over the original fp32 model on `runtime`, measured."
+    )
+    max_top1_drop: float = Field(
+        1.0, ge=0, le=100, description="Top-1 points the result may lose (data.eval)."
+    )
+    runtime: Literal["ort", "openvino"] = Field("ort", description="Runtime the model will run on.")
+    precisions: list[Literal["fp32", "bf16", "int8"]] = Field(
+        ["fp32", "int8"],
+        min_length=1,
+        description="Precisions the search may choose from (each needs a table).",
+    )
+    threads: int = Field(2, ge=1, description="Runtime threads.")
+    batch: int = Field(1, ge=1, description="Batch size of the p50.")
+    structures: list[Literal["heads", "head_dim", "mlp"]] = Field(
+        ["heads", "head_dim", "mlp"], min_length=1, description="What pruning may remove."
+    )
+    tolerance: float = Field(
+        0.1, gt=0, lt=0.5, description="A measured p50 within this fraction of the goal meets it."
+    )
+    max_attempts: int = Field(3, ge=1, le=6, description="Measured attempts before giving up.")
+    distill_epochs: float = Field(1.0, gt=0, description="Distillation after pruning (epochs of data.train).")
+    distill_steps: int | None = Field(None, gt=0, description="Instead of epochs: distillation steps.")
+    proxy_samples: int = Field(
+        256,
+        ge=16,
+        description="Images of data.eval for the accuracy proxy (PyTorch top-1 of each candidate, before KD).",
+    )
+    int8_allowance: float = Field(
+        0.4,
+        ge=0,
+        description="Points of top-1 the proxy charges int8 (the reference lost 0.35 to static INT8; "
+        "the real drop is measured after quantizing).",
+    )
+
+    @model_validator(mode="after")
+    def _one_goal(self) -> GoalSection:
+        if (self.target_p50_ms is None) == (self.target_speedup is None):
+            raise ValueError("give target_p50_ms or target_speedup (one of them)")
+        if "bf16" in self.precisions and self.runtime != "openvino":
+            raise ValueError(
+                "precision bf16 is OpenVINO's hint: use runtime openvino, or precisions fp32/int8"
+            )
+        return self

@@ -1,0 +1,215 @@
+"""A latency table: one model family measured on one target, cached, interpolated.
+
+Key. A table holds for one model family (the architecture source, input shape, classes, embedding
+width, token count and the widest block) on one target: the CPU model and its ISA flags, the runtime
+and its version, the precision, the thread count and the batch size. All of it goes into the key and
+into the file; a table whose key differs in any field is never used (`check_key` says which field).
+
+Content. Times are medians in milliseconds of small exported graphs: `fixed_ms`, the model with no
+block (patch embedding, tokens, final norm, head); `attn_ms[i][j]`, the model with one block of
+`heads[i]` heads of size `head_dims[j]` and the full MLP; `mlp_ms[k]`, one block with full attention
+and MLP width `mlp[k]`. A block's cost is the one-block graph minus `fixed_ms`, and attention and MLP
+costs add (they run one after the other): block(h, d, m) = attn(h, d) + mlp(m) - full block. Between
+grid points the table interpolates linearly (bilinear over heads x head size).
+
+Calibration. Small graphs run hotter in the caches than a whole model and each pays the call
+overhead once, so the sum of parts (`raw_ms`) is mapped to the whole model by `a * raw + b`, fitted on
+two whole models measured in the same profile (the original and a uniformly pruned one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitcompress.errors import VitcompressError
+
+TABLE_FORMAT = "vitcompress.latency-table"
+TABLE_VERSION = 1
+
+# runtime -> precisions a table can be measured in (what the probe graphs are converted to)
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    "ort": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+}
+
+
+class LatencyModelError(VitcompressError):
+    """A latency table is missing, from another target, or cannot answer for a model."""
+
+
+def cache_root() -> Path:
+    """$VITCOMPRESS_CACHE or ~/.cache/vitcompress: where reference models and latency tables live."""
+    return Path(os.environ.get("VITCOMPRESS_CACHE") or Path.home() / ".cache" / "vitcompress")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What to measure on: runtime, precision, threads, batch (the device is this machine's CPU)."""
+
+    runtime: str = "ort"
+    precision: str = "fp32"
+    threads: int = 2
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        if self.runtime not in SUPPORTED:
+            raise LatencyModelError(
+                f"runtime {self.runtime!r} has no latency tables",
+                hint=f"use one of {', '.join(SUPPORTED)} (TensorRT tables need a GPU and are not built yet)",
+            )
+        if self.precision not in SUPPORTED[self.runtime]:
+            raise LatencyModelError(
+                f"precision {self.precision!r} is not measured on {self.runtime}",
+                hint=f"{self.runtime} tables: {', '.join(SUPPORTED[self.runtime])}",
+            )
+        if self.threads < 1 or self.batch < 1:
+            raise LatencyModelError(f"threads and batch must be >= 1 (got {self.threads}, {self.batch})")
+
+    def label(self) -> str:
+        return f"{self.runtime} {self.precision}, {self.threads} threads, batch {self.batch}"
+
+
+@dataclass(frozen=True)
+class TableKey:
+    family: dict[str, Any]  # source, input, classes, embed, tokens, widest block
+    target: dict[str, Any]  # cpu, isa, runtime, runtime_version, precision, threads, batch
+
+    def digest(self) -> str:
+        text = json.dumps({"family": self.family, "target": self.target}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def stem(self) -> str:
+        """The file name without digest: family slug and target, so mismatches can be found."""
+        source = self.family["source"]
+        name = source.get("name") or source.get("kind", "model")
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name}-{self.family['embed']}x{self.family['depth']}")
+        t = self.target
+        return f"{slug}-{t['runtime']}-{t['precision']}-t{t['threads']}-b{t['batch']}"
+
+    def path(self, root: Path | None = None) -> Path:
+        return (root or cache_root()) / "latency" / f"{self.stem()}-{self.digest()}.json"
+
+
+def _interp(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise linear through the grid; beyond it, the nearest segment's line (never below 0)."""
+    if len(xs) == 1:
+        return ys[0]
+    k = 0
+    while k < len(xs) - 2 and x > xs[k + 1]:
+        k += 1
+    x0, x1, y0, y1 = xs[k], xs[k + 1], ys[k], ys[k + 1]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass
+class LatencyTable:
+    key: TableKey
+    heads: list[int]
+    head_dims: list[int]
+    attn_ms: list[list[float]]  # [heads][head_dims]: one-block graph, full MLP
+    mlp: list[int]
+    mlp_ms: list[float]  # one-block graph, full attention
+    fixed_ms: float  # no-block graph
+    scale: float = 1.0  # whole model = scale * raw + offset
+    offset_ms: float = 0.0
+    anchors: list[dict[str, Any]] = field(default_factory=list)  # whole models measured: raw vs measured
+    fast_multiple: int = 8  # MLP/head widths whose multiples the kernels run best (measured)
+    profile_s: float = 0.0
+    created: str = ""
+
+    # ------------------------------------------------------------------ prediction
+    def block_ms(self, heads: int, head_dim: int, mlp: int) -> float:
+        """One block's raw cost (one-block graph minus the fixed parts)."""
+        by_heads = [_interp(self.head_dims, row, head_dim) for row in self.attn_ms]
+        attn = _interp(self.heads, by_heads, heads)
+        full_attn = _interp(self.head_dims, self.attn_ms[-1], self.head_dims[-1])
+        mlp_part = _interp(self.mlp, self.mlp_ms, mlp)
+        return attn + mlp_part - full_attn - self.fixed_ms
+
+    def raw_ms(self, blocks: list[tuple[int, int, int]]) -> float:
+        return self.fixed_ms + sum(self.block_ms(*b) for b in blocks)
+
+    def predict_ms(self, blocks: list[tuple[int, int, int]]) -> float:
+        """Whole-model p50 for per-block (heads, head_dim, mlp): the calibrated sum of parts, never
+        below the fixed parts alone (a negative calibration offset must not predict the impossible)."""
+        return max(self.fixed_ms, self.scale * self.raw_ms(blocks) + self.offset_ms)
+
+    def full_blocks(self) -> list[tuple[int, int, int]]:
+        depth = int(self.key.family["depth"])
+        return [(self.heads[-1], self.head_dims[-1], self.mlp[-1])] * depth
+
+    # ------------------------------------------------------------------ storage
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["key"] = {"family": self.key.family, "target": self.key.target, "digest": self.key.digest()}
+        return {"format": TABLE_FORMAT, "format_version": TABLE_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path) -> LatencyTable:
+        if data.get("format") != TABLE_FORMAT or int(data.get("format_version", 0)) != TABLE_VERSION:
+            raise LatencyModelError(
+                f"{path} is not a version-{TABLE_VERSION} latency table",
+                hint="profile the target again: vitcompress target profile MODEL",
+            )
+        raw = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+        key = raw.pop("key")
+        return cls(key=TableKey(key["family"], key["target"]), **raw)
+
+    def save(self, path: Path | None = None) -> Path:
+        from vitcompress.fileio import write_json
+
+        path = path or self.key.path()
+        write_json(path, self.to_dict())
+        return path
+
+
+def load_table(path: Path) -> LatencyTable:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LatencyModelError(f"cannot read latency table {path}: {err}") from err
+    return LatencyTable.from_dict(data, Path(path))
+
+
+def check_key(table: LatencyTable, key: TableKey, where: Path | str) -> None:
+    """Refuse a table measured for another family or target, naming every field that differs."""
+    diffs = [
+        f"{part}.{name}: table {theirs!r}, here {ours!r}"
+        for part, mine, other in (
+            ("family", key.family, table.key.family),
+            ("target", key.target, table.key.target),
+        )
+        for name in sorted(set(mine) | set(other))
+        if (ours := mine.get(name)) != (theirs := other.get(name))
+    ]
+    if diffs:
+        raise LatencyModelError(
+            f"latency table {where} was measured for another target or model ({'; '.join(diffs[:3])})",
+            hint="a table is only valid where it was measured: profile this one with "
+            "`vitcompress target profile MODEL` (same --runtime/--precision/--threads/--batch)",
+        )
+
+
+def find_table(key: TableKey, root: Path | None = None) -> LatencyTable | None:
+    """The cached table for `key`, or None. Tables of the same model and target settings measured on
+    another CPU or runtime version are reported (never used): the caller profiles anew."""
+    import logging
+
+    path = key.path(root)
+    if path.is_file():
+        table = load_table(path)
+        check_key(table, key, path)
+        return table
+    for other in sorted(path.parent.glob(f"{key.stem()}-*.json")):
+        try:
+            stale = load_table(other)
+            check_key(stale, key, other)
+        except LatencyModelError as err:
+            logging.getLogger(__name__).warning("not used: %s", err.message)
+    return None

@@ -1,0 +1,357 @@
+"""`tune`: search the compression for a goal "p50 <= X ms on this target, at most Y points of top-1 lost".
+
+1. Tables: the target's latency table for every precision the goal allows (measured once, cached).
+2. Refusal: if even the smallest prunable model in the fastest precision is predicted slower than
+   the goal, the goal is refused before any work, with the fastest reachable p50.
+3. Candidates: for each precision, the latency-aware pruning plan (Hessian saliency per ms saved) that
+   meets the goal, and around it plans for tighter and looser goals (the frontier). Each is scored by
+   a cheap accuracy proxy: the PyTorch top-1 of the pruned model, before any distillation, on a few
+   hundred eval images, plus a fixed allowance for INT8 (`int8_allowance`).
+4. Attempts: the candidate with the least predicted loss that meets the latency is run for real as a
+   recipe (prune, distil, export, quantize, validate). If the measured p50 misses, the planner's goal
+   is corrected by measured/predicted and the next attempt runs; if the accuracy misses, the next
+   candidate (another precision) is tried. Every attempt, predicted against measured, is reported.
+
+Low-rank factorization is not among the choices yet: its latency is not in the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitcompress.errors import BudgetExceededError, VitcompressError
+
+if TYPE_CHECKING:
+    from vitcompress.latency.goal import GoalSection
+    from vitcompress.latency.table import LatencyTable
+    from vitcompress.models.loader import LoadedModel
+    from vitcompress.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+FRONTIER_FACTORS = (0.7, 0.85, 1.0, 1.2, 1.5)  # planner goals around the goal, for the frontier plot
+
+
+class UnreachableGoalError(VitcompressError):
+    """No configuration the goal allows is predicted to reach its latency."""
+
+
+@dataclass
+class Candidate:
+    precision: str
+    goal_factor: float
+    planner_goal_ms: float
+    predicted_ms: float
+    proxy_top1: float
+    predicted_drop: float  # points: proxy loss plus the int8 allowance
+    blocks: list[tuple[int, int, int]]
+
+    @property
+    def meets(self) -> bool:
+        return self.goal_factor <= 1.0
+
+
+@dataclass
+class Attempt:
+    attempt: int
+    precision: str
+    planner_goal_ms: float
+    predicted_ms: float
+    measured_ms: float | None
+    top1: float | None
+    top1_drop: float | None
+    out_dir: str
+    verdict: str = ""
+    goal_ms: float | None = None  # a speedup goal, against the original measured in the same run
+
+
+@dataclass
+class TuneReport:
+    goal_ms: float
+    max_top1_drop: float
+    runtime: str
+    baseline_ms: float
+    base_proxy_top1: float
+    candidates: list[Candidate] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    met: bool = False
+    final: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _prune_config(goal: GoalSection, precision: str, goal_ms: float, calibration_batches: int = 8) -> Any:
+    from vitcompress.passes.prune import PruneConfig
+
+    return PruneConfig(
+        target_latency_ms=goal_ms,
+        structures=list(goal.structures),  # type: ignore[arg-type]
+        importance="hessian",  # type: ignore[arg-type]
+        latency_runtime=goal.runtime,
+        latency_precision=precision,  # type: ignore[arg-type]
+        latency_threads=goal.threads,
+        latency_batch=goal.batch,
+        remeasure=0,  # tune measures the finished model; a miss is its next step
+        calibration_batches=calibration_batches,
+        round_to=8,
+    )
+
+
+def _recipe_for(recipe: Recipe, goal: GoalSection, precision: str, planner_goal_ms: float) -> Recipe:
+    """The recipe one attempt runs: prune to the planner's goal, distil, export, quantize, validate."""
+    from vitcompress.recipe import validate_recipe
+
+    template = next((p for p in recipe.passes if p.kind == "distill"), None)
+    distill: dict[str, Any] = (
+        template.model_dump(mode="json")
+        if template is not None
+        else {"kind": "distill", "epochs": goal.distill_epochs, "steps": goal.distill_steps}
+    )
+    prune = _prune_config(goal, precision, planner_goal_ms).model_dump(mode="json", exclude_none=True)
+    passes: list[dict[str, Any]] = [prune, distill, {"kind": "export"}]
+    if precision == "int8":
+        quantize: dict[str, Any] = {"kind": "quantize", "mode": "static"}
+        if goal.runtime == "openvino":
+            quantize["runtime"] = "openvino"
+        else:
+            quantize["preset"] = "cpu-x86-vnni"
+            quantize["mode"] = "static"  # what the int8 table measured
+        passes.append(quantize)
+    validate: dict[str, Any] = {
+        "kind": "validate",
+        "runtime": goal.runtime,
+        "batch_sizes": [goal.batch],
+        "threads": goal.threads,
+        "runs": 50,
+    }
+    if goal.runtime == "openvino" and precision in ("fp32", "bf16"):
+        validate["precision"] = precision
+    passes.append(validate)
+    data = recipe.model_dump(mode="json", exclude={"passes", "goal", "sweep", "budgets", "target"})
+    data["passes"] = passes
+    data["name"] = f"{recipe.name or 'tune'}-{precision}"
+    return validate_recipe(data, None, "tune")
+
+
+def _proxy_top1(loaded: LoadedModel, eval_data: Any) -> float:
+    from vitcompress.accuracy import evaluate_torch
+
+    return float(evaluate_torch(loaded, eval_data).top1)
+
+
+def _pruned_copy(loaded: LoadedModel, planner: Any, removed: Any) -> LoadedModel:
+    from vitcompress.models.adapters import adapter_for
+    from vitcompress.passes.prune import _graph, apply_plan
+
+    copy_ = copy.copy(loaded)
+    copy_.model = copy.deepcopy(loaded.model)
+    copy_.adapter = adapter_for(copy_.model)
+    if removed:
+        apply_plan(copy_, _graph(copy_), planner.plan(removed))
+    return copy_
+
+
+def tune(
+    recipe: Recipe,
+    out_dir: Path,
+    on_status: Callable[[str], None] | None = None,
+    on_profile: Any = None,
+    overwrite: bool = False,
+) -> TuneReport:
+    """Search for `recipe.goal` and run it for real; raises BudgetExceededError if no attempt meets it."""
+    from vitcompress.data import load_dataset
+    from vitcompress.latency.plan import plan_removal, shape_blocks, smallest_ms
+    from vitcompress.latency.profile import get_table
+    from vitcompress.latency.table import TargetSpec
+    from vitcompress.models import as_model_ref, load_model
+    from vitcompress.passes.prune import Planner, _batches, _graph, compute_stats, current_shape
+    from vitcompress.pipeline import run_recipe
+
+    goal = recipe.goal
+    if goal is None:
+        raise VitcompressError("tune needs a goal: give --target-p50-ms (or a recipe with a goal: section)")
+    status = on_status or (lambda _msg: None)
+    if recipe.data.eval is None or recipe.data.for_calibration() is None:
+        raise VitcompressError(
+            "tune needs data.eval (accuracy) and data.train or data.calibration (importance, distillation)",
+            hint="pass --data, e.g. --data fashion-mnist",
+        )
+    out_dir = Path(out_dir)
+    status("loading the model")
+    loaded = load_model(as_model_ref(recipe.model))
+    seed = recipe.run.seed
+    tables: dict[str, LatencyTable] = {}
+    for precision in dict.fromkeys(["fp32", *goal.precisions]):
+        spec = TargetSpec(goal.runtime, precision, goal.threads, goal.batch)
+        status(f"latency table for {spec.label()}")
+        tables[precision] = get_table(loaded, spec, on_progress=on_profile)
+    fp32 = tables["fp32"]
+    whole = next(a for a in fp32.anchors if a["name"] == "whole")
+    baseline_ms = float(whole["measured_ms"])
+    goal_ms = (
+        goal.target_p50_ms
+        if goal.target_p50_ms is not None
+        else baseline_ms / float(goal.target_speedup or 1)
+    )
+    shape0 = current_shape(loaded)
+
+    def allowed(_s: Any, _i: int) -> bool:
+        return True
+
+    floors = {
+        p: smallest_ms(tables[p], _prune_config(goal, p, goal_ms), shape0, allowed) for p in goal.precisions
+    }
+    fastest = min(floors, key=lambda p: floors[p])
+    if floors[fastest] > goal_ms * (1 + goal.tolerance):
+        raise UnreachableGoalError(
+            f"p50 {goal_ms:.3f} ms cannot be reached on {goal.runtime}: the fastest reachable p50 is "
+            f"{floors[fastest]:.3f} ms ({fastest}, every block pruned to its floor; the original runs "
+            f"{baseline_ms:.3f} ms in fp32)",
+            hint=f"ask for at least {floors[fastest]:.3f} ms, allow int8 or more structures, or another runtime",
+        )
+    status("scoring candidates (Hessian importance, proxy accuracy)")
+    cfg0 = _prune_config(goal, goal.precisions[0], goal_ms)
+    calibration = load_dataset(recipe.data.for_calibration(), loaded.input, loaded.num_classes)  # type: ignore[arg-type]
+    stats = compute_stats(loaded, cfg0.importance, _graph(loaded), _batches(calibration, cfg0, seed))
+    eval_spec = recipe.data.eval.model_copy(update={"limit": goal.proxy_samples})
+    eval_data = load_dataset(eval_spec, loaded.input, loaded.num_classes)
+    base_top1 = _proxy_top1(loaded, eval_data)
+    report = TuneReport(goal_ms, goal.max_top1_drop, goal.runtime, baseline_ms, base_top1)
+    for precision in goal.precisions:
+        table = tables[precision]
+        planner = Planner(stats, shape0, max(8, table.fast_multiple))
+        cfg = _prune_config(goal, precision, goal_ms)
+        for factor in FRONTIER_FACTORS:
+            target = goal_ms * factor
+            removed = plan_removal(cfg, planner, table, shape0, target, allowed)
+            pruned = _pruned_copy(loaded, planner, removed)
+            predicted = table.predict_ms(shape_blocks(current_shape(pruned)))
+            if predicted > target * (1 + goal.tolerance):
+                continue  # below this precision's floor
+            top1 = _proxy_top1(pruned, eval_data)
+            drop = 100 * (base_top1 - top1) + (goal.int8_allowance if precision == "int8" else 0.0)
+            report.candidates.append(
+                Candidate(
+                    precision, factor, target, predicted, top1, drop, shape_blocks(current_shape(pruned))
+                )
+            )
+    ranked = sorted((c for c in report.candidates if c.goal_factor == 1.0), key=lambda c: c.predicted_drop)
+    if not ranked:
+        raise UnreachableGoalError(f"no precision of {goal.precisions} reaches {goal_ms:.3f} ms")
+    queue = list(ranked)
+    choice = queue.pop(0)
+    planner_goal = choice.planner_goal_ms
+    for n in range(1, goal.max_attempts + 1):
+        status(f"attempt {n}: {choice.precision}, planned for {planner_goal:.3f} ms")
+        attempt_recipe = _recipe_for(recipe, goal, choice.precision, planner_goal)
+        attempt_dir = out_dir / f"attempt-{n}"
+        result = run_recipe(attempt_recipe, attempt_dir, overwrite=True)
+        prune_rec = next(r for r in result.ledger if r.kind == "prune")
+        validate = result.ledger[-1]
+        measured: float | None = validate.latency_p50_ms
+        drop_points = validate.details.get("top1_drop_points")
+        attempt = Attempt(
+            n, choice.precision, planner_goal, float(prune_rec.details["target"]["predicted_ms"]),
+            measured, validate.top1, None if drop_points is None else float(drop_points), str(attempt_dir),
+        )  # fmt: skip
+        report.attempts.append(attempt)
+        speedup = validate.details.get("speedup_vs_baseline")
+        if goal.target_speedup is not None and measured is not None and speedup:
+            # judged against the original measured in the same run, not the one profiled earlier
+            goal_ms = float(measured * float(speedup) / goal.target_speedup)
+            attempt.goal_ms = goal_ms
+        fast = measured is not None and measured <= goal_ms * (1 + goal.tolerance)
+        accurate = attempt.top1_drop is not None and attempt.top1_drop <= goal.max_top1_drop
+        if fast and accurate:
+            attempt.verdict = "meets the goal"
+            report.met, report.final = True, str(attempt_dir)
+            break
+        if not fast and measured is not None:
+            attempt.verdict = (
+                f"measured {measured:.3f} ms > goal {goal_ms:.3f} ms (+{goal.tolerance:.0%}): "
+                f"next, plan for {planner_goal * goal_ms / measured:.3f} ms predicted"
+            )
+            planner_goal = planner_goal * goal_ms / measured
+        elif queue and attempt.top1_drop is not None:
+            nxt = queue.pop(0)
+            attempt.verdict = (
+                f"top-1 dropped {attempt.top1_drop:.2f} points > {goal.max_top1_drop:g}: next, {nxt.precision} "
+                f"(proxy drop {nxt.predicted_drop:.2f})"
+            )
+            choice, planner_goal = nxt, nxt.planner_goal_ms
+        else:
+            attempt.verdict = (
+                f"top-1 dropped {attempt.top1_drop} points (max {goal.max_top1_drop:g}): no candidate left"
+            )
+            break
+        log.info("tune attempt %d: %s", n, attempt.verdict)
+    write_reports(report, out_dir)
+    if not report.met:
+        raise BudgetExceededError(
+            f"tune: no attempt met p50 <= {goal_ms:.3f} ms at <= {goal.max_top1_drop:g} points "
+            f"({len(report.attempts)} tried; see {out_dir / 'tune.md'})",
+            hint="allow more distillation (distill_epochs), a larger max_top1_drop, or a slower p50",
+        )
+    return report
+
+
+def write_reports(report: TuneReport, out_dir: Path) -> None:
+    """tune.json, tune.md (candidates and attempts, predicted vs measured) and tune.png (the frontier)."""
+    from vitcompress.fileio import write_json, write_text
+    from vitcompress.plot import ParetoPoint, plot_pareto
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "tune.json", report.to_dict())
+    lines = [
+        f"# tune: p50 <= {report.goal_ms:.3f} ms on {report.runtime}, top-1 drop <= {report.max_top1_drop:g}",
+        "",
+        f"Original: {report.baseline_ms:.3f} ms (fp32, measured when the table was profiled); proxy top-1 "
+        f"{100 * report.base_proxy_top1:.2f}%.",
+        "",
+        "## Candidates (predicted)",
+        "",
+        "| precision | planned for (ms) | predicted p50 (ms) | proxy top-1 | predicted drop (pts) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c.precision} | {c.planner_goal_ms:.3f} | {c.predicted_ms:.3f} | {100 * c.proxy_top1:.2f}% | {c.predicted_drop:.2f} |"
+        for c in report.candidates
+    ]
+    lines += [
+        "",
+        "## Attempts (measured)",
+        "",
+        "| # | precision | predicted p50 | measured p50 | top-1 | drop | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in report.attempts:
+        measured = f"{a.measured_ms:.3f}" if a.measured_ms is not None else "-"
+        top1 = f"{100 * a.top1:.2f}%" if a.top1 is not None else "-"
+        drop = f"{a.top1_drop:.2f}" if a.top1_drop is not None else "-"
+        lines.append(
+            f"| {a.attempt} | {a.precision} | {a.predicted_ms:.3f} | {measured} | {top1} | {drop} | {a.verdict} |"
+        )
+    write_text(out_dir / "tune.md", "\n".join(lines) + "\n")
+    points = [ParetoPoint("original", report.baseline_ms, report.base_proxy_top1, baseline=True)]
+    points += [
+        ParetoPoint(
+            f"{c.precision} x{c.goal_factor:g}",
+            c.predicted_ms,
+            c.proxy_top1 - (c.predicted_drop - 100 * (report.base_proxy_top1 - c.proxy_top1)) / 100,
+        )
+        for c in report.candidates
+    ]
+    try:
+        plot_pareto(
+            points,
+            out_dir / "tune.png",
+            f"tune candidates (predicted p50, proxy top-1); goal {report.goal_ms:.2f} ms",
+        )
+    except ImportError:  # matplotlib is optional for the plot only
+        log.warning("matplotlib missing: tune.png not written")
