@@ -58,9 +58,9 @@ def configurations(loaded, count: int, seed: int) -> list[list[tuple[int, int, i
 
 
 def cmd_error(args: argparse.Namespace) -> dict:
-    from vitcompress.timing import Environment
     from vitcompress.latency.profile import profile_target, reshaped, target_file, time_files
     from vitcompress.latency.table import TargetSpec
+    from vitcompress.timing import Environment
 
     loaded = load(args.model)
     spec = TargetSpec(args.runtime, args.precision, args.threads, 1)

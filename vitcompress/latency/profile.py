@@ -36,8 +36,8 @@ Progress = Callable[[str, int, int], None]
 
 def target_facts(spec: TargetSpec) -> dict[str, Any]:
     """The target half of a table key: this CPU, the runtime's version and the settings."""
-    from vitcompress.timing import Environment
     from vitcompress.runtimes import RUNTIMES, Runtime
+    from vitcompress.timing import Environment
 
     env = Environment.detect()
     return {
@@ -211,9 +211,9 @@ def target_file(loaded: LoadedModel, spec: TargetSpec, directory: Path, name: st
 
 
 def open_target(path: Path, spec: TargetSpec) -> Runner:
-    from vitcompress.timing import open_bench_runner
     from vitcompress.runtime import Provider
     from vitcompress.runtimes import Precision, Runtime
+    from vitcompress.timing import open_bench_runner
 
     hint = Precision(spec.precision) if spec.runtime == "openvino" and spec.precision != "int8" else None
     return open_bench_runner(path, Runtime(spec.runtime), Provider.cpu, hint, spec.threads)
