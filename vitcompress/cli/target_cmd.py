@@ -11,20 +11,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vitcompress.cli.common import (
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
     ModelArg,
     ModelFlags,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
-    TrustOpt,
     err_console,
     out_console,
     print_json,
 )
+from vitcompress.cli.options import GENERATED, model_options
 
 if TYPE_CHECKING:
     from vitcompress.latency.profile import Progress
@@ -100,6 +94,7 @@ def table_summary(table: LatencyTable) -> dict[str, object]:
 
 
 @app.command("profile")
+@model_options
 def profile(
     model: ModelArg,
     runtime: RuntimeOpt = RuntimeChoice.ort,
@@ -108,13 +103,7 @@ def profile(
     batch: BatchOpt = 1,
     runs: Annotated[int, typer.Option(min=10, help="Timed runs per probe graph (medians are kept).")] = 100,
     force: Annotated[bool, typer.Option("--force", help="Measure again even if a table is cached.")] = False,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
+    model_flags: ModelFlags = GENERATED,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure the latency table of MODEL's family on this machine, and cache it.
@@ -137,11 +126,7 @@ def profile(
     from vitcompress.models import load_model
 
     spec = target_spec(runtime, precision, threads, batch)  # bad settings fail before the model loads
-    loaded = load_model(
-        ModelFlags(
-            checkpoint, num_classes, img_size, in_chans, model_kwargs, num_heads, trust_checkpoint
-        ).ref(model)
-    )
+    loaded = load_model(model_flags.ref(model))
     cached = None if force else find_table(table_key(loaded, spec))
     if cached is not None:
         table, measured = cached, False
@@ -174,6 +159,7 @@ def profile(
 
 
 @app.command("predict")
+@model_options
 def predict(
     models: Annotated[
         list[str],
@@ -193,13 +179,7 @@ def predict(
         Path | None,
         typer.Option("--table", exists=True, dir_okay=False, help="A table file instead of the cache."),
     ] = None,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
+    model_flags: ModelFlags = GENERATED,
     json_out: JsonOpt = False,
 ) -> None:
     """Predict the p50 of each model from the target's latency table (sum of its parts).
@@ -220,10 +200,8 @@ def predict(
 
     def ref(source: str) -> ModelRef:
         if Path(source).is_dir():  # an artifact knows its architecture: the model options are for the others
-            return ModelFlags(trust_checkpoint=trust_checkpoint).ref(source)
-        return ModelFlags(
-            checkpoint, num_classes, img_size, in_chans, model_kwargs, num_heads, trust_checkpoint
-        ).ref(source)
+            return ModelFlags(trust_checkpoint=model_flags.trust_checkpoint).ref(source)
+        return model_flags.ref(source)
 
     loaded = [load_model(ref(m)) for m in models]
     table = get_table(loaded[0], spec, profile_if_missing=False, path=table_path)

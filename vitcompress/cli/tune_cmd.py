@@ -9,20 +9,14 @@ import typer
 
 from vitcompress.cli.common import (
     DATA_FORMS,
-    CheckpointOpt,
-    ImgSizeOpt,
-    InChansOpt,
     JsonOpt,
-    ModelKwargsOpt,
-    NumClassesOpt,
-    NumHeadsOpt,
-    TrustOpt,
+    ModelFlags,
     build_config,
     err_console,
     out_console,
-    parse_model_kwargs,
     print_json,
 )
+from vitcompress.cli.options import GENERATED, model_options
 from vitcompress.cli.target_cmd import PrecisionChoice, RuntimeChoice, profile_progress
 from vitcompress.errors import VitcompressError
 
@@ -31,6 +25,7 @@ if TYPE_CHECKING:
     from vitcompress.recipe import Recipe
 
 
+@model_options
 def tune(
     model: Annotated[
         str | None,
@@ -84,13 +79,7 @@ def tune(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
-    in_chans: InChansOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    num_heads: NumHeadsOpt = None,
-    trust_checkpoint: TrustOpt = False,
+    model_flags: ModelFlags = GENERATED,
     json_out: JsonOpt = False,
 ) -> None:
     """Compress MODEL until it runs in --target-p50-ms on --runtime, losing at most --max-top1-drop.
@@ -143,9 +132,8 @@ def tune(
             distill_steps=distill_steps,
         )
         loaded_recipe = _recipe_from_flags(
-            model, goal, data, eval_data, data_limit, eval_limit, seed, checkpoint, num_classes, img_size, in_chans,
-            trust_checkpoint, parse_model_kwargs(model_kwargs, num_heads),
-        )  # fmt: skip
+            model, goal, data, eval_data, data_limit, eval_limit, seed, model_flags
+        )
     with profile_progress("the target") as update, err_console.status("tuning") as spinner:
         report = run_tune(
             loaded_recipe, out, on_status=lambda msg: spinner.update(f"tune: {msg}"), on_profile=update
@@ -158,9 +146,7 @@ def tune(
 
 def _recipe_from_flags(
     model: str, goal: GoalSection, data: str, eval_data: str | None, data_limit: int | None,
-    eval_limit: int | None, seed: int,
-    checkpoint: Path | None, num_classes: int | None, img_size: int | None, in_chans: int | None,
-    trust: bool, kwargs: dict[str, object],
+    eval_limit: int | None, seed: int, model_flags: ModelFlags,
 ) -> Recipe:  # fmt: skip
     from vitcompress.data import DataSection, DataSpec
     from vitcompress.passes.distill import DistillConfig
@@ -181,15 +167,7 @@ def _recipe_from_flags(
     return Recipe(
         version=1,
         name=f"tune {model}",
-        model=ModelSection(
-            source=model,
-            checkpoint=checkpoint,
-            num_classes=num_classes,
-            img_size=img_size,
-            in_chans=in_chans,
-            kwargs=dict(kwargs),
-            trust_checkpoint=trust,
-        ),
+        model=ModelSection(source=model, **model_flags.section()),
         run=RunSection(seed=seed, threads=goal.threads),
         data=DataSection(train=train, eval=evaluation, calibration=train.model_copy(update={"limit": 512})),
         passes=[distill],
