@@ -114,6 +114,21 @@ def test_merge_keeps_prefix_and_size_weighted_sums():
     assert int((merged_size[:, 1:] > size[:, 1:].amax()).sum()) <= 3 * 6
 
 
+def test_matching_metric_is_the_head_mean_of_the_keys():
+    """The metric comes from the flat keys through one constant matmul; it must equal ToMe's k.mean
+    over heads (and fall back to that mean when a k_norm makes the flat keys differ)."""
+    from vitcompress.models.tokens import _timm_attention
+
+    attn = _tiny().model.blocks[0].attn
+    x = torch.randn(2, 17, attn.qkv.in_features)
+    qkv = attn.qkv(x).reshape(2, 17, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    _, metric, _ = _timm_attention(attn, x, None, True, False, 1)
+    torch.testing.assert_close(metric, qkv[1].mean(dim=1), atol=1e-6, rtol=1e-5)
+    attn.k_norm = torch.nn.LayerNorm(attn.head_dim)
+    _, normed, _ = _timm_attention(attn, x, None, True, False, 1)
+    torch.testing.assert_close(normed, attn.k_norm(qkv[1]).mean(dim=1))
+
+
 def test_merge_pairs_the_most_similar_tokens():
     # patch tokens 0/1 and 2/3 are identical pairs (A = even, B = odd positions): r=2 merges exactly them
     x = torch.tensor([[[9.0], [1.0], [1.0], [5.0], [5.0], [3.0], [-4.0]]])

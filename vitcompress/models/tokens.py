@@ -192,7 +192,6 @@ def merge_tokens(
     r: int,
     prefix: int,
     tokens: int | None = None,
-    channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe bipartite soft matching on the patch tokens: merge the r most similar A->B pairs.
 
@@ -200,7 +199,7 @@ def merge_tokens(
     prefix tokens first and unchanged, then the A tokens that stay (most similar first), then the
     B tokens. Merged values are size-weighted averages. `tokens` is N as a plain number (the
     schedule's), so the exported top-k and matrix shapes are constants rather than computed from the
-    input's shape (`channels` is accepted for symmetry and not needed).
+    input's shape.
 
     The gather/scatter-add of ToMe is written as one matmul with a (B, N - r, N) matrix built from
     the indices: a 0/1 row per token that stays, plus the A tokens merged into each B token. The
@@ -209,7 +208,6 @@ def merge_tokens(
     more than the tokens they removed. The extra multiply-adds are (N - r) x N x C per block, a few
     percent of the block's own.
     """
-    del channels
     total = tokens if tokens is not None else int(x.shape[1])
     count = total - prefix
     num_a, num_b = (count + 1) // 2, count // 2
@@ -237,13 +235,11 @@ def prune_tokens(
     prefix: int,
     fuse: bool,
     tokens: int | None = None,
-    channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EViT: keep the patch tokens the class token attends to most; `fuse` adds one token that is
     the attention-weighted average of the dropped ones. Returns N - r tokens (`tokens`: N as a
     plain number, for constant shapes in the exported graph). The selection is a 0/1 matmul, as in
     `merge_tokens`."""
-    del channels
     total = tokens if tokens is not None else int(x.shape[1])
     patch_count = total - prefix
     keep = patch_count - r - (1 if fuse else 0)
@@ -277,7 +273,6 @@ class _Reducer:
         size: torch.Tensor | None,
         metric: torch.Tensor,
         cls_attention: torch.Tensor | None,
-        width: int,  # the block's width as a number, not the input's traced shape
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.token_r == 0:
             return x, size
@@ -293,9 +288,8 @@ class _Reducer:
                 self.token_prefix,
                 self.token_fuse,
                 self.token_count,
-                width,
             )
-        return merge_tokens(x, size, metric, self.token_r, self.token_prefix, self.token_count, width)
+        return merge_tokens(x, size, metric, self.token_r, self.token_prefix, self.token_count)
 
     @property
     def _wants_cls(self) -> bool:
@@ -320,7 +314,7 @@ class _TokenBlock(_Reducer):
             block.attn, block.norm1(x), size, self.token_proportional, self._wants_cls, self.token_prefix
         )
         x = x + block.drop_path1(block.ls1(out))
-        x, size = self._reduce(x, size, metric, cls_attention, int(block.mlp.fc1.in_features))
+        x, size = self._reduce(x, size, metric, cls_attention)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         self.token_size_out = size
         return x
@@ -349,7 +343,7 @@ class _HFTokenLayer(_Reducer):
             self.token_prefix,
         )
         x = layer.dropout(out) + hidden_states
-        x, size = self._reduce(x, size, metric, cls_attention, int(layer.mlp.fc1.in_features))
+        x, size = self._reduce(x, size, metric, cls_attention)
         x = layer.dropout(layer.mlp(layer.layernorm_after(x))) + x
         self.token_state["size"] = None if self.token_last else size
         return x
