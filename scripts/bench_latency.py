@@ -101,7 +101,7 @@ def cmd_error(args: argparse.Namespace) -> dict:
         "profile_s": profile_s,
         "original_ms_at_profile": profiled,
         "original_ms_now": original_now,
-        "calibration": {"scale": table.scale, "offset_ms": table.offset_ms, "anchors": table.anchors},
+        "calibration": {"points": [list(p) for p in table.calibration], "anchors": table.anchors},
         "median_abs_error": median([abs(r["error"]) for r in rows]),
         "median_abs_error_drift_corrected": median([abs(r["error_drift_corrected"]) for r in rows]),
         "max_abs_error": max(abs(r["error"]) for r in rows),

@@ -86,7 +86,7 @@ def table_summary(table: LatencyTable) -> dict[str, object]:
         "family": {k: v for k, v in table.key.family.items() if k != "source"},
         "grid": {"heads": table.heads, "head_dims": table.head_dims, "mlp": table.mlp},
         "fixed_ms": table.fixed_ms,
-        "calibration": {"scale": table.scale, "offset_ms": table.offset_ms},
+        "calibration": [list(point) for point in table.calibration],
         "anchors": table.anchors,
         "fast_multiple": table.fast_multiple,
         "profile_s": table.profile_s,

@@ -96,7 +96,7 @@ def plan_removal(
                 unit = Unit(structure, i, index, saliency[key])
                 if not _fits(cfg, shape, unit, removed):
                     continue
-                saved = table.scale * (before - after)
+                saved = before - after  # raw ms: the calibration scales every unit alike here
                 score = unit.saliency / saved if saved > 1e-6 else math.inf
                 rank = (score, unit.saliency, i, index)
                 if best is None or rank < best[0]:

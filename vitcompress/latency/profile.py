@@ -220,33 +220,20 @@ def open_target(path: Path, spec: TargetSpec) -> Runner:
 
 
 def _timed_call(path: Path, spec: TargetSpec, seed: int = 0) -> Callable[[], object]:
-    """One inference of `path` on the target, ready to time.
+    """One inference of `path` on the target, ready to time, in a session opened as `bench` and
+    `validate` open theirs (ONNX Runtime with its default spinning workers): the table predicts what
+    those measure.
 
-    ONNX Runtime sessions are opened without spinning workers: here many sessions take turns, and a
-    session that just finished keeps its workers spinning on the two cores while the next one runs.
-    Measured on DeiT-S with 27 probe sessions, blocks of 5: one-block probes read 9.5-11.4 ms with
-    spinning and 3.5-5.3 ms without (5.1 ms with spinning in blocks of 25); the whole model read
-    53.9 ms either way, so the table stays true to a deployed session."""
-    import numpy as np
-
+    History: the first tables were timed with spinning off, because 27 probe sessions taking turns
+    inflated one-block DeiT-S probes 2-3x (a session's workers kept spinning into the next one's
+    turn). Spinning off made the probes slower than a deployed session instead (whole DeiT-S 55.2 ms
+    against 51.9 ms; the 16-token reference 0.73 against 0.52 ms), and `tune` then overshot small
+    models. `time_interleaved` now pauses before each turn until the last session's workers sleep."""
     from vitcompress.timing import _input_for
 
-    if spec.runtime != "ort":
-        runner = open_target(path, spec)
-        batch = _input_for(runner, spec.batch, seed)
-        return lambda: runner.infer(batch)
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = spec.threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    meta = session.get_inputs()[0]
-    shape = [spec.batch] + [d if isinstance(d, int) else 1 for d in meta.shape[1:]]
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    return lambda: session.run(None, {meta.name: x})
+    runner = open_target(path, spec)
+    batch = _input_for(runner, spec.batch, seed)
+    return lambda: runner.infer(batch)
 
 
 def time_files(
@@ -288,7 +275,12 @@ def probes(loaded: LoadedModel) -> list[ProbeSpec]:
         ProbeSpec(f"width-{base - k}", "width", (h0, d0, base - k)) for k in (0, 8, 16, 32) if base - k > 0
     ]
     half = (max(1, -(-h0 // 2)), d0, max(8, m0 // 2 // 8 * 8))
-    out += [ProbeSpec("whole", "whole", (h0, d0, m0)), ProbeSpec("whole-half", "whole", half)]
+    quarter = (max(1, -(-h0 // 4)), d0, max(8, m0 // 4 // 8 * 8))
+    out += [
+        ProbeSpec("whole", "whole", (h0, d0, m0)),
+        ProbeSpec("whole-half", "whole", half),
+        ProbeSpec("whole-quarter", "whole", quarter),
+    ]
     return out
 
 
@@ -380,7 +372,7 @@ def profile_target(
         }
         for p in wholes
     ]
-    table.scale, table.offset_ms = _calibration(anchors)
+    table.calibration = [(a["raw_ms"], a["measured_ms"]) for a in anchors]
     for p, a in zip(wholes, anchors, strict=True):
         a["predicted_ms"] = table.predict_ms([p.shape] * depth)
     table.anchors = anchors
@@ -388,18 +380,6 @@ def profile_target(
     table.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     progress("done", total, total)
     return table
-
-
-def _calibration(anchors: list[dict[str, Any]]) -> tuple[float, float]:
-    """measured = scale * raw + offset through the two whole models; a pure scale if noise makes the
-    line implausible (a slope outside 0.5-2)."""
-    (full, half) = anchors[0], anchors[1]
-    d_raw = full["raw_ms"] - half["raw_ms"]
-    if d_raw > 0:
-        scale = (full["measured_ms"] - half["measured_ms"]) / d_raw
-        if 0.5 <= scale <= 2.0:
-            return scale, full["measured_ms"] - scale * full["raw_ms"]
-    return full["measured_ms"] / full["raw_ms"], 0.0
 
 
 def get_table(

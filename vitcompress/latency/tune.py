@@ -10,7 +10,10 @@
 4. Attempts: the candidate with the least predicted loss that meets the latency is run for real as a
    recipe (prune, distil, export, quantize, validate). If the measured p50 misses, the planner's goal
    is corrected by measured/predicted and the next attempt runs; if the accuracy misses, the next
-   candidate (another precision) is tried. Every attempt, predicted against measured, is reported.
+   candidate (another precision) is tried. If it meets the goal but runs faster than asked by more
+   than the tolerance, the next attempt plans for a looser goal (less pruning, more top-1) and the
+   result is the most accurate attempt that met the goal. Every attempt, predicted against
+   measured, is reported.
 
 Low-rank factorization is not among the choices yet: its latency is not in the table.
 """
@@ -247,6 +250,7 @@ def tune(
     queue = list(ranked)
     choice = queue.pop(0)
     planner_goal = choice.planner_goal_ms
+    met: list[Attempt] = []
     for n in range(1, goal.max_attempts + 1):
         status(f"attempt {n}: {choice.precision}, planned for {planner_goal:.3f} ms")
         attempt_recipe = _recipe_for(recipe, goal, choice.precision, planner_goal)
@@ -269,8 +273,20 @@ def tune(
         fast = measured is not None and measured <= goal_ms * (1 + goal.tolerance)
         accurate = attempt.top1_drop is not None and attempt.top1_drop <= goal.max_top1_drop
         if fast and accurate:
-            attempt.verdict = "meets the goal"
-            report.met, report.final = True, str(attempt_dir)
+            met.append(attempt)
+            slack = 1 - measured / goal_ms  # type: ignore[operator]
+            if slack <= goal.tolerance or n == goal.max_attempts:
+                attempt.verdict = "meets the goal"
+                break
+            # Faster than asked by more than the tolerance: a less pruned model may keep more top-1.
+            attempt.verdict = (
+                f"meets the goal, {slack:.0%} faster than asked: next, plan for "
+                f"{planner_goal * goal_ms / measured:.3f} ms predicted (this one is kept if that misses)"
+            )
+            planner_goal = planner_goal * goal_ms / measured  # type: ignore[operator]
+            continue
+        if met:
+            attempt.verdict = f"misses; attempt {met[-1].attempt} met the goal and is the result"
             break
         if not fast and measured is not None:
             attempt.verdict = (
@@ -291,6 +307,9 @@ def tune(
             )
             break
         log.info("tune attempt %d: %s", n, attempt.verdict)
+    if met:
+        best = max(met, key=lambda a: (a.top1 or 0.0, -a.attempt))
+        report.met, report.final = True, best.out_dir
     write_reports(report, out_dir)
     if not report.met:
         raise BudgetExceededError(
@@ -337,6 +356,12 @@ def write_reports(report: TuneReport, out_dir: Path) -> None:
         lines.append(
             f"| {a.attempt} | {a.precision} | {a.predicted_ms:.3f} | {measured} | {top1} | {drop} | {a.verdict} |"
         )
+    lines += [
+        "",
+        f"Result: {report.final} (the most accurate attempt that met the goal)."
+        if report.final
+        else "Result: none; no attempt met the goal.",
+    ]
     write_text(out_dir / "tune.md", "\n".join(lines) + "\n")
     points = [ParetoPoint("original", report.baseline_ms, report.base_proxy_top1, baseline=True)]
     points += [
