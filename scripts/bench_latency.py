@@ -145,7 +145,12 @@ def cmd_tune(args: argparse.Namespace) -> dict:
 
 
 def cmd_versus(args: argparse.Namespace) -> dict:
-    """MAC target vs latency target (same KD), and latency-aware vs uniform plans per ms (no KD)."""
+    """Latency-aware plans against MAC-target plans (+ the same KD) and uniform plans (no KD), each
+    pair brought to equal measured latency first: the latency-aware plan is re-aimed at the other
+    plan's p50 until the two, timed together, differ by at most --match."""
+    import statistics
+
+    import yaml
     from train_reference import IMG_SIZE, IN_CHANS, KWARGS, NUM_CLASSES, SOURCE, default_dir
     from typer.testing import CliRunner
 
@@ -157,18 +162,13 @@ def cmd_versus(args: argparse.Namespace) -> dict:
     model_section = {"source": SOURCE, "checkpoint": str(ckpt), "num_classes": NUM_CLASSES,
                      "img_size": IMG_SIZE, "in_chans": IN_CHANS, "kwargs": KWARGS}  # fmt: skip
     work = Path(args.work)
+    spec = TargetSpec(batch=args.batch)
+    data = {"train": {"source": "fashion-mnist"}, "eval": {"source": "fashion-mnist", "split": "test"},
+            "calibration": {"source": "fashion-mnist", "limit": 2000}}  # fmt: skip
+    validate = {"kind": "validate", "runs": 30, "batch_sizes": [args.batch]}
 
-    def run(name: str, prune: dict, kd: bool) -> Path:
-        import yaml
-
-        passes = [prune]
-        if kd:
-            passes.append({"kind": "distill", "steps": args.distill_steps, "batch_size": 128, "lr": 0.001,
-                           "augment": "shift-flip", "eval_limit": 2000})  # fmt: skip
-        recipe = {"version": 1, "name": name, "model": model_section,
-                  "data": {"train": {"source": "fashion-mnist"}, "eval": {"source": "fashion-mnist", "split": "test"},
-                           "calibration": {"source": "fashion-mnist", "limit": 2000}},
-                  "passes": [*passes, {"kind": "export"}, {"kind": "validate", "runs": 100}]}  # fmt: skip
+    def run(name: str, model: dict, passes: list[dict]) -> Path:
+        recipe = {"version": 1, "name": name, "model": model, "data": data, "passes": passes}
         path = work / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(recipe))
@@ -178,21 +178,44 @@ def cmd_versus(args: argparse.Namespace) -> dict:
         assert result.exit_code == 0, result.output[-2000:]
         return work / name
 
-    spec = TargetSpec()
+    def ledger(d: Path) -> list[dict]:
+        return json.loads((d / "report.json").read_text())["ledger"]
+
+    def joint(dirs: list[Path]) -> list[float]:
+        """p50 of each file timed together, median over --rounds interleaved runs."""
+        rounds = [time_files([d / "model.onnx" for d in dirs], spec, args.runs) for _ in range(args.rounds)]
+        return [statistics.median(r[i] for r in rounds) for i in range(len(dirs))]
+
     common = {"kind": "prune", "importance": "hessian", "structures": ["heads", "head_dim", "mlp"],
               "calibration_batches": 16}  # fmt: skip
 
     def pair(name: str, first: dict, kd: bool) -> dict:
-        """`first`, then the latency-aware plan aimed at the latency `first` measured; timed together."""
-        first_dir = run(f"{name}", first, kd)
-        (first_ms,) = time_files([first_dir / "model.onnx"], spec, 200)
-        lat_dir = run(f"{name}-latency", {**common, "target_latency_ms": first_ms, "remeasure": 2}, kd)
-        final = time_files([first_dir / "model.onnx", lat_dir / "model.onnx"], spec, 300)
-        out = {}
-        for label, d, ms in (("plan", first_dir, final[0]), ("latency_plan", lat_dir, final[1])):
-            ledger = json.loads((d / "report.json").read_text())["ledger"]
-            prune = next(r for r in ledger if r["kind"] == "prune")
-            out[label] = {"p50_ms": ms, "top1": next(r for r in ledger if r["kind"] == "validate")["top1"],
+        first_dir = run(name, model_section, [first, {"kind": "export"}, validate])
+        (goal,) = joint([first_dir])
+        tries = []
+        for k in range(args.match_tries):
+            lat = {**common, "target_latency_ms": goal, "latency_batch": args.batch, "remeasure": 1}
+            lat_dir = run(f"{name}-latency-{k}", model_section, [lat, {"kind": "export"}, validate])
+            other_ms, lat_ms = joint([first_dir, lat_dir])
+            tries.append({"aimed_ms": goal, "plan_ms": other_ms, "latency_plan_ms": lat_ms})
+            print(json.dumps({name: tries[-1]}), flush=True)
+            if abs(lat_ms / other_ms - 1) <= args.match:
+                break
+            goal *= other_ms / lat_ms
+        pruned = {"plan": first_dir, "latency_plan": lat_dir}
+        dirs = dict(pruned)
+        if kd:
+            teacher = dict(model_section)
+            distill = {"kind": "distill", "steps": args.distill_steps, "batch_size": 128, "lr": 0.001,
+                       "augment": "shift-flip", "eval_limit": 2000, "teacher": teacher}  # fmt: skip
+            dirs = {label: run(f"{d.name}-kd", {"source": str(d)}, [distill, {"kind": "export"}, validate])
+                    for label, d in dirs.items()}  # fmt: skip
+        final = joint(list(dirs.values()))
+        out: dict = {"match_tries": tries}
+        for (label, d), ms in zip(dirs.items(), final, strict=True):
+            records = ledger(d)
+            prune = next(r for r in ledger(pruned[label]) if r["kind"] == "prune")
+            out[label] = {"p50_ms": ms, "top1": next(r for r in records if r["kind"] == "validate")["top1"],
                           "macs_ratio": prune["details"]["macs_ratio"], "blocks": prune["details"]["blocks"]}  # fmt: skip
         print(json.dumps({name: out}), flush=True)
         return out
@@ -203,7 +226,7 @@ def cmd_versus(args: argparse.Namespace) -> dict:
     for fraction in args.uniform:
         uniform = {"kind": "prune", "importance": "hessian", "heads": fraction, "mlp": fraction}
         rows[f"uniform-{fraction:g}"] = pair(f"uniform-{fraction:g}", uniform, kd=False)
-    return {"kd_steps": args.distill_steps, "rows": rows}
+    return {"kd_steps": args.distill_steps, "batch": args.batch, "rows": rows}
 
 
 def main() -> None:
@@ -233,6 +256,11 @@ def main() -> None:
     v.add_argument("--macs", type=float, nargs="+", default=[0.5])
     v.add_argument("--uniform", type=float, nargs="+", default=[0.25, 0.5])
     v.add_argument("--distill-steps", type=int, default=500)
+    v.add_argument("--batch", type=int, default=32, help="batch of the latency both plans are matched at")
+    v.add_argument("--runs", type=int, default=100)
+    v.add_argument("--rounds", type=int, default=3, help="interleaved runs per joint timing (median)")
+    v.add_argument("--match", type=float, default=0.03, help="equal latency: joint p50s within this fraction")
+    v.add_argument("--match-tries", type=int, default=3)
     v.add_argument("--work", default="/tmp/bench-latency-versus")
     for p in (e, t, v):
         p.add_argument("--out", type=Path, required=True)
