@@ -30,6 +30,7 @@ from pathlib import Path
 SOURCE = "timm:vit_tiny_patch16_224"
 KWARGS = {"patch_size": 7, "embed_dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 4.0}
 EPOCHS, BATCH_SIZE, LR = 24, 256, 2e-3
+VAL_SAMPLES = 5000  # held out of the 60k training images to watch the epochs (never the test split)
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 28, 1, 10
 # variant -> (constructor kwargs, epochs); p7 is the default reference, p4 the many-token one
 VARIANTS: dict[str, tuple[dict, int]] = {
@@ -67,6 +68,7 @@ def augment(x, generator):  # type: ignore[no-untyped-def]
 def train(
     out: Path, epochs: int, batch_size: int, lr: float, limit: int | None, seed: int, variant: str = "p7"
 ) -> dict:
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
@@ -78,9 +80,15 @@ def train(
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 2)
     loaded = load_model(model_ref(None, variant))
-    train_data = load_dataset(
+    full_train = load_dataset(
         DataSpec(source="fashion-mnist", split="train", limit=limit, seed=seed), loaded.input, NUM_CLASSES
     )
+    # The epoch curve is watched on a held-out part of the training images (the last VAL_SAMPLES of a
+    # seeded shuffle); the test split is scored once, after the last epoch.
+    order = np.random.default_rng(seed).permutation(len(full_train))
+    n_val = min(VAL_SAMPLES, len(full_train) // 10)
+    train_data = full_train.subset(order[:-n_val], "fashion-mnist train (less validation)")
+    val_data = full_train.subset(order[-n_val:], "fashion-mnist validation (held out of train)")
     test_data = load_dataset(DataSpec(source="fashion-mnist", split="test"), loaded.input, NUM_CLASSES)
     model = loaded.model
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
@@ -113,13 +121,15 @@ def train(
             step += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
-        top1 = evaluate_torch(loaded, test_data, batch_size=500).top1
-        curve.append(round(top1, 4))
+        val_top1 = evaluate_torch(loaded, val_data, batch_size=500).top1
+        curve.append(round(val_top1, 4))
         print(
-            f"epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, test top-1 {top1:.2%}, "
+            f"epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, validation top-1 {val_top1:.2%}, "
             f"{time.perf_counter() - start:.0f} s",
             flush=True,
         )
+    top1 = evaluate_torch(loaded, test_data, batch_size=500).top1
+    print(f"test top-1 (once, after the last epoch): {top1:.2%}", flush=True)
     wall = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -137,7 +147,8 @@ def train(
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
-        "curve": curve,
+        "curve": curve,  # validation top-1 per epoch (held out of train)
+        "validation_samples": n_val,
         "train_samples": len(train_data),
         "wall_s": round(wall, 1),
         "threads": torch.get_num_threads(),
