@@ -125,7 +125,7 @@ def test_profile_measures_the_grid_and_fits_the_whole_models(tiny_cache):
     assert table.key.family["depth"] == 2 and table.key.family["tokens"] == 17
     assert table.key.target["runtime"] == "ort" and table.key.target["runtime_version"]
     names = [a["name"] for a in table.anchors]
-    assert names == ["whole", "whole-half", "whole-quarter"]
+    assert names == ["whole", "whole-half", "whole-quarter", "whole-floor"]
     assert table.calibration == [(a["raw_ms"], a["measured_ms"]) for a in table.anchors]
     whole = table.anchors[0]
     assert table.predict_ms(table.full_blocks()) == pytest.approx(whole["predicted_ms"])

@@ -276,10 +276,12 @@ def probes(loaded: LoadedModel) -> list[ProbeSpec]:
     ]
     half = (max(1, -(-h0 // 2)), d0, max(8, m0 // 2 // 8 * 8))
     quarter = (max(1, -(-h0 // 4)), d0, max(8, m0 // 4 // 8 * 8))
+    floor = (heads[0], dims[0], mlps[0])  # the smallest grid point: no prediction extrapolates below it
     out += [
         ProbeSpec("whole", "whole", (h0, d0, m0)),
         ProbeSpec("whole-half", "whole", half),
         ProbeSpec("whole-quarter", "whole", quarter),
+        ProbeSpec("whole-floor", "whole", floor),
     ]
     return out
 

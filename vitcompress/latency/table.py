@@ -14,8 +14,8 @@ grid points the table interpolates linearly (bilinear over heads x head size).
 
 Calibration. Small graphs run hotter in the caches than a whole model and each pays the call
 overhead once, so the sum of parts (`raw_ms`) is mapped to the whole model by a piecewise-linear map
-through three whole models measured in the same profile: the original and two uniformly pruned ones
-(half and a quarter of the heads and MLP). With two anchors (original and half), models far below
+through four whole models measured in the same profile: the original and three uniformly pruned ones
+(half and a quarter of the heads and MLP, and every block at the grid's smallest shape). With two anchors (original and half), models far below
 the half-size anchor were extrapolated and over-predicted: DeiT-S at 1.6 heads / 400 MLP on average
 was predicted 19.9 ms and measured 17.2 ms (+16%); `tune` for 6x landed 34% faster than asked.
 """
@@ -33,7 +33,7 @@ from typing import Any
 from vitcompress.errors import VitcompressError
 
 TABLE_FORMAT = "vitcompress.latency-table"
-TABLE_VERSION = 2  # 2: three calibration anchors, piecewise calibration
+TABLE_VERSION = 2  # 2: four calibration anchors, piecewise calibration
 
 # runtime -> precisions a table can be measured in (what the probe graphs are converted to)
 SUPPORTED: dict[str, tuple[str, ...]] = {
