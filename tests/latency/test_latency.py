@@ -273,3 +273,14 @@ def test_recipe_goal_section_is_validated():
 def test_unknown_runtime_precision_is_refused_before_loading(cli):
     result = cli("target", "profile", "timm:no_such_model", "--precision", "bf16")
     assert result.exit_code == 2 and "not measured on ort" in result.output
+
+
+def test_predict_reports_the_machine_drift_from_the_original():
+    from vitcompress.cli.target_cmd import machine_drift
+
+    table = hand_table()
+    table.anchors = [{"name": "whole", "shape": [4, 16, 256], "raw_ms": 5.0, "measured_ms": 10.0}]
+    full = [list(b) for b in table.full_blocks()]
+    rows = [{"blocks": [[2, 16, 128]] * 2, "measured_ms": 6.0}, {"blocks": full, "measured_ms": 12.5}]
+    assert machine_drift(table, rows) == pytest.approx(1.25)
+    assert machine_drift(table, rows[:1]) is None  # the original was not measured: nothing to say

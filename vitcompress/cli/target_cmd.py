@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -158,6 +158,16 @@ def profile(
         )
 
 
+def machine_drift(table: LatencyTable, rows: list[dict[str, Any]]) -> float | None:
+    """The original's measured p50 now over its p50 when the table was profiled, if it was measured."""
+    full = [list(b) for b in table.full_blocks()]
+    whole = next((a for a in table.anchors if a["name"] == "whole"), None)
+    original = next((r for r in rows if r.get("blocks") == full), None)
+    if whole is None or original is None:
+        return None
+    return float(original["measured_ms"]) / float(whole["measured_ms"])
+
+
 @app.command("predict")
 @model_options
 def predict(
@@ -211,8 +221,9 @@ def predict(
         rows = [c.to_dict() for c in checks]
     else:
         rows = [{"label": m.label, "predicted_ms": predict_model(table, m)} for m in loaded]
+    drift = machine_drift(table, rows) if measure else None
     if json_out:
-        print_json({"target": table.key.target, "models": rows})
+        print_json({"target": table.key.target, "models": rows, "machine_drift": drift})
         return
     from rich.table import Table
 
@@ -228,3 +239,8 @@ def predict(
             cells += [f"{row['measured_ms']:.3f}", f"{row['error']:+.1%}"]
         out.add_row(*cells)
     out_console.print(out)
+    if drift is not None:
+        out_console.print(
+            f"The original runs {drift:.2f}x as long now as when the table was profiled (shared or "
+            "throttled machine): errors of that size are the machine's, not the model's."
+        )
