@@ -251,7 +251,7 @@ def test_tune_runs_the_best_candidate_and_reports_it(cli, tiny_cache, tmp_path, 
     met = [a for a in report["attempts"] if a["verdict"].startswith("meets the goal")]
     assert report["met"] == bool(met)
     assert report["final"] == (max(met, key=lambda a: a["top1"])["out_dir"] if met else None)
-    assert "| # | precision | predicted p50 | measured p50 |" in (out / "tune.md").read_text()
+    assert "| # | precision | low rank | predicted p50 | measured p50 |" in (out / "tune.md").read_text()
     assert (out / "tune.png").stat().st_size > 1000
 
 

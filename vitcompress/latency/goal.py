@@ -26,6 +26,12 @@ class GoalSection(BaseModel):
         min_length=1,
         description="Precisions the search may choose from (each needs a table).",
     )
+    lowrank: list[Literal["none"] | float] = Field(
+        ["none", 0.5],
+        min_length=1,
+        description="Low-rank choices for the MLPs after pruning: none (dense) or a rank_fraction in (0, 1) "
+        "of each fc1/fc2's full rank (plain SVD).",
+    )
     threads: int = Field(2, ge=1, description="Runtime threads.")
     batch: int = Field(1, ge=1, description="Batch size of the p50.")
     structures: list[Literal["heads", "head_dim", "mlp"]] = Field(
@@ -53,8 +59,15 @@ class GoalSection(BaseModel):
     def _one_goal(self) -> GoalSection:
         if (self.target_p50_ms is None) == (self.target_speedup is None):
             raise ValueError("give target_p50_ms or target_speedup (one of them)")
+        bad = [f for f in self.lowrank if f != "none" and not 0 < float(f) < 1]
+        if bad:
+            raise ValueError(f"lowrank: {bad[0]!r} is not none or a rank fraction in (0, 1), e.g. [none, 0.5]")
         if "bf16" in self.precisions and self.runtime != "openvino":
             raise ValueError(
                 "precision bf16 is OpenVINO's hint: use runtime openvino, or precisions fp32/int8"
             )
         return self
+
+    def lowrank_fractions(self) -> list[float | None]:
+        """The low-rank choices, None for dense, without repeats."""
+        return list(dict.fromkeys(None if f == "none" else float(f) for f in self.lowrank))
