@@ -52,6 +52,7 @@ def tune(
         list[str] | None,
         typer.Option(
             "--lowrank",
+            metavar="none|FRACTION",
             help="Low-rank choices for the MLPs after pruning (repeat): none, or a rank fraction of each "
             "fc1/fc2 (e.g. --lowrank none --lowrank 0.5, the default; --lowrank 0.5 alone forces it).",
         ),

@@ -61,7 +61,9 @@ class GoalSection(BaseModel):
             raise ValueError("give target_p50_ms or target_speedup (one of them)")
         bad = [f for f in self.lowrank if f != "none" and not 0 < float(f) < 1]
         if bad:
-            raise ValueError(f"lowrank: {bad[0]!r} is not none or a rank fraction in (0, 1), e.g. [none, 0.5]")
+            raise ValueError(
+                f"lowrank: {bad[0]!r} is not none or a rank fraction in (0, 1), e.g. [none, 0.5]"
+            )
         if "bf16" in self.precisions and self.runtime != "openvino":
             raise ValueError(
                 "precision bf16 is OpenVINO's hint: use runtime openvino, or precisions fp32/int8"

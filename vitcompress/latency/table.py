@@ -182,10 +182,8 @@ class LatencyTable:
         return overheads[k] + (overheads[k + 1] - overheads[k]) * (rank - r0) / (r1 - r0)
 
     def raw_ms(self, blocks: list[tuple[int, int, int]], ranks: list[MlpRanks] | None = None) -> float:
-        per_block = ranks or [None] * len(blocks)
-        return self.fixed_ms + sum(
-            self.block_ms(*b, r) for b, r in zip(blocks, per_block, strict=True)  # type: ignore[arg-type]
-        )
+        per_block: list[MlpRanks | None] = list(ranks) if ranks else [None] * len(blocks)
+        return self.fixed_ms + sum(self.block_ms(*b, r) for b, r in zip(blocks, per_block, strict=True))
 
     def calibrated(self, raw: float) -> float:
         """A sum of parts mapped to a whole model's p50 (see the module docstring)."""

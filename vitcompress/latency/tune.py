@@ -12,13 +12,13 @@
    before any distillation, on a few hundred eval images, plus a fixed allowance for INT8
    (`int8_allowance`).
 4. Attempts: the candidate with the least predicted loss that meets the latency is run for real as a
-   recipe (prune, lowrank when chosen, distil, export, quantize, validate). If the measured p50 misses, the planner's goal
-   is corrected by measured/predicted and the next attempt runs; if the accuracy misses, the next
-   candidate (another precision) is tried. If it meets the goal but runs faster than asked by more
+   recipe (prune, lowrank when chosen, distil, export, quantize, validate). If the measured p50
+   misses, the planner's goal is corrected by measured/predicted and the next attempt runs; if the
+   accuracy misses, the next candidate (another precision or low-rank choice) is tried. If it meets the goal but runs faster than asked by more
    than the tolerance, the next attempt plans for a looser goal (less pruning, more top-1) and the
    result is the most accurate attempt that met the goal. Every attempt, predicted against
    measured, is reported.
-
+"""
 
 from __future__ import annotations
 
@@ -94,7 +94,11 @@ class TuneReport:
 
 
 def _prune_config(
-    goal: GoalSection, precision: str, goal_ms: float, calibration_batches: int = 8, lowrank: float | None = None
+    goal: GoalSection,
+    precision: str,
+    goal_ms: float,
+    calibration_batches: int = 8,
+    lowrank: float | None = None,
 ) -> Any:
     from vitcompress.passes.prune import PruneConfig
 
@@ -224,7 +228,9 @@ def tune(
         return True
 
     options = _lowrank_options(goal, tables)
-    views = {(p, f): tables[p] if f is None else tables[p].factorized(f) for p in goal.precisions for f in options}
+    views = {
+        (p, f): tables[p] if f is None else tables[p].factorized(f) for p in goal.precisions for f in options
+    }
     floors = {
         (p, f): smallest_ms(view, _prune_config(goal, p, goal_ms), shape0, allowed)
         for (p, f), view in views.items()
