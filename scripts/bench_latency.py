@@ -4,7 +4,7 @@
       profile the target afresh (timed), build N pruned configurations (seeded, per-block shapes
       differ), export/convert each, time them interleaved, and report predicted vs measured p50.
       --lowrank 0.5: every configuration's MLPs then factorized as `lowrank --rank-fraction 0.5` does.
-  python scripts/bench_latency.py tune --model reference --speedups 2 4 6
+  python scripts/bench_latency.py tune --model reference --speedups 2 4 6 [--lowrank none 0.5]
       run `vitcompress tune` for each target speedup and report the first measured attempt.
   python scripts/bench_latency.py versus
       on the Fashion-MNIST reference: MAC-target pruning + KD against latency-aware pruning + KD at
@@ -142,6 +142,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
         cmd = ["tune", *model_args, "--out", str(out), "--target-speedup", str(speedup), "--max-top1-drop",
                str(args.max_drop), "--data", args.data, "--eval-limit", str(args.eval_limit),
                "--data-limit", str(args.data_limit), "--distill-steps", str(args.distill_steps), "--json"]  # fmt: skip
+        cmd += [a for choice in args.lowrank or [] for a in ("--lowrank", choice)]
         start = time.perf_counter()
         result = CliRunner().invoke(app, cmd, catch_exceptions=False)
         report = json.loads((out / "tune.json").read_text())
@@ -152,6 +153,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
             "first_attempt": first,
             "first_within_10pct": bool(first) and abs(first["measured_ms"] - goal) <= 0.1 * goal,
             "first_meets": bool(first) and first["measured_ms"] <= goal * 1.1,
+            "first_lowrank": first.get("lowrank"), "candidates": report["candidates"],
             "attempts": len(report["attempts"]), "met": report["met"], "wall_s": time.perf_counter() - start,
         })  # fmt: skip
         print(json.dumps(results[-1]), flush=True)
@@ -269,6 +271,7 @@ def main() -> None:
     t.add_argument("--data-limit", type=int, default=20000)
     t.add_argument("--distill-steps", type=int, default=300)
     t.add_argument("--work", default="/tmp/bench-latency")
+    t.add_argument("--lowrank", nargs="+", default=None, help="tune's low-rank choices (default: tune's)")
     v = sub.add_parser("versus")
     v.add_argument("--macs", type=float, nargs="+", default=[0.5])
     v.add_argument("--uniform", type=float, nargs="+", default=[0.25, 0.5])
