@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class GoalSection(BaseModel):
@@ -55,15 +55,18 @@ class GoalSection(BaseModel):
         "the real drop is measured after quantizing).",
     )
 
+    @field_validator("lowrank")
+    @classmethod
+    def _rank_fractions(cls, value: list[str | float]) -> list[str | float]:
+        bad = [f for f in value if f != "none" and not 0 < float(f) < 1]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not none or a rank fraction in (0, 1), e.g. [none, 0.5]")
+        return value
+
     @model_validator(mode="after")
     def _one_goal(self) -> GoalSection:
         if (self.target_p50_ms is None) == (self.target_speedup is None):
             raise ValueError("give target_p50_ms or target_speedup (one of them)")
-        bad = [f for f in self.lowrank if f != "none" and not 0 < float(f) < 1]
-        if bad:
-            raise ValueError(
-                f"lowrank: {bad[0]!r} is not none or a rank fraction in (0, 1), e.g. [none, 0.5]"
-            )
         if "bf16" in self.precisions and self.runtime != "openvino":
             raise ValueError(
                 "precision bf16 is OpenVINO's hint: use runtime openvino, or precisions fp32/int8"

@@ -284,7 +284,13 @@ def tune(
         status(f"attempt {n}: {_label(choice.precision, choice.lowrank)}, planned for {planner_goal:.3f} ms")
         attempt_recipe = _recipe_for(recipe, goal, choice.precision, planner_goal, choice.lowrank)
         attempt_dir = out_dir / f"attempt-{n}"
-        result = run_recipe(attempt_recipe, attempt_dir, overwrite=True)
+        try:
+            result = run_recipe(attempt_recipe, attempt_dir, overwrite=True)
+        except VitcompressError as err:  # e.g. a re-plan below the floor: keep what was measured
+            if not report.attempts:
+                raise
+            report.attempts[-1].verdict += f"; attempt {n} could not run: {err.message}"
+            break
         prune_rec = next(r for r in result.ledger if r.kind == "prune")
         validate = result.ledger[-1]
         measured: float | None = validate.latency_p50_ms
