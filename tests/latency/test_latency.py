@@ -178,8 +178,13 @@ def test_factorized_mlp_probes_predict_a_factorized_model(tiny_cache):
     assert table.factorized(0.5).predict_ms(blocks) == pytest.approx(
         table.predict_ms(blocks, mlp_ranks(model))
     )
-    (check,) = check_models(table, [model], TargetSpec(), runs=20)
-    assert check.predicted_ms > 0 and abs(check.error) < 0.6, check  # sub-ms model on a shared machine
+    # Timed with the original in one run: the table's drift since the profile (large for a sub-ms model
+    # on a shared machine) falls on both, so the factorized model is judged relative to the original.
+    original, factorized = check_models(table, [loaded, model], TargetSpec(), runs=50)
+    relative = (factorized.predicted_ms / factorized.measured_ms) / (
+        original.predicted_ms / original.measured_ms
+    )
+    assert 0.5 < relative < 2.0, (original, factorized)
 
 
 def test_probes_have_the_asked_shape_and_run():
