@@ -14,10 +14,11 @@
 4. Attempts: the candidate with the least predicted loss that meets the latency is run for real as a
    recipe (prune, lowrank when chosen, distil, export, quantize, validate). If the measured p50
    misses, the planner's goal is corrected by measured/predicted and the next attempt runs; if the
-   accuracy misses, the next candidate (another precision or low-rank choice) is tried. If it meets the goal but runs faster than asked by more
-   than the tolerance, the next attempt plans for a looser goal (less pruning, more top-1) and the
-   result is the most accurate attempt that met the goal. Every attempt, predicted against
-   measured, is reported.
+   accuracy misses, the next candidate (another precision or low-rank choice) is tried. If it meets
+   the goal but runs faster than asked by more than the tolerance, the next attempt plans for a
+   looser goal (less pruning, more top-1) and the result is the most accurate attempt that met the
+   goal. An attempt that cannot run (a re-plan below the floor) ends the search with what was
+   measured. Every attempt, predicted against measured, is reported.
 """
 
 from __future__ import annotations
