@@ -317,6 +317,7 @@ def test_tune_with_low_rank_forced_plans_and_runs_it(cli, tiny_cache, tmp_path, 
     result = cli("tune", *TINY_ARGS, "--out", out, "--target-speedup", f"{speedup:.6f}", "--max-top1-drop", "100",
                  "--precision", "fp32", "--lowrank", "0.5", "--data", "synthetic", "--distill-steps", "2",
                  "--max-attempts", "1", "--json")  # fmt: skip
+    assert (out / "tune.json").is_file(), result.output
     report = json.loads((out / "tune.json").read_text())
     assert result.exit_code == (0 if report["met"] else 3), result.output
     assert report["candidates"] and all(c["lowrank"] == 0.5 for c in report["candidates"])
