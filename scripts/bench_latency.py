@@ -3,7 +3,8 @@
   python scripts/bench_latency.py error --model timm:deit_small_patch16_224 --runtime ort --precision fp32
       profile the target afresh (timed), build N pruned configurations (seeded, per-block shapes
       differ), export/convert each, time them interleaved, and report predicted vs measured p50.
-  python scripts/bench_latency.py tune --model reference --speedups 2 4 6
+      --lowrank 0.5: every configuration's MLPs then factorized as `lowrank --rank-fraction 0.5` does.
+  python scripts/bench_latency.py tune --model reference --speedups 2 4 6 [--lowrank none 0.5]
       run `vitcompress tune` for each target speedup and report the first measured attempt.
   python scripts/bench_latency.py versus
       on the Fashion-MNIST reference: MAC-target pruning + KD against latency-aware pruning + KD at
@@ -58,6 +59,8 @@ def configurations(loaded, count: int, seed: int) -> list[list[tuple[int, int, i
 
 
 def cmd_error(args: argparse.Namespace) -> dict:
+    from vitcompress.latency.plan import factorized_copy
+    from vitcompress.latency.predict import mlp_ranks
     from vitcompress.latency.profile import profile_target, reshaped, target_file, time_files
     from vitcompress.latency.table import TargetSpec
     from vitcompress.timing import Environment
@@ -69,21 +72,26 @@ def cmd_error(args: argparse.Namespace) -> dict:
     profile_s = time.perf_counter() - start
     table.save()
     configs = configurations(loaded, args.configs, args.seed)
+    ranks = []
     with tempfile.TemporaryDirectory() as scratch:
         # the original first: how far the machine drifted since the profile (same model, same file kind)
         files = [target_file(loaded, spec, Path(scratch) / "original", "original")]
         for i, blocks in enumerate(configs):
             model = reshaped(loaded, blocks)
+            if args.lowrank is not None:
+                model = factorized_copy(model, args.lowrank)
+            ranks.append(mlp_ranks(model))
             files.append(target_file(model, spec, Path(scratch) / f"c{i}", f"c{i}"))
             del model
         original_now, *measured = time_files(files, spec, args.runs)
     profiled = table.anchors[0]["measured_ms"]
     drift = original_now / profiled
     rows = []
-    for blocks, ms in zip(configs, measured, strict=True):
-        predicted = table.predict_ms(blocks)
+    for blocks, mlp, ms in zip(configs, ranks, measured, strict=True):
+        predicted = table.predict_ms(blocks, mlp)
         rows.append({
-            "blocks": blocks, "raw_ms": table.raw_ms(blocks), "predicted_ms": predicted, "measured_ms": ms,
+            "blocks": blocks, "mlp_ranks": mlp, "raw_ms": table.raw_ms(blocks, mlp), "predicted_ms": predicted,
+            "measured_ms": ms,
             "error": (predicted - ms) / ms, "error_drift_corrected": (predicted * drift - ms) / ms,
         })  # fmt: skip
 
@@ -95,6 +103,12 @@ def cmd_error(args: argparse.Namespace) -> dict:
     env = Environment.detect()
     return {
         "model": args.model,
+        "lowrank": args.lowrank,
+        "lowrank_probes": {
+            "ranks": table.lowrank_ranks,
+            "ms": table.lowrank_ms,
+            "overhead_ms": [table.factorization_ms(r) for r in table.lowrank_ranks],
+        },
         "target": spec.label(),
         "runtime_version": table.key.target["runtime_version"],
         "cpu": env.cpu_model,
@@ -128,6 +142,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
         cmd = ["tune", *model_args, "--out", str(out), "--target-speedup", str(speedup), "--max-top1-drop",
                str(args.max_drop), "--data", args.data, "--eval-limit", str(args.eval_limit),
                "--data-limit", str(args.data_limit), "--distill-steps", str(args.distill_steps), "--json"]  # fmt: skip
+        cmd += [a for choice in args.lowrank or [] for a in ("--lowrank", choice)]
         start = time.perf_counter()
         result = CliRunner().invoke(app, cmd, catch_exceptions=False)
         report = json.loads((out / "tune.json").read_text())
@@ -138,6 +153,7 @@ def cmd_tune(args: argparse.Namespace) -> dict:
             "first_attempt": first,
             "first_within_10pct": bool(first) and abs(first["measured_ms"] - goal) <= 0.1 * goal,
             "first_meets": bool(first) and first["measured_ms"] <= goal * 1.1,
+            "first_lowrank": first.get("lowrank"), "candidates": report["candidates"],
             "attempts": len(report["attempts"]), "met": report["met"], "wall_s": time.perf_counter() - start,
         })  # fmt: skip
         print(json.dumps(results[-1]), flush=True)
@@ -243,6 +259,9 @@ def main() -> None:
     e.add_argument("--runs", type=int, default=50)
     e.add_argument("--profile-runs", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument(
+        "--lowrank", type=float, default=None, help="factorize each configuration's MLPs (rank fraction)"
+    )
     t = sub.add_parser("tune")
     t.add_argument("--model", default="reference")
     t.add_argument("--speedups", type=float, nargs="+", default=[2.0, 4.0, 6.0])
@@ -252,6 +271,7 @@ def main() -> None:
     t.add_argument("--data-limit", type=int, default=20000)
     t.add_argument("--distill-steps", type=int, default=300)
     t.add_argument("--work", default="/tmp/bench-latency")
+    t.add_argument("--lowrank", nargs="+", default=None, help="tune's low-rank choices (default: tune's)")
     v = sub.add_parser("versus")
     v.add_argument("--macs", type=float, nargs="+", default=[0.5])
     v.add_argument("--uniform", type=float, nargs="+", default=[0.25, 0.5])

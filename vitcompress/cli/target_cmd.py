@@ -89,6 +89,10 @@ def table_summary(table: LatencyTable) -> dict[str, object]:
         "calibration": [list(point) for point in table.calibration],
         "anchors": table.anchors,
         "fast_multiple": table.fast_multiple,
+        "lowrank": {
+            "ranks": table.lowrank_ranks,
+            "overhead_ms": [table.factorization_ms(r) for r in table.lowrank_ranks],
+        },
         "profile_s": table.profile_s,
     }
 
@@ -150,6 +154,12 @@ def profile(
         f"  grid: heads {table.heads}, head sizes {table.head_dims}, MLP {table.mlp}; fixed parts "
         f"{table.fixed_ms:.3f} ms; widths run best in multiples of {table.fast_multiple}"
     )
+    if table.lowrank_ranks:
+        overheads = ", ".join(f"{table.factorization_ms(r):+.3f}" for r in table.lowrank_ranks)
+        out_console.print(
+            f"  factorized MLP (fc1, fc2 at ranks {table.lowrank_ranks}): the plain MLP of equal MACs "
+            f"{overheads} ms per factorized layer"
+        )
     for anchor in table.anchors:
         error = (anchor["raw_ms"] - anchor["measured_ms"]) / anchor["measured_ms"]
         out_console.print(

@@ -48,6 +48,15 @@ def tune(
         list[PrecisionChoice] | None,
         typer.Option("--precision", help="Precisions to choose from (repeat; default fp32 and int8)."),
     ] = None,
+    lowrank: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lowrank",
+            metavar="none|FRACTION",
+            help="Low-rank choices for the MLPs after pruning (repeat): none, or a rank fraction of each "
+            "fc1/fc2 (e.g. --lowrank none --lowrank 0.5, the default; --lowrank 0.5 alone forces it).",
+        ),
+    ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Runtime threads.")] = 2,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of the p50.")] = 1,
     data: Annotated[str | None, typer.Option(help=f"Training/calibration data: {DATA_FORMS}.")] = None,
@@ -86,9 +95,10 @@ def tune(
 
     Uses the target's latency tables (profiled once per CPU, runtime version, precision, threads and
     batch; see `vitcompress target profile`). Refuses a goal no configuration can reach, with the
-    fastest reachable p50. Otherwise plans latency-aware pruning for each allowed precision, scores
+    fastest reachable p50. Otherwise plans latency-aware pruning for each allowed precision and
+    low-rank choice (MLPs factorized after pruning, --lowrank), scores
     the candidates with a cheap proxy (PyTorch top-1 before distillation), runs the best for real
-    (prune, distil, export, quantize, validate) and measures it; a miss is corrected and retried.
+    (prune, lowrank, distil, export, quantize, validate) and measures it; a miss is corrected and retried.
     OUT/tune.md shows every candidate and attempt, predicted against measured; tune.png the frontier.
 
     Examples:
@@ -124,6 +134,7 @@ def tune(
             max_top1_drop=max_top1_drop,
             runtime=runtime.value,
             precisions=[p.value for p in precision] if precision else None,
+            lowrank=lowrank or None,
             threads=threads,
             batch=batch,
             max_attempts=max_attempts,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class GoalSection(BaseModel):
@@ -25,6 +25,12 @@ class GoalSection(BaseModel):
         ["fp32", "int8"],
         min_length=1,
         description="Precisions the search may choose from (each needs a table).",
+    )
+    lowrank: list[Literal["none"] | float] = Field(
+        ["none", 0.5],
+        min_length=1,
+        description="Low-rank choices for the MLPs after pruning: none (dense) or a rank_fraction in (0, 1) "
+        "of each fc1/fc2's full rank (plain SVD).",
     )
     threads: int = Field(2, ge=1, description="Runtime threads.")
     batch: int = Field(1, ge=1, description="Batch size of the p50.")
@@ -49,6 +55,14 @@ class GoalSection(BaseModel):
         "the real drop is measured after quantizing).",
     )
 
+    @field_validator("lowrank")
+    @classmethod
+    def _rank_fractions(cls, value: list[str | float]) -> list[str | float]:
+        bad = [f for f in value if f != "none" and not 0 < float(f) < 1]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not none or a rank fraction in (0, 1), e.g. [none, 0.5]")
+        return value
+
     @model_validator(mode="after")
     def _one_goal(self) -> GoalSection:
         if (self.target_p50_ms is None) == (self.target_speedup is None):
@@ -58,3 +72,7 @@ class GoalSection(BaseModel):
                 "precision bf16 is OpenVINO's hint: use runtime openvino, or precisions fp32/int8"
             )
         return self
+
+    def lowrank_fractions(self) -> list[float | None]:
+        """The low-rank choices, None for dense, without repeats."""
+        return list(dict.fromkeys(None if f == "none" else float(f) for f in self.lowrank))

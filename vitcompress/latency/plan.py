@@ -12,6 +12,10 @@ original in one interleaved run, and, if it misses the goal by more than `latenc
 goal given to the planner is corrected by the measured/predicted ratio and the plan is redone from
 the original weights (`remeasure` times at most). What was predicted and measured at each attempt
 goes into the ledger.
+
+With `latency_lowrank: f` the plan is for the model a later `lowrank` pass (rank_fraction f) makes:
+the planner reads the table's factorized-MLP view (`LatencyTable.factorized`), so an MLP chunk
+saves what it saves once factorized, and the remeasure step times a factorized copy.
 """
 
 from __future__ import annotations
@@ -45,6 +49,19 @@ def spec_of(cfg: PruneConfig) -> TargetSpec:
 
 def shape_blocks(shape: Shape) -> list[tuple[int, int, int]]:
     return [(b.heads, b.head_dim, b.mlp) for b in shape.blocks]
+
+
+def factorized_copy(loaded: LoadedModel, rank_fraction: float) -> LoadedModel:
+    """A copy of `loaded` with every block's MLP factorized as `lowrank` (rank_fraction, svd) does."""
+    from vitcompress.models.adapters import adapter_for
+    from vitcompress.passes.lowrank.config import LowRankConfig
+    from vitcompress.passes.lowrank.run import factorize_model
+
+    out = copy.copy(loaded)
+    out.model = copy.deepcopy(loaded.model)
+    out.adapter = adapter_for(out.model)
+    factorize_model(out, LowRankConfig(rank_fraction=rank_fraction))
+    return out
 
 
 def smallest_ms(
@@ -153,6 +170,8 @@ def prune_to_latency(
         )
     spec = spec_of(cfg)
     table = get_table(loaded, spec, path=cfg.latency_table)
+    if cfg.latency_lowrank is not None:
+        table = table.factorized(cfg.latency_lowrank)
     shape0 = current_shape(loaded)
     from vitcompress.latency.predict import predict_model
 
@@ -216,7 +235,8 @@ def prune_to_latency(
                 base = copy.copy(loaded)
                 base.model, base.adapter = original, adapter_for(original)
                 base_file = target_file(base, spec, Path(scratch) / "original", "original")
-            candidate = target_file(loaded, spec, Path(scratch) / f"attempt{attempt}", "candidate")
+            timed = loaded if cfg.latency_lowrank is None else factorized_copy(loaded, cfg.latency_lowrank)
+            candidate = target_file(timed, spec, Path(scratch) / f"attempt{attempt}", "candidate")
             base_ms, measured = time_files([base_file, candidate], spec, cfg.measure_runs)
             if cfg.target_speedup is not None:
                 goal_ms = base_ms / cfg.target_speedup
@@ -250,6 +270,7 @@ def prune_to_latency(
         "baseline_ms": last.get("baseline_measured_ms", baseline_ms),
         "runtime": spec.label(),
         "table": str(cfg.latency_table or table.key.path()),
+        "lowrank": cfg.latency_lowrank,
         "attempts": attempts,
     }
     if "measured_ms" in last:

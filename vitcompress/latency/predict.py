@@ -1,6 +1,7 @@
 """A model's latency as the sum of its parts, and how far that is from the measured whole.
 
-The prediction reads the model's per-block widths (heads, head size, MLP width) and asks the table;
+The prediction reads the model's per-block widths (heads, head size, MLP width) and the ranks of
+factorized MLP layers (the lowrank pass's `LowRankLinear`) and asks the table;
 the table must be for the model's family (same source, input, embedding width and token count: a
 pruned embedding or a token-reduction schedule is outside what it measured, and refused).
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcompress.latency.table import LatencyModelError, LatencyTable, TargetSpec
+from vitcompress.latency.table import LatencyModelError, LatencyTable, MlpRanks, TargetSpec
 
 if TYPE_CHECKING:
     from vitcompress.models.loader import LoadedModel
@@ -20,6 +21,16 @@ if TYPE_CHECKING:
 
 def block_shapes(loaded: LoadedModel) -> list[tuple[int, int, int]]:
     return [(b.attn.num_heads, b.attn.head_dim, b.mlp.hidden) for b in loaded.adapter.blocks()]
+
+
+def mlp_ranks(loaded: LoadedModel) -> list[MlpRanks]:
+    """Per block, the ranks of its factorized fc1 and fc2 (None: dense)."""
+    from vitcompress.models.layers import LowRankLinear
+
+    def rank(layer: object) -> int | None:
+        return layer.rank if isinstance(layer, LowRankLinear) else None
+
+    return [(rank(b.mlp.fc1), rank(b.mlp.fc2)) for b in loaded.adapter.blocks()]
 
 
 def check_fits(table: LatencyTable, loaded: LoadedModel) -> None:
@@ -56,7 +67,7 @@ def check_fits(table: LatencyTable, loaded: LoadedModel) -> None:
 
 def predict_model(table: LatencyTable, loaded: LoadedModel) -> float:
     check_fits(table, loaded)
-    return table.predict_ms(block_shapes(loaded))
+    return table.predict_ms(block_shapes(loaded), mlp_ranks(loaded))
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,11 @@
 Every probe is the model itself cut to zero or one block (the same patch embedding, tokens, norm and
 head; the block shrunk to the probe's shape by the same surgery pruning uses), exported by the same
 exporter and converted to the target's precision the same way a compressed model is (ORT INT8: the
-static QDQ file of `vitcompress quantize`; OpenVINO INT8: NNCF). All probes and two whole models
-(the original and a uniformly pruned one, for the calibration) are then timed in one interleaved
-run, so the machine's noise falls on all of them alike; the medians go into the table.
+static QDQ file of `vitcompress quantize`; OpenVINO INT8: NNCF). Factorized-MLP probes are the
+full one-block graph with fc1 and fc2 factorized by the lowrank pass itself (plain SVD; the weights do
+not matter for time). All probes and three whole models (the original and two uniformly pruned ones,
+for the calibration) are then timed in one interleaved run, so the machine's noise falls on all of
+them alike; the medians go into the table.
 """
 
 from __future__ import annotations
@@ -259,8 +261,9 @@ def time_files(
 @dataclass(frozen=True)
 class ProbeSpec:
     name: str
-    kind: str  # fixed | attn | mlp | whole | width
+    kind: str  # fixed | attn | mlp | lowrank | whole | width
     shape: tuple[int, int, int]  # (heads, head_dim, mlp) of the block (or every block of a whole model)
+    rank: int = 0  # lowrank: the rank of fc1 and fc2
 
 
 def probes(loaded: LoadedModel) -> list[ProbeSpec]:
@@ -269,6 +272,7 @@ def probes(loaded: LoadedModel) -> list[ProbeSpec]:
     out = [ProbeSpec("fixed", "fixed", (0, 0, 0))]
     out += [ProbeSpec(f"attn-{h}x{d}", "attn", (h, d, m0)) for h in heads for d in dims]
     out += [ProbeSpec(f"mlp-{m}", "mlp", (h0, d0, m)) for m in mlps if m != m0]
+    out += [ProbeSpec(f"lowrank-{r}", "lowrank", (h0, d0, m0), r) for r in lowrank_ranks(loaded)]
     # Width probe: MLP widths just below a multiple of 64, to learn which multiples the kernels favour
     base = max(64, (m0 // 2) // 64 * 64)
     out += [
@@ -284,6 +288,26 @@ def probes(loaded: LoadedModel) -> list[ProbeSpec]:
         ProbeSpec("whole-floor", "whole", floor),
     ]
     return out
+
+
+def lowrank_ranks(loaded: LoadedModel) -> list[int]:
+    """Ranks of the factorized-MLP probes: 1/8, 1/4 and 1/2 of the embedding width (multiples of 8),
+    the range `rank_fraction` 0.25-0.5 covers on pruned MLPs; only ranks that save MACs."""
+    from vitcompress.passes.lowrank.config import breakeven_rank
+
+    embed, mlp = loaded.adapter.embed_dim, widest(loaded)[2]
+    ranks = _steps(embed, (0.125, 0.25, 0.5), 8)
+    return [r for r in ranks if r < breakeven_rank(mlp, embed)]
+
+
+def factorized_probe(one_block: LoadedModel, rank: int) -> LoadedModel:
+    """A copy of a one-block probe with its MLP's fc1 and fc2 factorized at `rank` (plain SVD)."""
+    from vitcompress.passes.lowrank.config import LowRankConfig
+    from vitcompress.passes.lowrank.run import factorize_model
+
+    probe = cut(one_block, 1)
+    factorize_model(probe, LowRankConfig(rank=rank, round_to=1))
+    return probe
 
 
 def monotone(values: list[float]) -> list[float]:
@@ -341,6 +365,8 @@ def profile_target(
                 model = cut(loaded, 0)
             elif probe.kind == "whole":
                 model = uniform(loaded, *probe.shape)
+            elif probe.kind == "lowrank":
+                model = factorized_probe(one_block, probe.rank)
             else:
                 model = shaped(one_block, *probe.shape)
             model.model.eval()
@@ -362,6 +388,8 @@ def profile_target(
         mlp_ms=mlp_ms,
         fixed_ms=by_name["fixed"],
         fast_multiple=_fast_multiple({p.shape[2]: by_name[p.name] for p in plan if p.kind == "width"}),
+        lowrank_ranks=[p.rank for p in plan if p.kind == "lowrank"],
+        lowrank_ms=monotone([by_name[p.name] for p in plan if p.kind == "lowrank"]),
     )
     depth = int(key.family["depth"])
     wholes = [p for p in plan if p.kind == "whole"]

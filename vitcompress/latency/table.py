@@ -12,6 +12,14 @@ and MLP width `mlp[k]`. A block's cost is the one-block graph minus `fixed_ms`, 
 costs add (they run one after the other): block(h, d, m) = attn(h, d) + mlp(m) - full block. Between
 grid points the table interpolates linearly (bilinear over heads x head size).
 
+Factorized MLPs (the lowrank pass: fc1 C -> r -> m, fc2 m -> r -> C). `lowrank_ms[k]` is the one-block
+graph with full attention and full MLP width whose fc1 and fc2 are both factorized at rank
+`lowrank_ranks[k]` (plain SVD). A factorized MLP is predicted as the plain MLP of equal MACs (width
+m_eff = (MACs of fc1 + fc2 per token) / 2C, so r(C+m)/C when both are factorized) read from `mlp_ms`,
+plus a per-factorized-layer overhead (the thin GEMMs and the extra tensor between them) fitted on
+those probes: overhead(r) = (lowrank_ms at r - mlp graph at m_eff) / 2, linear in r between the
+probes, constant beyond. Measured on DeiT-S ORT fp32 in BENCHMARKS.md ("Low-rank as a tune knob").
+
 Calibration. Small graphs run hotter in the caches than a whole model and each pays the call
 overhead once, so the sum of parts (`raw_ms`) is mapped to the whole model by a piecewise-linear map
 through four whole models measured in the same profile: the original and three uniformly pruned ones
@@ -26,14 +34,14 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vitcompress.errors import VitcompressError
 
 TABLE_FORMAT = "vitcompress.latency-table"
-TABLE_VERSION = 2  # 2: four calibration anchors, piecewise calibration
+TABLE_VERSION = 3  # 2: four calibration anchors, piecewise calibration; 3: factorized-MLP probes
 
 # runtime -> precisions a table can be measured in (what the probe graphs are converted to)
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -103,6 +111,10 @@ class TableKey:
         return (root or cache_root()) / "latency" / f"{self.stem()}-{self.digest()}.json"
 
 
+# ranks of a block's fc1 and fc2 (None: dense)
+MlpRanks = tuple["int | None", "int | None"]
+
+
 def _interp(xs: list[int], ys: list[float], x: float) -> float:
     """Piecewise linear through the grid; beyond it, the nearest segment's line (never below 0)."""
     if len(xs) == 1:
@@ -126,29 +138,68 @@ class LatencyTable:
     calibration: list[tuple[float, float]] = field(default_factory=list)  # (raw, measured) anchor points
     anchors: list[dict[str, Any]] = field(default_factory=list)  # whole models measured: raw vs measured
     fast_multiple: int = 8  # MLP/head widths whose multiples the kernels run best (measured)
+    lowrank_ranks: list[int] = field(default_factory=list)  # ranks of the factorized-MLP probes
+    lowrank_ms: list[float] = field(default_factory=list)  # one-block graph, fc1 and fc2 at that rank
     profile_s: float = 0.0
     created: str = ""
 
     # ------------------------------------------------------------------ prediction
-    def block_ms(self, heads: int, head_dim: int, mlp: int) -> float:
-        """One block's raw cost (one-block graph minus the fixed parts)."""
+    def block_ms(self, heads: int, head_dim: int, mlp: int, ranks: MlpRanks | None = None) -> float:
+        """One block's raw cost (one-block graph minus the fixed parts); `ranks`: its MLP factorized."""
         by_heads = [_interp(self.head_dims, row, head_dim) for row in self.attn_ms]
         attn = _interp(self.heads, by_heads, heads)
         full_attn = _interp(self.head_dims, self.attn_ms[-1], self.head_dims[-1])
-        mlp_part = _interp(self.mlp, self.mlp_ms, mlp)
-        return attn + mlp_part - full_attn - self.fixed_ms
+        return attn + self.mlp_graph_ms(mlp, ranks) - full_attn - self.fixed_ms
 
-    def raw_ms(self, blocks: list[tuple[int, int, int]]) -> float:
-        return self.fixed_ms + sum(self.block_ms(*b) for b in blocks)
+    def mlp_graph_ms(self, mlp: int, ranks: MlpRanks | None = None) -> float:
+        """The one-block graph with full attention and this MLP (factorized at `ranks`: see the module
+        docstring)."""
+        if ranks is None or ranks == (None, None):
+            return _interp(self.mlp, self.mlp_ms, mlp)
+        if not self.lowrank_ranks:
+            raise LatencyModelError(
+                "this latency table has no factorized-MLP probes",
+                hint="profile the target again: vitcompress target profile MODEL --force",
+            )
+        embed = int(self.key.family["embed"])
+        macs = sum(embed * mlp if r is None else r * (embed + mlp) for r in ranks)
+        overhead = sum(self.factorization_ms(r) for r in ranks if r is not None)
+        return _interp(self.mlp, self.mlp_ms, macs / (2 * embed)) + overhead
+
+    def factorization_ms(self, rank: int) -> float:
+        """What factorizing one MLP linear at `rank` costs beyond a plain MLP of the same MACs."""
+        embed, full = int(self.key.family["embed"]), self.mlp[-1]
+        overheads = [
+            (ms - _interp(self.mlp, self.mlp_ms, r * (embed + full) / embed)) / 2
+            for r, ms in zip(self.lowrank_ranks, self.lowrank_ms, strict=True)
+        ]
+        if rank <= self.lowrank_ranks[0] or len(overheads) == 1:
+            return overheads[0]
+        if rank >= self.lowrank_ranks[-1]:
+            return overheads[-1]
+        k = next(i for i, r in enumerate(self.lowrank_ranks) if r >= rank) - 1
+        r0, r1 = self.lowrank_ranks[k], self.lowrank_ranks[k + 1]
+        return overheads[k] + (overheads[k + 1] - overheads[k]) * (rank - r0) / (r1 - r0)
+
+    def raw_ms(self, blocks: list[tuple[int, int, int]], ranks: list[MlpRanks] | None = None) -> float:
+        per_block: list[MlpRanks | None] = list(ranks) if ranks else [None] * len(blocks)
+        return self.fixed_ms + sum(self.block_ms(*b, r) for b, r in zip(blocks, per_block, strict=True))
 
     def calibrated(self, raw: float) -> float:
         """A sum of parts mapped to a whole model's p50 (see the module docstring)."""
         return calibrate(self.calibration, raw)
 
-    def predict_ms(self, blocks: list[tuple[int, int, int]]) -> float:
-        """Whole-model p50 for per-block (heads, head_dim, mlp): the calibrated sum of parts, never
-        below the fixed parts alone (a negative calibration offset must not predict the impossible)."""
-        return max(self.fixed_ms, self.calibrated(self.raw_ms(blocks)))
+    def predict_ms(self, blocks: list[tuple[int, int, int]], ranks: list[MlpRanks] | None = None) -> float:
+        """Whole-model p50 for per-block (heads, head_dim, mlp) and MLP ranks: the calibrated sum of
+        parts, never below the fixed parts alone (a negative calibration offset must not predict the
+        impossible)."""
+        return max(self.fixed_ms, self.calibrated(self.raw_ms(blocks, ranks)))
+
+    def factorized(self, rank_fraction: float, round_to: int = 8) -> FactorizedMlpTable:
+        """A view of this table for models whose MLPs the lowrank pass factorizes after pruning, at
+        `rank_fraction` of each layer's full rank: what the latency-aware planner reads then."""
+        data = {f.name: getattr(self, f.name) for f in fields(LatencyTable)}
+        return FactorizedMlpTable(**data, rank_fraction=rank_fraction, round_to=round_to)
 
     def full_blocks(self) -> list[tuple[int, int, int]]:
         depth = int(self.key.family["depth"])
@@ -181,6 +232,31 @@ class LatencyTable:
         path = path or self.key.path()
         write_json(path, self.to_dict())
         return path
+
+
+@dataclass
+class FactorizedMlpTable(LatencyTable):
+    """A table whose blocks' MLPs are factorized at `rank_fraction` of full rank (rounded to
+    `round_to`), as `lowrank` with `rank_fraction` does it: a layer whose rank would not save MACs
+    at its width stays dense. Not stored: `LatencyTable.factorized` makes it."""
+
+    rank_fraction: float = 0.5
+    round_to: int = 8
+
+    def mlp_ranks(self, mlp: int) -> MlpRanks:
+        """The ranks `lowrank` gives fc1 (C -> mlp) and fc2 (mlp -> C) at this MLP width."""
+        from vitcompress.passes.lowrank.config import breakeven_rank
+        from vitcompress.passes.lowrank.ranks import fraction_rank
+
+        embed = int(self.key.family["embed"])
+        rank = fraction_rank(mlp, embed, self.rank_fraction, self.round_to)
+        kept = rank if rank < breakeven_rank(mlp, embed) else None  # the same for fc2 (embed x mlp)
+        return kept, kept
+
+    def block_ms(self, heads: int, head_dim: int, mlp: int, ranks: MlpRanks | None = None) -> float:
+        if ranks is None or ranks == (None, None):  # a dense MLP here is one the pass will factorize
+            ranks = self.mlp_ranks(mlp)
+        return super().block_ms(heads, head_dim, mlp, ranks)
 
 
 def calibrate(points: list[tuple[float, float]], raw: float) -> float:

@@ -3,19 +3,22 @@
 1. Tables: the target's latency table for every precision the goal allows (measured once, cached).
 2. Refusal: if even the smallest prunable model in the fastest precision is predicted slower than
    the goal, the goal is refused before any work, with the fastest reachable p50.
-3. Candidates: for each precision, the latency-aware pruning plan (Hessian saliency per ms saved) that
-   meets the goal, and around it plans for tighter and looser goals (the frontier). Each is scored by
-   a cheap accuracy proxy: the PyTorch top-1 of the pruned model, before any distillation, on a few
-   hundred eval images, plus a fixed allowance for INT8 (`int8_allowance`).
+3. Candidates: for each precision and each low-rank choice (`lowrank`: dense, or the MLPs factorized
+   at a rank fraction after pruning), the latency-aware pruning plan (Hessian saliency per ms saved)
+   that meets the goal, and around it plans for tighter and looser goals (the frontier). With low
+   rank the planner reads the table's factorized-MLP view, so pruning stops earlier by what the
+   factorization saves; a choice whose ranks would save no MACs at the pruned widths is not offered.
+   Each is scored by a cheap accuracy proxy: the PyTorch top-1 of the pruned (and factorized) model,
+   before any distillation, on a few hundred eval images, plus a fixed allowance for INT8
+   (`int8_allowance`).
 4. Attempts: the candidate with the least predicted loss that meets the latency is run for real as a
-   recipe (prune, distil, export, quantize, validate). If the measured p50 misses, the planner's goal
-   is corrected by measured/predicted and the next attempt runs; if the accuracy misses, the next
-   candidate (another precision) is tried. If it meets the goal but runs faster than asked by more
-   than the tolerance, the next attempt plans for a looser goal (less pruning, more top-1) and the
-   result is the most accurate attempt that met the goal. Every attempt, predicted against
-   measured, is reported.
-
-Low-rank factorization is not among the choices yet: its latency is not in the table.
+   recipe (prune, lowrank when chosen, distil, export, quantize, validate). If the measured p50
+   misses, the planner's goal is corrected by measured/predicted and the next attempt runs; if the
+   accuracy misses, the next candidate (another precision or low-rank choice) is tried. If it meets
+   the goal but runs faster than asked by more than the tolerance, the next attempt plans for a
+   looser goal (less pruning, more top-1) and the result is the most accurate attempt that met the
+   goal. An attempt that cannot run (a re-plan below the floor) ends the search with what was
+   measured. Every attempt, predicted against measured, is reported.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Candidate:
     proxy_top1: float
     predicted_drop: float  # points: proxy loss plus the int8 allowance
     blocks: list[tuple[int, int, int]]
+    lowrank: float | None = None  # MLPs factorized at this rank fraction after pruning (None: dense)
 
     @property
     def meets(self) -> bool:
@@ -71,6 +75,7 @@ class Attempt:
     out_dir: str
     verdict: str = ""
     goal_ms: float | None = None  # a speedup goal, against the original measured in the same run
+    lowrank: float | None = None
 
 
 @dataclass
@@ -89,7 +94,13 @@ class TuneReport:
         return asdict(self)
 
 
-def _prune_config(goal: GoalSection, precision: str, goal_ms: float, calibration_batches: int = 8) -> Any:
+def _prune_config(
+    goal: GoalSection,
+    precision: str,
+    goal_ms: float,
+    calibration_batches: int = 8,
+    lowrank: float | None = None,
+) -> Any:
     from vitcompress.passes.prune import PruneConfig
 
     return PruneConfig(
@@ -103,11 +114,15 @@ def _prune_config(goal: GoalSection, precision: str, goal_ms: float, calibration
         remeasure=0,  # tune measures the finished model; a miss is its next step
         calibration_batches=calibration_batches,
         round_to=8,
+        latency_lowrank=lowrank,
     )
 
 
-def _recipe_for(recipe: Recipe, goal: GoalSection, precision: str, planner_goal_ms: float) -> Recipe:
-    """The recipe one attempt runs: prune to the planner's goal, distil, export, quantize, validate."""
+def _recipe_for(
+    recipe: Recipe, goal: GoalSection, precision: str, planner_goal_ms: float, lowrank: float | None = None
+) -> Recipe:
+    """The recipe one attempt runs: prune to the planner's goal, factorize the MLPs (when `lowrank`),
+    distil, export, quantize, validate."""
     from vitcompress.recipe import validate_recipe
 
     template = next((p for p in recipe.passes if p.kind == "distill"), None)
@@ -116,8 +131,13 @@ def _recipe_for(recipe: Recipe, goal: GoalSection, precision: str, planner_goal_
         if template is not None
         else {"kind": "distill", "epochs": goal.distill_epochs, "steps": goal.distill_steps}
     )
-    prune = _prune_config(goal, precision, planner_goal_ms).model_dump(mode="json", exclude_none=True)
-    passes: list[dict[str, Any]] = [prune, distill, {"kind": "export"}]
+    prune = _prune_config(goal, precision, planner_goal_ms, lowrank=lowrank).model_dump(
+        mode="json", exclude_none=True
+    )
+    passes: list[dict[str, Any]] = [prune]
+    if lowrank is not None:  # what the planner's factorized view assumed: rank_fraction, svd, round_to 8
+        passes.append({"kind": "lowrank", "rank_fraction": lowrank, "method": "svd", "round_to": 8})
+    passes += [distill, {"kind": "export"}]
     if precision == "int8":
         quantize: dict[str, Any] = {"kind": "quantize", "mode": "static"}
         if goal.runtime == "openvino":
@@ -138,7 +158,7 @@ def _recipe_for(recipe: Recipe, goal: GoalSection, precision: str, planner_goal_
     passes.append(validate)
     data = recipe.model_dump(mode="json", exclude={"passes", "goal", "sweep", "budgets", "target"})
     data["passes"] = passes
-    data["name"] = f"{recipe.name or 'tune'}-{precision}"
+    data["name"] = f"{recipe.name or 'tune'}-{precision}" + (f"-lowrank{lowrank:g}" if lowrank else "")
     return validate_recipe(data, None, "tune")
 
 
@@ -169,9 +189,10 @@ def tune(
 ) -> TuneReport:
     """Search for `recipe.goal` and run it for real; raises BudgetExceededError if no attempt meets it."""
     from vitcompress.data import load_dataset
-    from vitcompress.latency.plan import plan_removal, shape_blocks, smallest_ms
+    from vitcompress.latency.plan import factorized_copy, plan_removal, shape_blocks, smallest_ms
+    from vitcompress.latency.predict import mlp_ranks
     from vitcompress.latency.profile import get_table
-    from vitcompress.latency.table import TargetSpec
+    from vitcompress.latency.table import FactorizedMlpTable, TargetSpec
     from vitcompress.models import as_model_ref, load_model
     from vitcompress.passes.prune import Planner, _batches, _graph, compute_stats, current_shape
     from vitcompress.pipeline import run_recipe
@@ -207,14 +228,19 @@ def tune(
     def allowed(_s: Any, _i: int) -> bool:
         return True
 
-    floors = {
-        p: smallest_ms(tables[p], _prune_config(goal, p, goal_ms), shape0, allowed) for p in goal.precisions
+    options = _lowrank_options(goal, tables)
+    views = {
+        (p, f): tables[p] if f is None else tables[p].factorized(f) for p in goal.precisions for f in options
     }
-    fastest = min(floors, key=lambda p: floors[p])
+    floors = {
+        (p, f): smallest_ms(view, _prune_config(goal, p, goal_ms), shape0, allowed)
+        for (p, f), view in views.items()
+    }
+    fastest = min(floors, key=lambda k: floors[k])
     if floors[fastest] > goal_ms * (1 + goal.tolerance):
         raise UnreachableGoalError(
             f"p50 {goal_ms:.3f} ms cannot be reached on {goal.runtime}: the fastest reachable p50 is "
-            f"{floors[fastest]:.3f} ms ({fastest}, every block pruned to its floor; the original runs "
+            f"{floors[fastest]:.3f} ms ({_label(*fastest)}, every block pruned to its floor; the original runs "
             f"{baseline_ms:.3f} ms in fp32)",
             hint=f"ask for at least {floors[fastest]:.3f} ms, allow int8 or more structures, or another runtime",
         )
@@ -226,36 +252,46 @@ def tune(
     eval_data = load_dataset(eval_spec, loaded.input, loaded.num_classes)
     base_top1 = _proxy_top1(loaded, eval_data)
     report = TuneReport(goal_ms, goal.max_top1_drop, goal.runtime, baseline_ms, base_top1)
-    for precision in goal.precisions:
-        table = tables[precision]
+    for (precision, lowrank), table in views.items():
         planner = Planner(stats, shape0, max(8, table.fast_multiple))
         cfg = _prune_config(goal, precision, goal_ms)
         for factor in FRONTIER_FACTORS:
             target = goal_ms * factor
             removed = plan_removal(cfg, planner, table, shape0, target, allowed)
             pruned = _pruned_copy(loaded, planner, removed)
-            predicted = table.predict_ms(shape_blocks(current_shape(pruned)))
+            blocks = shape_blocks(current_shape(pruned))
+            if isinstance(table, FactorizedMlpTable):
+                if all(table.mlp_ranks(mlp) == (None, None) for _h, _d, mlp in blocks):
+                    continue  # at these widths no rank saves MACs: the same model as dense
+                pruned = factorized_copy(pruned, table.rank_fraction)
+            predicted = table.predict_ms(blocks, mlp_ranks(pruned))
             if predicted > target * (1 + goal.tolerance):
-                continue  # below this precision's floor
+                continue  # below this choice's floor
             top1 = _proxy_top1(pruned, eval_data)
             drop = 100 * (base_top1 - top1) + (goal.int8_allowance if precision == "int8" else 0.0)
             report.candidates.append(
-                Candidate(
-                    precision, factor, target, predicted, top1, drop, shape_blocks(current_shape(pruned))
-                )
+                Candidate(precision, factor, target, predicted, top1, drop, blocks, lowrank)
             )
     ranked = sorted((c for c in report.candidates if c.goal_factor == 1.0), key=lambda c: c.predicted_drop)
     if not ranked:
-        raise UnreachableGoalError(f"no precision of {goal.precisions} reaches {goal_ms:.3f} ms")
+        raise UnreachableGoalError(
+            f"no precision of {goal.precisions} (low rank {goal.lowrank}) reaches {goal_ms:.3f} ms"
+        )
     queue = list(ranked)
     choice = queue.pop(0)
     planner_goal = choice.planner_goal_ms
     met: list[Attempt] = []
     for n in range(1, goal.max_attempts + 1):
-        status(f"attempt {n}: {choice.precision}, planned for {planner_goal:.3f} ms")
-        attempt_recipe = _recipe_for(recipe, goal, choice.precision, planner_goal)
+        status(f"attempt {n}: {_label(choice.precision, choice.lowrank)}, planned for {planner_goal:.3f} ms")
+        attempt_recipe = _recipe_for(recipe, goal, choice.precision, planner_goal, choice.lowrank)
         attempt_dir = out_dir / f"attempt-{n}"
-        result = run_recipe(attempt_recipe, attempt_dir, overwrite=True)
+        try:
+            result = run_recipe(attempt_recipe, attempt_dir, overwrite=True)
+        except VitcompressError as err:  # e.g. a re-plan below the floor: keep what was measured
+            if not report.attempts:
+                raise
+            report.attempts[-1].verdict += f"; attempt {n} could not run: {err.message}"
+            break
         prune_rec = next(r for r in result.ledger if r.kind == "prune")
         validate = result.ledger[-1]
         measured: float | None = validate.latency_p50_ms
@@ -263,6 +299,7 @@ def tune(
         attempt = Attempt(
             n, choice.precision, planner_goal, float(prune_rec.details["target"]["predicted_ms"]),
             measured, validate.top1, None if drop_points is None else float(drop_points), str(attempt_dir),
+            lowrank=choice.lowrank,
         )  # fmt: skip
         report.attempts.append(attempt)
         speedup = validate.details.get("speedup_vs_baseline")
@@ -297,7 +334,8 @@ def tune(
         elif queue and attempt.top1_drop is not None:
             nxt = queue.pop(0)
             attempt.verdict = (
-                f"top-1 dropped {attempt.top1_drop:.2f} points > {goal.max_top1_drop:g}: next, {nxt.precision} "
+                f"top-1 dropped {attempt.top1_drop:.2f} points > {goal.max_top1_drop:g}: next, "
+                f"{_label(nxt.precision, nxt.lowrank)} "
                 f"(proxy drop {nxt.predicted_drop:.2f})"
             )
             choice, planner_goal = nxt, nxt.planner_goal_ms
@@ -320,6 +358,20 @@ def tune(
     return report
 
 
+def _lowrank_options(goal: GoalSection, tables: dict[str, LatencyTable]) -> list[float | None]:
+    """The goal's low-rank choices that every table can predict (tables without factorized-MLP probes,
+    e.g. a model whose MLP no rank can shrink, offer dense only)."""
+    options = goal.lowrank_fractions()
+    if any(not tables[p].lowrank_ranks for p in goal.precisions) and any(f is not None for f in options):
+        log.warning("tune: the latency table has no factorized-MLP probes; low rank is not offered")
+        options = [f for f in options if f is None] or [None]
+    return options
+
+
+def _label(precision: str, lowrank: float | None) -> str:
+    return precision if lowrank is None else f"{precision} + low rank {lowrank:g}"
+
+
 def write_reports(report: TuneReport, out_dir: Path) -> None:
     """tune.json, tune.md (candidates and attempts, predicted vs measured) and tune.png (the frontier)."""
     from vitcompress.fileio import write_json, write_text
@@ -335,26 +387,26 @@ def write_reports(report: TuneReport, out_dir: Path) -> None:
         "",
         "## Candidates (predicted)",
         "",
-        "| precision | planned for (ms) | predicted p50 (ms) | proxy top-1 | predicted drop (pts) |",
-        "|---|---|---|---|---|",
+        "| precision | low rank | planned for (ms) | predicted p50 (ms) | proxy top-1 | predicted drop (pts) |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {c.precision} | {c.planner_goal_ms:.3f} | {c.predicted_ms:.3f} | {100 * c.proxy_top1:.2f}% | {c.predicted_drop:.2f} |"
+        f"| {c.precision} | {_rank_cell(c.lowrank)} | {c.planner_goal_ms:.3f} | {c.predicted_ms:.3f} | {100 * c.proxy_top1:.2f}% | {c.predicted_drop:.2f} |"
         for c in report.candidates
     ]
     lines += [
         "",
         "## Attempts (measured)",
         "",
-        "| # | precision | predicted p50 | measured p50 | top-1 | drop | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| # | precision | low rank | predicted p50 | measured p50 | top-1 | drop | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for a in report.attempts:
         measured = f"{a.measured_ms:.3f}" if a.measured_ms is not None else "-"
         top1 = f"{100 * a.top1:.2f}%" if a.top1 is not None else "-"
         drop = f"{a.top1_drop:.2f}" if a.top1_drop is not None else "-"
         lines.append(
-            f"| {a.attempt} | {a.precision} | {a.predicted_ms:.3f} | {measured} | {top1} | {drop} | {a.verdict} |"
+            f"| {a.attempt} | {a.precision} | {_rank_cell(a.lowrank)} | {a.predicted_ms:.3f} | {measured} | {top1} | {drop} | {a.verdict} |"
         )
     lines += [
         "",
@@ -366,7 +418,7 @@ def write_reports(report: TuneReport, out_dir: Path) -> None:
     points = [ParetoPoint("original", report.baseline_ms, report.base_proxy_top1, baseline=True)]
     points += [
         ParetoPoint(
-            f"{c.precision} x{c.goal_factor:g}",
+            f"{_label(c.precision, c.lowrank)} x{c.goal_factor:g}",
             c.predicted_ms,
             c.proxy_top1 - (c.predicted_drop - 100 * (report.base_proxy_top1 - c.proxy_top1)) / 100,
         )
@@ -380,3 +432,7 @@ def write_reports(report: TuneReport, out_dir: Path) -> None:
         )
     except ImportError:  # matplotlib is optional for the plot only
         log.warning("matplotlib missing: tune.png not written")
+
+
+def _rank_cell(lowrank: float | None) -> str:
+    return "-" if lowrank is None else f"MLP x{lowrank:g}"

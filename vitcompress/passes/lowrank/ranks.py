@@ -43,6 +43,13 @@ def _layer_params(linear: nn.Linear, rank: int | None) -> int:
     )
 
 
+def fraction_rank(out_features: int, in_features: int, fraction: float, round_to: int) -> int:
+    """The rank `rank_fraction: fraction` gives a layer: a multiple of `round_to` (at least one),
+    at most full rank. Whether it saves anything is `breakeven_rank`'s question."""
+    full = min(in_features, out_features)
+    return min(full, max(round_to, round(fraction * full / round_to) * round_to))
+
+
 @dataclass(frozen=True)
 class Choice:
     name: str
@@ -67,7 +74,7 @@ def choose_ranks(
             if cfg.rank is not None:
                 rank = cfg.rank
             elif cfg.rank_fraction is not None:
-                rank = max(r, round(cfg.rank_fraction * full / r) * r)
+                rank = fraction_rank(lin.out_features, lin.in_features, cfg.rank_fraction, r)
             else:
                 assert cfg.energy is not None
                 energy = factors[name].energy()

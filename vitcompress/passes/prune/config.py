@@ -129,6 +129,13 @@ class PruneConfig(PassConfig):
         "(0: trust the table's prediction, measure nothing).",
     )
     measure_runs: int = Field(50, ge=10, description="Latency target: timed runs per measurement.")
+    latency_lowrank: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Latency target: plan for MLPs that a later lowrank pass factorizes at this rank_fraction "
+        "(svd, round_to 8); the remeasure step times them factorized.",
+    )
     latency_table: Path | None = Field(
         None, description="Latency target: a table file instead of the cache (must match model and target)."
     )
