@@ -309,9 +309,9 @@ def tune(
             attempt.goal_ms = goal_ms
         fast = measured is not None and measured <= goal_ms * (1 + goal.tolerance)
         accurate = attempt.top1_drop is not None and attempt.top1_drop <= goal.max_top1_drop
-        if fast and accurate:
+        if fast and accurate and measured is not None:
             met.append(attempt)
-            slack = 1 - measured / goal_ms  # type: ignore[operator]
+            slack = 1 - measured / goal_ms
             if slack <= goal.tolerance or n == goal.max_attempts:
                 attempt.verdict = "meets the goal"
                 break
@@ -320,7 +320,7 @@ def tune(
                 f"meets the goal, {slack:.0%} faster than asked: next, plan for "
                 f"{planner_goal * goal_ms / measured:.3f} ms predicted (this one is kept if that misses)"
             )
-            planner_goal = planner_goal * goal_ms / measured  # type: ignore[operator]
+            planner_goal = planner_goal * goal_ms / measured
             continue
         if met:
             attempt.verdict = f"misses; attempt {met[-1].attempt} met the goal and is the result"
