@@ -53,4 +53,6 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     elif isinstance(code, str):  # sys.exit("message"): printed to stderr, exit status 1
         stderr.write(code + "\n")
         code = 1
-    return subprocess.CompletedProcess([sys.executable, str(path), *args], code, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(
+        [sys.executable, str(path), *args], code, stdout.getvalue(), stderr.getvalue()
+    )
