@@ -12,7 +12,8 @@ Rows of each track:
   - each vitcompress CPU recipe (recipes/edge-cpu-int8, prune-kd-int8, lowrank-kd) run as is on the
     reference. On the speed track (random-init timm DeiTs at 224) the recipes run without their
     distillation step and calibrate on synthetic images: only speed is measured there.
-Every compression runs in its own process so its peak memory (RSS) and wall time are its own.
+Every compression runs in its own process so its peak memory (RSS) and wall time are its own (forked
+from one process that has imported torch, timm and onnxruntime once: see `forker`).
 All final ONNX files of a track are timed together (blocks of warm runs, rotating order) at batch 1
 and at batch 32. The compute floor of a row is its MACs divided by this CPU's measured peak for the
 row's precision (a large ONNX Runtime GEMM: MatMul in fp32, MatMulInteger in int8) with the same
@@ -173,16 +174,92 @@ def worker(job_path: Path) -> int:
     return 0
 
 
-def run_job(job: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
+# The modules every job imports. A fresh interpreter spends about 4 s importing them on 2 cores
+# (torch 1.9 s, timm with torchvision 2 s more): 6 jobs a track paid that 6 times.
+PRELOAD = (
+    "torch",
+    "timm",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime.quantization",
+    "torch_pruning",
+    "vitcompress.pipeline",
+)
+
+
+def forker(threads: int) -> None:
+    """The job starter: imports PRELOAD once, then for every job path read from stdin forks a child
+    that runs `worker` on it (stderr into JOB.log beside the job file) and answers its exit status.
+    Each job thus still runs in a process of its own that starts with just these imports, as a fresh
+    one would: its peak RSS (VmHWM starts at the imports' RSS, copied at fork) and wall time are its
+    own. Nothing here runs a torch op or opens an ONNX Runtime session, so no thread pool exists yet
+    when a child is forked."""
+    import importlib
+    import traceback
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    for line in sys.stdin:
+        job_path = Path(line.strip())
+        pid = os.fork()
+        if pid == 0:  # the job's process
+            code = 1
+            try:
+                log = os.open(job_path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(log, 1)  # stdout too: it is the pipe that answers the parent
+                os.dup2(log, 2)
+                sys.stdout = os.fdopen(1, "w", buffering=1)
+                sys.stderr = os.fdopen(2, "w", buffering=1)
+                code = worker(job_path)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+
+
+class Jobs:
+    """Runs jobs through one `forker` process, started on first use."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.process: subprocess.Popen[str] | None = None
+
+    def run(self, job_path: Path) -> int:
+        if self.process is None:
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, "--forker", "--threads", str(self.threads)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{job_path}\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise SystemExit(f"the job starter died (exit {self.process.wait()}) running {job_path}")
+        return int(answer)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.communicate()  # EOF on its stdin: it exits
+            self.process = None
+
+
+def run_job(job: dict[str, Any], workdir: Path, name: str, jobs: Jobs) -> dict[str, Any]:
     job = {**job, "result": str(workdir / f"{name}.result.json")}
     job_path = workdir / f"{name}.job.json"
     job_path.write_text(json.dumps(job, default=str))
     print(f"  {name} ...", file=sys.stderr, flush=True)
-    run = subprocess.run(
-        [sys.executable, __file__, "--worker", str(job_path)], capture_output=True, text=True
-    )
-    if run.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
+    code = jobs.run(job_path)
+    if code != 0:
+        log = job_path.with_suffix(".log")
+        raise SystemExit(f"{name} failed (exit {code}):\n{log.read_text()[-4000:] if log.is_file() else ''}")
     return json.loads(Path(job["result"]).read_text())
 
 
@@ -265,19 +342,23 @@ def track(
     common = {"threads": args.threads, "model": spec}
     print(f"{label}:", file=sys.stderr)
     rows: list[dict[str, Any]] = []
-    fp32 = run_job({**common, "kind": "export", "out": str(workdir / "fp32.onnx")}, workdir, "fp32")
+    fp32 = run_job(
+        {**common, "kind": "export", "out": str(workdir / "fp32.onnx")}, workdir, "fp32", args.jobs
+    )
     base_macs = fp32["macs"]
     rows.append({"variant": "ORT fp32", "precision": "fp32", **fp32})
     dynamic = run_job(
         {**common, "kind": "dynamic", "source": fp32["onnx"], "out": str(workdir / "dynamic.onnx")},
         workdir,
         "dynamic",
+        args.jobs,
     )
     rows.append({"variant": "ORT quantize_dynamic", "precision": "int8", "macs": base_macs, **dynamic})
     magnitude = run_job(
         {**common, "kind": "tp-magnitude", "target_macs": 0.5, "out": str(workdir / "tp.onnx")},
         workdir,
         "tp-magnitude",
+        args.jobs,
     )
     rows.append({"variant": "torch-pruning magnitude 50% MACs", "precision": "fp32", **magnitude})
     for name, raw in recipes.items():
@@ -285,6 +366,7 @@ def track(
             {**common, "kind": "recipe", "name": name, "recipe": raw, "out": str(workdir / name)},
             workdir,
             name,
+            args.jobs,
         )
         precision = "int8" if name in INT8_RECIPES else "fp32"
         rows.append({"variant": f"vitcompress {name}", "precision": precision, **outcome})
@@ -362,6 +444,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--forker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--track", choices=["accuracy", "speed", "all"], default="all")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=100, help="timed runs per model at batch 1")
@@ -381,11 +464,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
+    if args.forker:
+        forker(args.threads)
+        return 0
     if args.smoke:
         args.runs, args.runs_b32 = min(args.runs, 10), min(args.runs_b32, 5)
 
-    from vitcompress.data import DataSpec, load_dataset
-    from vitcompress.models import ModelRef, load_model
     from vitcompress.timing import gemm_peak
 
     results = benchlib.start(args)
@@ -396,44 +480,56 @@ def main() -> int:
         f"measured GEMM peak, {args.threads} threads: fp32 {args.peaks['fp32'] / 1e9:.1f} GMAC/s, "
         f"int8 {args.peaks['int8'] / 1e9:.1f} GMAC/s",
     )
+    args.jobs = Jobs(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.workdir or Path(tmp)
-        if args.track in ("accuracy", "all"):
-            ref, source = benchlib.reference(args)
-            spec = _model_spec(ref)
-            loaded = load_model(ref)
-            test = load_dataset(
-                DataSpec(source=source, split="test", limit=args.eval_limit if not args.smoke else 100),
-                loaded.input,
-                loaded.num_classes,
-            )
-            recipes = {name: accuracy_recipe(name, spec, source, args.smoke) for name in RECIPES}
-            rows = track("accuracy track", spec, recipes, args, workdir / "accuracy", test)
-            results["accuracy"] = {"rows": rows, "goals": goals(rows), "test_images": len(test)}
-            print_table(
-                f"Accuracy track: {ref.source} reference, {source} test ({len(test)} images), "
-                f"ORT CPU, {args.threads} threads",
-                rows,
-                accuracy=True,
-            )
-            print(f"\ngoals: {json.dumps(results['accuracy']['goals'])}")
-        if args.track in ("speed", "all"):
-            results["speed"] = {}
-            models = ["vit_tiny_patch16_224"] if args.smoke else args.speed_models
-            for name in models:
-                ref = (
-                    ModelRef(f"timm:{name}", None, 10, 32, None, False, {"depth": 2, "patch_size": 8})
-                    if args.smoke
-                    else ModelRef(f"timm:{name}")
-                )
-                spec = _model_spec(ref)
-                recipes = {r: speed_recipe(r, spec, args.smoke) for r in RECIPES}
-                rows = track(f"speed track {name}", spec, recipes, args, workdir / name)
-                results["speed"][name] = rows
-                print_table(
-                    f"Speed track: {name} (random init, 224), ORT CPU, {args.threads} threads", rows, False
-                )
+        try:
+            _tracks(args, results, args.workdir or Path(tmp))
+        finally:
+            args.jobs.close()
     return benchlib.finish(args, results)
+
+
+def _tracks(args: argparse.Namespace, results: dict[str, Any], workdir: Path) -> None:
+    import benchlib
+
+    from vitcompress.data import DataSpec, load_dataset
+    from vitcompress.models import ModelRef, load_model
+
+    if args.track in ("accuracy", "all"):
+        ref, source = benchlib.reference(args)
+        spec = _model_spec(ref)
+        loaded = load_model(ref)
+        test = load_dataset(
+            DataSpec(source=source, split="test", limit=args.eval_limit if not args.smoke else 100),
+            loaded.input,
+            loaded.num_classes,
+        )
+        recipes = {name: accuracy_recipe(name, spec, source, args.smoke) for name in RECIPES}
+        rows = track("accuracy track", spec, recipes, args, workdir / "accuracy", test)
+        results["accuracy"] = {"rows": rows, "goals": goals(rows), "test_images": len(test)}
+        print_table(
+            f"Accuracy track: {ref.source} reference, {source} test ({len(test)} images), "
+            f"ORT CPU, {args.threads} threads",
+            rows,
+            accuracy=True,
+        )
+        print(f"\ngoals: {json.dumps(results['accuracy']['goals'])}")
+    if args.track in ("speed", "all"):
+        results["speed"] = {}
+        models = ["vit_tiny_patch16_224"] if args.smoke else args.speed_models
+        for name in models:
+            ref = (
+                ModelRef(f"timm:{name}", None, 10, 32, None, False, {"depth": 2, "patch_size": 8})
+                if args.smoke
+                else ModelRef(f"timm:{name}")
+            )
+            spec = _model_spec(ref)
+            recipes = {r: speed_recipe(r, spec, args.smoke) for r in RECIPES}
+            rows = track(f"speed track {name}", spec, recipes, args, workdir / name)
+            results["speed"][name] = rows
+            print_table(
+                f"Speed track: {name} (random init, 224), ORT CPU, {args.threads} threads", rows, False
+            )
 
 
 if __name__ == "__main__":

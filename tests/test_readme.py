@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.inprocess import run_script
 
 ROOT = Path(__file__).parent.parent
 
@@ -38,8 +38,8 @@ def test_readme_examples_run_in_order(cli, tmp_path, monkeypatch):
     examples = readme_examples()
     assert len(examples) >= 8 and examples[0][:2] == ["python", "scripts/make_example.py"]
     for args in examples:
-        if args[0] == "python":
-            run = subprocess.run([sys.executable, str(ROOT / args[1]), *args[2:]], capture_output=True, text=True)
+        if args[0] == "python":  # scripts/NAME.py, run as __main__ in this process (tests/inprocess.py)
+            run = run_script(Path(args[1]).relative_to("scripts").as_posix(), *args[2:])
             assert run.returncode == 0, (args, run.stderr[-3000:])
             continue
         result = cli(*args[1:])

@@ -7,17 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.inprocess import run_script
+
 ROOT = Path(__file__).parent.parent
 TINY = '{"depth": 2, "img_size": 32, "patch_size": 8}'
 
 
 def _run_script(script: str, *args: str, out: Path) -> tuple[subprocess.CompletedProcess[str], dict]:
-    """Run scripts/SCRIPT with `--json OUT`; its stdout and the JSON it wrote."""
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    """Run scripts/SCRIPT with `--json OUT` (in this process: tests/inprocess.py says why); its
+    stdout and the JSON it wrote."""
+    run = run_script(script, *args, "--json", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     return run, json.loads(out.read_text())
 
@@ -157,20 +156,7 @@ def test_bench_quantize_script_smoke(tmp_path):
 
 def test_train_reference_script_smoke(tmp_path):
     out = tmp_path / "ref"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts/train_reference.py"),
-            "--epochs",
-            "1",
-            "--limit",
-            "300",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = run_script("train_reference.py", "--epochs", "1", "--limit", "300", "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads((out / "reference.json").read_text())
     assert info["epochs"] == 1 and 0.0 <= info["top1"] <= 1.0
@@ -182,11 +168,7 @@ def test_train_reference_script_smoke(tmp_path):
 
     weights = load_file(out / "model.safetensors")
     assert weights["patch_embed.proj.weight"].shape == (128, 1, 7, 7)
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/train_reference.py"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    again = run_script("train_reference.py", "--out", str(out))
     assert again.returncode == 0 and "cached:" in again.stdout
 
 
@@ -290,11 +272,7 @@ def test_bench_sparsify_tensorrt_track_is_a_clear_error_without_a_gpu():
 
     if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("TensorRT is here: the track runs for real")
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_sparsify.py"), "--track", "tensorrt"],
-        capture_output=True,
-        text=True,
-    )
+    run = run_script("bench_sparsify.py", "--track", "tensorrt")
     assert run.returncode == 2 and "TensorrtExecutionProvider" in run.stderr and "Traceback" not in run.stderr
 
 

@@ -395,8 +395,10 @@ def test_bad_input_is_refused_clearly(tmp_path, digits_teacher):
         distill_model(student, None, cfg, nan_data, None, tmp_path / "n")
 
 
-def test_two_processes_match_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo) at batch 8 each follows 1 process at batch 16."""
+def test_two_processes_match_one(tmp_path, cli):
+    """torchrun with 2 CPU processes (gloo) at batch 8 each follows 1 process at batch 16. The single
+    process is the same command run in this process (1 thread, as each torchrun worker), which saves
+    an interpreter's start-up; the 2-process run needs its own processes."""
     from safetensors.torch import load_file
 
     from vitcompress.models.artifact import save_artifact
@@ -406,10 +408,13 @@ def test_two_processes_match_one(tmp_path):
         "distill", str(artifact), "--data", "digits", "--data-limit", "128", "--steps", "5", "--json",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "vitcompress", *common, "--batch-size", "16", "--out", str(tmp_path / "one")],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = cli(*common, "--batch-size", "16", "--out", tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    assert one.exit_code == 0, one.output
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitcompress",
          *common, "--batch-size", "8", "--out", str(tmp_path / "two")],
