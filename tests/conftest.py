@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# No pause between the turns of interleaved timings: the suite reads no timing closely enough to need
+# it, and it would add ~0.4 s to every validate (tests/test_bench.py checks the pause itself).
+os.environ.setdefault("VITCOMPRESS_SETTLE_S", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -123,6 +123,29 @@ def test_block_interleaving_times_every_call_and_rotates():
     assert sum(steps) == 2 * (1 + 5)
 
 
+def test_interleaved_turns_pause_so_the_last_sessions_workers_sleep(monkeypatch):
+    import time as time_module
+
+    from vitcompress import timing
+
+    pauses: list[float] = []
+    monkeypatch.setattr(time_module, "sleep", pauses.append)
+    calls = [lambda: None, lambda: None]
+    monkeypatch.delenv("VITCOMPRESS_SETTLE_S")
+    timing.time_interleaved(calls, warmup=0, runs=4, block=2)
+    assert pauses == [timing.SETTLE_S] * 4  # 2 turns x 2 models, before each turn
+    pauses.clear()
+    monkeypatch.setenv("VITCOMPRESS_SETTLE_S", "0.05")
+    timing.time_interleaved(calls, warmup=0, runs=4, block=2)
+    assert pauses == [0.05] * 4
+    pauses.clear()
+    timing.time_interleaved(calls[:1], warmup=0, runs=4, block=2)  # alone: nothing to wait for
+    timing.time_interleaved(calls, warmup=0, runs=4, block=1)  # strict round-robin: no pause
+    assert pauses == []
+    monkeypatch.setenv("VITCOMPRESS_SETTLE_S", "soon")
+    assert timing.settle_seconds() == timing.SETTLE_S
+
+
 def test_gemm_peak_int8_beats_fp32_and_precision_is_read_from_the_graph(tmp_path):
     from vitcompress.timing import gemm_peak, model_precision
 

@@ -155,8 +155,22 @@ def _input_for(runner: OnnxRunner | Runner, batch_size: int, seed: int) -> np.nd
     return np.random.default_rng(seed).standard_normal(shape).astype(runner.input_dtype)
 
 
-# Pause before each turn of an interleaved run (see time_interleaved)
+# Pause before each turn of an interleaved run (see time_interleaved); VITCOMPRESS_SETTLE_S overrides
+# it (0 turns it off: faster, for runs whose timings nobody reads, such as the test suite)
 SETTLE_S = 0.2
+
+
+def settle_seconds() -> float:
+    import os
+
+    value = os.environ.get("VITCOMPRESS_SETTLE_S")
+    if value is None:
+        return SETTLE_S
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        log.warning("VITCOMPRESS_SETTLE_S=%r is not a number of seconds: using %s", value, SETTLE_S)
+        return SETTLE_S
 
 
 def time_interleaved(
@@ -174,13 +188,13 @@ def time_interleaved(
     a deployed model serving requests back to back is. Strict round-robin (block 1) evicts each
     model's weights between calls and measured DeiT-S about 1.8x slower than it runs alone.
 
-    Before each turn of an interleaved run (block > 1) the caller sleeps `settle_s` (default SETTLE_S): a runtime's
+    Before each turn of an interleaved run (block > 1) the caller sleeps `settle_s` (default: settle_seconds()): a runtime's
     worker threads keep spinning for a while after their session's last call, and on a 2-core machine
     they steal the cores of the next session. Measured on DeiT-S (ORT, 2 threads, default spinning,
     8 sessions taking turns): one-block graphs read 9.1-9.9 ms with no pause or 10 ms, 5.6-6.8 ms
     with 50 ms and 5.6 ms with 200 ms, against 5.1-5.3 ms alone.
     """
-    settle = SETTLE_S if settle_s is None else settle_s
+    settle = settle_seconds() if settle_s is None else settle_s
     for call in calls:
         for _ in range(warmup):
             call()
