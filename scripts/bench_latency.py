@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -95,11 +96,6 @@ def cmd_error(args: argparse.Namespace) -> dict:
             "error": (predicted - ms) / ms, "error_drift_corrected": (predicted * drift - ms) / ms,
         })  # fmt: skip
 
-    def median(values: list[float]) -> float:
-        values = sorted(values)
-        mid = len(values) // 2
-        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
     env = Environment.detect()
     return {
         "model": args.model,
@@ -116,8 +112,8 @@ def cmd_error(args: argparse.Namespace) -> dict:
         "original_ms_at_profile": profiled,
         "original_ms_now": original_now,
         "calibration": {"points": [list(p) for p in table.calibration], "anchors": table.anchors},
-        "median_abs_error": median([abs(r["error"]) for r in rows]),
-        "median_abs_error_drift_corrected": median([abs(r["error_drift_corrected"]) for r in rows]),
+        "median_abs_error": statistics.median([abs(r["error"]) for r in rows]),
+        "median_abs_error_drift_corrected": statistics.median([abs(r["error_drift_corrected"]) for r in rows]),
         "max_abs_error": max(abs(r["error"]) for r in rows),
         "configs": rows,
     }
@@ -164,8 +160,6 @@ def cmd_versus(args: argparse.Namespace) -> dict:
     """Latency-aware plans against MAC-target plans (+ the same KD) and uniform plans (no KD), each
     pair brought to equal measured latency first: the latency-aware plan is re-aimed at the other
     plan's p50 until the two, timed together, differ by at most --match."""
-    import statistics
-
     import yaml
     from train_reference import IMG_SIZE, IN_CHANS, KWARGS, NUM_CLASSES, SOURCE, default_dir
     from typer.testing import CliRunner

@@ -371,3 +371,42 @@ def test_predict_reports_the_machine_drift_from_the_original():
     rows = [{"blocks": [[2, 16, 128]] * 2, "measured_ms": 6.0}, {"blocks": full, "measured_ms": 12.5}]
     assert machine_drift(table, rows) == pytest.approx(1.25)
     assert machine_drift(table, rows[:1]) is None  # the original was not measured: nothing to say
+
+
+def test_faster_than_asked_plans_looser_and_keeps_the_most_accurate_that_met(
+    cli, tiny_cache, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    import vitcompress.pipeline
+
+    root, table, _ = tiny_cache
+    monkeypatch.setenv("VITCOMPRESS_CACHE", str(root))
+    goal = table.anchors[0]["measured_ms"] / 1.5
+    # attempt 1: half the goal, 80% top-1 (meets, 50% faster); attempt 2: 1.3x the goal (misses)
+    scripted = iter([(0.5 * goal, 0.80), (1.3 * goal, 0.85)])
+    planned: list[float] = []
+
+    def fake_run(recipe, out_dir, overwrite=False):
+        prune = recipe.passes[0]
+        planned.append(prune.target_latency_ms)
+        ms, top1 = next(scripted)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(ledger=[
+            SimpleNamespace(kind="prune", details={"target": {"predicted_ms": prune.target_latency_ms}}),
+            SimpleNamespace(kind="validate", latency_p50_ms=ms, top1=top1, details={"top1_drop_points": 0.5}),
+        ])  # fmt: skip
+
+    monkeypatch.setattr(vitcompress.pipeline, "run_recipe", fake_run)
+    out = tmp_path / "t"
+    result = cli("tune", *TINY_ARGS, "--out", out, "--target-p50-ms", f"{goal:.6f}", "--max-top1-drop", "1",
+                 "--precision", "fp32", "--lowrank", "none", "--data", "synthetic", "--distill-steps", "2",
+                 "--max-attempts", "3", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "tune.json").read_text())
+    first, second = report["attempts"]
+    assert first["verdict"].startswith("meets the goal, 50% faster than asked: next, plan for")
+    assert planned[1] == pytest.approx(planned[0] * 2, rel=1e-4)  # planner goal x goal / measured
+    assert second["verdict"] == "misses; attempt 1 met the goal and is the result"
+    assert report["met"] and report["final"] == first["out_dir"]
+    assert "Result: " + first["out_dir"] in (out / "tune.md").read_text()

@@ -22,9 +22,10 @@ probes, constant beyond. Measured on DeiT-S ORT fp32 in BENCHMARKS.md ("Low-rank
 
 Calibration. Small graphs run hotter in the caches than a whole model and each pays the call
 overhead once, so the sum of parts (`raw_ms`) is mapped to the whole model by a piecewise-linear map
-through four whole models measured in the same profile: the original and three uniformly pruned ones
-(half and a quarter of the heads and MLP, and every block at the grid's smallest shape). With two anchors (original and half), models far below
-the half-size anchor were extrapolated and over-predicted: DeiT-S at 1.6 heads / 400 MLP on average
+through four whole models measured in the same profile: the original and three uniformly pruned
+ones (half and a quarter of the heads and MLP, and every block at the grid's smallest shape). With
+two anchors (original and half), models far below the half-size anchor were extrapolated and
+over-predicted: DeiT-S at 1.6 heads / 400 MLP on average
 was predicted 19.9 ms and measured 17.2 ms (+16%); `tune` for 6x landed 34% faster than asked.
 """
 
@@ -115,13 +116,20 @@ class TableKey:
 MlpRanks = tuple["int | None", "int | None"]
 
 
+def _segment(xs: list[int] | list[float], x: float) -> int:
+    """Index k of the segment xs[k]..xs[k+1] (sorted, at least two points) that x falls on; beyond
+    the ends, the end segment."""
+    k = 0
+    while k < len(xs) - 2 and x > xs[k + 1]:
+        k += 1
+    return k
+
+
 def _interp(xs: list[int], ys: list[float], x: float) -> float:
     """Piecewise linear through the grid; beyond it, the nearest segment's line (never below 0)."""
     if len(xs) == 1:
         return ys[0]
-    k = 0
-    while k < len(xs) - 2 and x > xs[k + 1]:
-        k += 1
+    k = _segment(xs, x)
     x0, x1, y0, y1 = xs[k], xs[k + 1], ys[k], ys[k + 1]
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
@@ -173,13 +181,14 @@ class LatencyTable:
             (ms - _interp(self.mlp, self.mlp_ms, r * (embed + full) / embed)) / 2
             for r, ms in zip(self.lowrank_ranks, self.lowrank_ms, strict=True)
         ]
-        if rank <= self.lowrank_ranks[0] or len(overheads) == 1:
+        if len(overheads) == 1:
             return overheads[0]
-        if rank >= self.lowrank_ranks[-1]:
-            return overheads[-1]
-        k = next(i for i, r in enumerate(self.lowrank_ranks) if r >= rank) - 1
-        r0, r1 = self.lowrank_ranks[k], self.lowrank_ranks[k + 1]
-        return overheads[k] + (overheads[k + 1] - overheads[k]) * (rank - r0) / (r1 - r0)
+        # linear in the rank between the probes, constant beyond them (may be negative: not clamped)
+        ranks = self.lowrank_ranks
+        rank = min(max(rank, ranks[0]), ranks[-1])
+        k = _segment(ranks, rank)
+        (r0, r1), (o0, o1) = ranks[k : k + 2], overheads[k : k + 2]
+        return o0 + (o1 - o0) * (rank - r0) / (r1 - r0)
 
     def raw_ms(self, blocks: list[tuple[int, int, int]], ranks: list[MlpRanks] | None = None) -> float:
         per_block: list[MlpRanks | None] = list(ranks) if ranks else [None] * len(blocks)
@@ -268,9 +277,7 @@ def calibrate(points: list[tuple[float, float]], raw: float) -> float:
         return raw
     if len(pts) == 1:
         return raw * pts[0][1] / pts[0][0]
-    k = 0
-    while k < len(pts) - 2 and raw > pts[k + 1][0]:
-        k += 1
+    k = _segment([r for r, _m in pts], raw)
     (r0, m0), (r1, m1) = pts[k], pts[k + 1]
     slope = (m1 - m0) / (r1 - r0) if r1 > r0 else 0.0
     if not 0.3 <= slope <= 3.0:
