@@ -139,21 +139,7 @@ def cut(loaded: LoadedModel, depth: int) -> LoadedModel:
 
 def shaped(one_block: LoadedModel, heads: int, head_dim: int, mlp: int) -> LoadedModel:
     """A copy of a one-block probe with its block cut to (heads, head_dim, mlp)."""
-    from vitcompress.passes.prune import Plan, _graph, apply_plan
-
-    probe = cut(one_block, 1)
-    block = probe.adapter.blocks()[0]
-    h0, d0, m0 = block.attn.num_heads, block.attn.head_dim, block.mlp.hidden
-    plan = Plan()
-    if (heads, head_dim) != (h0, d0):
-        channels = [h * d0 + c for h in range(h0) for c in range(d0) if h >= heads or c >= head_dim]
-        plan.attn_remove[0] = channels
-        plan.heads[0] = (heads, head_dim)
-    if mlp != m0:
-        plan.mlp_remove[0] = list(range(mlp, m0))
-    if plan.attn_remove or plan.mlp_remove:
-        apply_plan(probe, _graph(probe), plan)
-    return probe
+    return reshaped(one_block, [(heads, head_dim, mlp)])
 
 
 def uniform(loaded: LoadedModel, heads: int, head_dim: int, mlp: int) -> LoadedModel:
