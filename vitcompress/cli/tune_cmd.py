@@ -38,12 +38,18 @@ def tune(
     ] = Path("tune-out"),
     target_p50_ms: Annotated[float | None, typer.Option(help="Median latency to reach, in ms.")] = None,
     target_speedup: Annotated[
-        float | None, typer.Option(help="Instead: speedup over the original fp32 model on --runtime (> 1).")
+        float | None,
+        typer.Option(help="Instead: speedup over the original fp32 model on the first --runtime (> 1)."),
     ] = None,
     max_top1_drop: Annotated[float, typer.Option(help="Top-1 points the result may lose.")] = 1.0,
     runtime: Annotated[
-        RuntimeChoice, typer.Option(help="Runtime the model will run on.")
-    ] = RuntimeChoice.ort,
+        list[RuntimeChoice] | None,
+        typer.Option(
+            "--runtime",
+            help="Runtimes to choose from (repeat: --runtime ort --runtime openvino; default ort). "
+            "The result runs on the one chosen; each needs its latency tables.",
+        ),
+    ] = None,
     precision: Annotated[
         list[PrecisionChoice] | None,
         typer.Option("--precision", help="Precisions to choose from (repeat; default fp32 and int8)."),
@@ -74,6 +80,15 @@ def tune(
     ] = 1.0,
     distill_steps: Annotated[int | None, typer.Option(min=1, help="Instead: distillation steps.")] = None,
     max_attempts: Annotated[int, typer.Option(min=1, max=6, help="Measured attempts before giving up.")] = 3,
+    remeasure: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=5,
+            help="Per attempt, before distilling: time the pruned model against the original and re-plan "
+            "up to this often when it misses (0: trust the table until validate).",
+        ),
+    ] = 2,
     tolerance: Annotated[
         float, typer.Option(help="A measured p50 up to this fraction above the goal meets it.")
     ] = 0.1,
@@ -91,14 +106,15 @@ def tune(
     model_flags: ModelFlags = GENERATED,
     json_out: JsonOpt = False,
 ) -> None:
-    """Compress MODEL until it runs in --target-p50-ms on --runtime, losing at most --max-top1-drop.
+    """Compress MODEL until it runs in --target-p50-ms on a --runtime, losing at most --max-top1-drop.
 
     Uses the target's latency tables (profiled once per CPU, runtime version, precision, threads and
     batch; see `vitcompress target profile`). Refuses a goal no configuration can reach, with the
-    fastest reachable p50. Otherwise plans latency-aware pruning for each allowed precision and
-    low-rank choice (MLPs factorized after pruning, --lowrank), scores
-    the candidates with a cheap proxy (PyTorch top-1 before distillation), runs the best for real
-    (prune, lowrank, distil, export, quantize, validate) and measures it; a miss is corrected and retried.
+    fastest reachable p50. Otherwise plans latency-aware pruning for each allowed runtime, precision
+    and low-rank choice (MLPs factorized after pruning, --lowrank), scores the candidates with a cheap
+    proxy (PyTorch top-1 before distillation), runs the best for real (prune, lowrank, distil, export,
+    quantize, validate) and measures it. The prune step times the pruned model against the original
+    and re-plans before distilling (--remeasure); a miss after validate is corrected and retried.
     OUT/tune.md shows every candidate and attempt, predicted against measured; tune.png the frontier.
 
     Examples:
@@ -132,12 +148,13 @@ def tune(
             target_p50_ms=target_p50_ms,
             target_speedup=target_speedup,
             max_top1_drop=max_top1_drop,
-            runtime=runtime.value,
+            runtime=[r.value for r in runtime] if runtime else None,
             precisions=[p.value for p in precision] if precision else None,
             lowrank=lowrank or None,
             threads=threads,
             batch=batch,
             max_attempts=max_attempts,
+            remeasure=remeasure,
             tolerance=tolerance,
             distill_epochs=distill_epochs,
             distill_steps=distill_steps,

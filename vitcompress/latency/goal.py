@@ -15,12 +15,19 @@ class GoalSection(BaseModel):
 
     target_p50_ms: float | None = Field(None, gt=0, description="Median latency to reach, in ms, at `batch`.")
     target_speedup: float | None = Field(
-        None, gt=1, description="Instead: speedup over the original fp32 model on `runtime`, measured."
+        None,
+        gt=1,
+        description="Instead: speedup over the original fp32 model on the first `runtime`, measured.",
     )
     max_top1_drop: float = Field(
         1.0, ge=0, le=100, description="Top-1 points the result may lose (data.eval)."
     )
-    runtime: Literal["ort", "openvino"] = Field("ort", description="Runtime the model will run on.")
+    runtime: list[Literal["ort", "openvino"]] = Field(
+        ["ort"],
+        min_length=1,
+        description="Runtimes the search may choose from (one name or a list; each needs its tables). "
+        "The model is deployed on the one chosen.",
+    )
     precisions: list[Literal["fp32", "bf16", "int8"]] = Field(
         ["fp32", "int8"],
         min_length=1,
@@ -41,6 +48,13 @@ class GoalSection(BaseModel):
         0.1, gt=0, lt=0.5, description="A measured p50 within this fraction of the goal meets it."
     )
     max_attempts: int = Field(3, ge=1, le=6, description="Measured attempts before giving up.")
+    remeasure: int = Field(
+        2,
+        ge=0,
+        le=5,
+        description="Within an attempt, before distilling: time the pruned model against the original and "
+        "re-plan at most this often when it misses (prune's remeasure; 0: trust the table until validate).",
+    )
     distill_epochs: float = Field(1.0, gt=0, description="Distillation after pruning (epochs of data.train).")
     distill_steps: int | None = Field(None, gt=0, description="Instead of epochs: distillation steps.")
     proxy_samples: int = Field(
@@ -55,6 +69,16 @@ class GoalSection(BaseModel):
         "the real drop is measured after quantizing).",
     )
 
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _runtime_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("runtime")
+    @classmethod
+    def _distinct_runtimes(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
     @field_validator("lowrank")
     @classmethod
     def _rank_fractions(cls, value: list[str | float]) -> list[str | float]:
@@ -67,11 +91,15 @@ class GoalSection(BaseModel):
     def _one_goal(self) -> GoalSection:
         if (self.target_p50_ms is None) == (self.target_speedup is None):
             raise ValueError("give target_p50_ms or target_speedup (one of them)")
-        if "bf16" in self.precisions and self.runtime != "openvino":
+        if "bf16" in self.precisions and "openvino" not in self.runtime:
             raise ValueError(
-                "precision bf16 is OpenVINO's hint: use runtime openvino, or precisions fp32/int8"
+                "precision bf16 is OpenVINO's hint: add runtime openvino, or precisions fp32/int8"
             )
         return self
+
+    def targets(self) -> list[tuple[str, str]]:
+        """The (runtime, precision) pairs the search chooses from: bf16 runs on OpenVINO only."""
+        return [(r, p) for r in self.runtime for p in self.precisions if p != "bf16" or r == "openvino"]
 
     def lowrank_fractions(self) -> list[float | None]:
         """The low-rank choices, None for dense, without repeats."""

@@ -209,6 +209,7 @@ def prune_to_latency(
     planner = Planner(stats, shape0, max(cfg.round_to, table.fast_multiple))
     original = copy.deepcopy(loaded.model) if cfg.remeasure else None
     attempts: list[dict[str, Any]] = []
+    removals: list[Any] = []  # each attempt's removal, to go back to the closest one (latency_miss: keep)
     planner_goal = goal_ms
     with tempfile.TemporaryDirectory(prefix="vitcompress-latency-") as scratch:
         base_file: Path | None = None
@@ -218,6 +219,7 @@ def prune_to_latency(
                 loaded.model = copy.deepcopy(original)
                 loaded.adapter = adapter_for(loaded.model)
             removed = plan_removal(cfg, planner, table, shape0, planner_goal, allowed)
+            removals.append(removed)
             plan = planner.plan(removed)
             apply_plan(loaded, _graph(loaded), plan)
             check_model(loaded)
@@ -251,11 +253,30 @@ def prune_to_latency(
             if abs(measured - goal_ms) <= cfg.latency_tolerance * goal_ms:
                 break
             planner_goal = planner_goal * goal_ms / measured  # the model's error near this shape
+        last = attempts[-1]
+        if "measured_ms" in last and _missed(last, cfg) and cfg.latency_miss == "keep":
+            closest = min(attempts, key=lambda a: abs(a["measured_ms"] - a["goal_ms"]))
+            if closest is not last:  # go back to it: the original weights, its plan
+                assert original is not None
+                loaded.model = copy.deepcopy(original)
+                loaded.adapter = adapter_for(loaded.model)
+                # a fresh plan: torch-pruning may rewrite the index lists it was given
+                plan = planner.plan(removals[closest["attempt"] - 1])
+                apply_plan(loaded, _graph(loaded), plan)
+                check_model(loaded)
+            closest["kept"] = True
+            log.warning(
+                "latency target missed after %d attempts: kept attempt %d (measured %.3f ms, goal %.3f ms)",
+                len(attempts),
+                closest["attempt"],
+                closest["measured_ms"],
+                closest["goal_ms"],
+            )
     if on_step:
         on_step(1, 1)
     macs, _ = count_macs(loaded)
     params = sum(p.numel() for p in loaded.model.parameters())
-    last = attempts[-1]
+    last = next((a for a in attempts if a.get("kept")), attempts[-1])
     result = PruneResult(
         _kept(loaded, plan, shape0),
         [StepReport(1, macs, params, loaded.adapter.structure(), loaded.adapter.embed_dim)],
@@ -276,10 +297,16 @@ def prune_to_latency(
     if "measured_ms" in last:
         result.target["measured_ms"] = last["measured_ms"]
         result.target["speedup"] = last["baseline_measured_ms"] / last["measured_ms"]
-        if abs(last["measured_ms"] - goal_ms) > cfg.latency_tolerance * goal_ms:
+        result.target["goal_ms"] = last["goal_ms"]
+        if _missed(last, cfg) and cfg.latency_miss == "fail":
             raise PruneError(
                 f"{what}: measured {last['measured_ms']:.3f} ms after {len(attempts)} attempts, goal "
                 f"{goal_ms:.3f} ms (tolerance {cfg.latency_tolerance:.0%})",
                 hint="raise remeasure or latency_tolerance, or profile the target again (--force) on a quiet machine",
             )
     return result
+
+
+def _missed(attempt: dict[str, Any], cfg: PruneConfig) -> bool:
+    """Whether a measured attempt landed outside the tolerance around its goal (both sides)."""
+    return bool(abs(attempt["measured_ms"] - attempt["goal_ms"]) > cfg.latency_tolerance * attempt["goal_ms"])

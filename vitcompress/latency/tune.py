@@ -1,9 +1,10 @@
 """`tune`: search the compression for a goal "p50 <= X ms on this target, at most Y points of top-1 lost".
 
-1. Tables: the target's latency table for every precision the goal allows (measured once, cached).
-2. Refusal: if even the smallest prunable model in the fastest precision is predicted slower than
-   the goal, the goal is refused before any work, with the fastest reachable p50.
-3. Candidates: for each precision and each low-rank choice (`lowrank`: dense, or the MLPs factorized
+1. Tables: the target's latency table for every runtime and precision the goal allows, and fp32 on
+   each runtime (the original's p50 there), measured once and cached.
+2. Refusal: if even the smallest prunable model in the fastest runtime and precision is predicted
+   slower than the goal, the goal is refused before any work, with the fastest reachable p50.
+3. Candidates: for each runtime, precision and low-rank choice (`lowrank`: dense, or the MLPs factorized
    at a rank fraction after pruning), the latency-aware pruning plan (Hessian saliency per ms saved)
    that meets the goal, and around it plans for tighter and looser goals (the frontier). With low
    rank the planner reads the table's factorized-MLP view, so pruning stops earlier by what the
@@ -12,13 +13,16 @@
    before any distillation, on a few hundred eval images, plus a fixed allowance for INT8
    (`int8_allowance`).
 4. Attempts: the candidate with the least predicted loss that meets the latency is run for real as a
-   recipe (prune, lowrank when chosen, distil, export, quantize, validate). If the measured p50
-   misses, the planner's goal is corrected by measured/predicted and the next attempt runs; if the
-   accuracy misses, the next candidate (another precision or low-rank choice) is tried. If it meets
-   the goal but runs faster than asked by more than the tolerance, the next attempt plans for a
-   looser goal (less pruning, more top-1) and the result is the most accurate attempt that met the
-   goal. An attempt that cannot run (a re-plan below the floor) ends the search with what was
-   measured. Every attempt, predicted against measured, is reported.
+   recipe (prune, lowrank when chosen, distil, export, quantize, validate). Its prune step times the
+   pruned model against the original before distilling and re-plans when it missed (`remeasure`;
+   a speedup goal is judged against the original timed in that same run), so the first attempt
+   lands near the goal even where the table errs (small, uneven plans). If the measured p50 still
+   misses, the next attempt aims lower by measured/goal; if the accuracy misses, the next candidate
+   (another runtime, precision or low-rank choice) is tried. If it meets the goal but runs faster
+   than asked by more than the tolerance, the next attempt aims looser (less pruning, more top-1)
+   and the result is the most accurate attempt that met the goal. An attempt that cannot run (a
+   re-plan below the floor) ends the search with what was measured. Every attempt, predicted
+   against measured, is reported.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class UnreachableGoalError(VitcompressError):
 
 @dataclass
 class Candidate:
+    runtime: str
     precision: str
     goal_factor: float
     planner_goal_ms: float
@@ -66,8 +71,9 @@ class Candidate:
 @dataclass
 class Attempt:
     attempt: int
+    runtime: str
     precision: str
-    planner_goal_ms: float
+    planner_goal_ms: float  # what the prune step aimed at (the goal, corrected by earlier attempts)
     predicted_ms: float
     measured_ms: float | None
     top1: float | None
@@ -76,6 +82,8 @@ class Attempt:
     verdict: str = ""
     goal_ms: float | None = None  # a speedup goal, against the original measured in the same run
     lowrank: float | None = None
+    pruned_ms: float | None = None  # the prune step's own measurement, before distilling
+    prune_tries: int = 1  # plans the prune step made (1 + its re-plans)
 
 
 @dataclass
@@ -96,33 +104,44 @@ class TuneReport:
 
 def _prune_config(
     goal: GoalSection,
+    runtime: str,
     precision: str,
     goal_ms: float,
-    calibration_batches: int = 8,
     lowrank: float | None = None,
+    speedup: float | None = None,
+    remeasure: int = 0,
 ) -> Any:
+    """Prune's latency target for one attempt: `goal_ms`, or with `speedup` a speedup over the
+    original in this precision (judged against the original timed in the same run when it re-measures)."""
     from vitcompress.passes.prune import PruneConfig
 
     return PruneConfig(
-        target_latency_ms=goal_ms,
+        target_latency_ms=None if speedup is not None else goal_ms,
+        target_speedup=speedup,
         structures=list(goal.structures),  # type: ignore[arg-type]
         importance="hessian",  # type: ignore[arg-type]
-        latency_runtime=goal.runtime,
+        latency_runtime=runtime,  # type: ignore[arg-type]
         latency_precision=precision,  # type: ignore[arg-type]
         latency_threads=goal.threads,
         latency_batch=goal.batch,
-        remeasure=0,  # tune measures the finished model; a miss is its next step
-        calibration_batches=calibration_batches,
+        remeasure=remeasure,
+        latency_tolerance=goal.tolerance / 2,  # land inside the goal's band with room for validate's noise
+        latency_miss="keep",  # tune measures again after distilling; a miss there is its next step
         round_to=8,
         latency_lowrank=lowrank,
     )
 
 
 def _recipe_for(
-    recipe: Recipe, goal: GoalSection, precision: str, planner_goal_ms: float, lowrank: float | None = None
+    recipe: Recipe,
+    goal: GoalSection,
+    runtime: str,
+    precision: str,
+    prune: Any | None,
+    lowrank: float | None = None,
 ) -> Recipe:
-    """The recipe one attempt runs: prune to the planner's goal, factorize the MLPs (when `lowrank`),
-    distil, export, quantize, validate."""
+    """The recipe one attempt runs: prune (the PruneConfig `prune`; None when the precision alone
+    meets the goal), factorize the MLPs (when `lowrank`), distil, export, quantize, validate."""
     from vitcompress.recipe import validate_recipe
 
     template = next((p for p in recipe.passes if p.kind == "distill"), None)
@@ -131,16 +150,17 @@ def _recipe_for(
         if template is not None
         else {"kind": "distill", "epochs": goal.distill_epochs, "steps": goal.distill_steps}
     )
-    prune = _prune_config(goal, precision, planner_goal_ms, lowrank=lowrank).model_dump(
-        mode="json", exclude_none=True
-    )
-    passes: list[dict[str, Any]] = [prune]
+    passes: list[dict[str, Any]] = []
+    if prune is not None:
+        passes.append(prune.model_dump(mode="json", exclude_none=True))
     if lowrank is not None:  # what the planner's factorized view assumed: rank_fraction, svd, round_to 8
         passes.append({"kind": "lowrank", "rank_fraction": lowrank, "method": "svd", "round_to": 8})
-    passes += [distill, {"kind": "export"}]
+    if passes:  # an unchanged model has nothing to recover
+        passes.append(distill)
+    passes.append({"kind": "export"})
     if precision == "int8":
         quantize: dict[str, Any] = {"kind": "quantize", "mode": "static"}
-        if goal.runtime == "openvino":
+        if runtime == "openvino":
             quantize["runtime"] = "openvino"
         else:
             quantize["preset"] = "cpu-x86-vnni"
@@ -148,17 +168,19 @@ def _recipe_for(
         passes.append(quantize)
     validate: dict[str, Any] = {
         "kind": "validate",
-        "runtime": goal.runtime,
+        "runtime": runtime,
         "batch_sizes": [goal.batch],
         "threads": goal.threads,
         "runs": 50,
     }
-    if goal.runtime == "openvino" and precision in ("fp32", "bf16"):
+    if runtime == "openvino" and precision in ("fp32", "bf16"):
         validate["precision"] = precision
     passes.append(validate)
     data = recipe.model_dump(mode="json", exclude={"passes", "goal", "sweep", "budgets", "target"})
     data["passes"] = passes
-    data["name"] = f"{recipe.name or 'tune'}-{precision}" + (f"-lowrank{lowrank:g}" if lowrank else "")
+    data["name"] = f"{recipe.name or 'tune'}-{runtime}-{precision}" + (
+        f"-lowrank{lowrank:g}" if lowrank else ""
+    )
     return validate_recipe(data, None, "tune")
 
 
@@ -210,14 +232,15 @@ def tune(
     status("loading the model")
     loaded = load_model(as_model_ref(recipe.model))
     seed = recipe.run.seed
-    tables: dict[str, LatencyTable] = {}
-    for precision in dict.fromkeys(["fp32", *goal.precisions]):
-        spec = TargetSpec(goal.runtime, precision, goal.threads, goal.batch)
-        status(f"latency table for {spec.label()}")
-        tables[precision] = get_table(loaded, spec, on_progress=on_profile)
-    fp32 = tables["fp32"]
-    whole = next(a for a in fp32.anchors if a["name"] == "whole")
-    baseline_ms = float(whole["measured_ms"])
+    tables: dict[tuple[str, str], LatencyTable] = {}
+    for rt in goal.runtime:  # fp32 on every runtime: the original's p50 there
+        for precision in dict.fromkeys(["fp32", *(p for r, p in goal.targets() if r == rt)]):
+            spec = TargetSpec(rt, precision, goal.threads, goal.batch)
+            status(f"latency table for {spec.label()}")
+            tables[rt, precision] = get_table(loaded, spec, on_progress=on_profile)
+    originals = {key: _whole_ms(table) for key, table in tables.items()}
+    first = goal.runtime[0]
+    baseline_ms = originals[first, "fp32"]
     goal_ms = (
         goal.target_p50_ms
         if goal.target_p50_ms is not None
@@ -230,31 +253,35 @@ def tune(
 
     options = _lowrank_options(goal, tables)
     views = {
-        (p, f): tables[p] if f is None else tables[p].factorized(f) for p in goal.precisions for f in options
+        (r, p, f): tables[r, p] if f is None else tables[r, p].factorized(f)
+        for r, p in goal.targets()
+        for f in options
     }
     floors = {
-        (p, f): smallest_ms(view, _prune_config(goal, p, goal_ms), shape0, allowed)
-        for (p, f), view in views.items()
+        key: smallest_ms(view, _prune_config(goal, key[0], key[1], goal_ms), shape0, allowed)
+        for key, view in views.items()
     }
     fastest = min(floors, key=lambda k: floors[k])
+    where = " or ".join(goal.runtime)
     if floors[fastest] > goal_ms * (1 + goal.tolerance):
         raise UnreachableGoalError(
-            f"p50 {goal_ms:.3f} ms cannot be reached on {goal.runtime}: the fastest reachable p50 is "
+            f"p50 {goal_ms:.3f} ms cannot be reached on {where}: the fastest reachable p50 is "
             f"{floors[fastest]:.3f} ms ({_label(*fastest)}, every block pruned to its floor; the original runs "
-            f"{baseline_ms:.3f} ms in fp32)",
+            f"{baseline_ms:.3f} ms in fp32 on {first})",
             hint=f"ask for at least {floors[fastest]:.3f} ms, allow int8 or more structures, or another runtime",
         )
     status("scoring candidates (Hessian importance, proxy accuracy)")
-    cfg0 = _prune_config(goal, goal.precisions[0], goal_ms)
+    cfg0 = _prune_config(goal, *goal.targets()[0], goal_ms)
     calibration = load_dataset(recipe.data.for_calibration(), loaded.input, loaded.num_classes)  # type: ignore[arg-type]
     stats = compute_stats(loaded, cfg0.importance, _graph(loaded), _batches(calibration, cfg0, seed))
     eval_spec = recipe.data.eval.model_copy(update={"limit": goal.proxy_samples})
     eval_data = load_dataset(eval_spec, loaded.input, loaded.num_classes)
     base_top1 = _proxy_top1(loaded, eval_data)
-    report = TuneReport(goal_ms, goal.max_top1_drop, goal.runtime, baseline_ms, base_top1)
-    for (precision, lowrank), table in views.items():
-        planner = Planner(stats, shape0, max(8, table.fast_multiple))
-        cfg = _prune_config(goal, precision, goal_ms)
+    report = TuneReport(goal_ms, goal.max_top1_drop, ", ".join(goal.runtime), baseline_ms, base_top1)
+    planners: dict[tuple[str, str, float | None], Any] = {}
+    for (runtime, precision, lowrank), table in views.items():
+        planner = planners[runtime, precision, lowrank] = Planner(stats, shape0, max(8, table.fast_multiple))
+        cfg = _prune_config(goal, runtime, precision, goal_ms)
         for factor in FRONTIER_FACTORS:
             target = goal_ms * factor
             removed = plan_removal(cfg, planner, table, shape0, target, allowed)
@@ -270,20 +297,37 @@ def tune(
             top1 = _proxy_top1(pruned, eval_data)
             drop = 100 * (base_top1 - top1) + (goal.int8_allowance if precision == "int8" else 0.0)
             report.candidates.append(
-                Candidate(precision, factor, target, predicted, top1, drop, blocks, lowrank)
+                Candidate(runtime, precision, factor, target, predicted, top1, drop, blocks, lowrank)
             )
     ranked = sorted((c for c in report.candidates if c.goal_factor == 1.0), key=lambda c: c.predicted_drop)
     if not ranked:
         raise UnreachableGoalError(
-            f"no precision of {goal.precisions} (low rank {goal.lowrank}) reaches {goal_ms:.3f} ms"
+            f"no runtime and precision of {goal.targets()} (low rank {goal.lowrank}) reaches {goal_ms:.3f} ms"
         )
     queue = list(ranked)
     choice = queue.pop(0)
-    planner_goal = choice.planner_goal_ms
+    goal0_ms = goal_ms
+    aim = 1.0  # the prune step aims at goal x aim: corrected by what earlier attempts measured
     met: list[Attempt] = []
     for n in range(1, goal.max_attempts + 1):
-        status(f"attempt {n}: {_label(choice.precision, choice.lowrank)}, planned for {planner_goal:.3f} ms")
-        attempt_recipe = _recipe_for(recipe, goal, choice.precision, planner_goal, choice.lowrank)
+        key = (choice.runtime, choice.precision, choice.lowrank)
+        aimed_ms = goal0_ms * aim  # in the tables' terms (for a speedup goal, as the machine ran then)
+        removes = bool(plan_removal(
+            _prune_config(goal, choice.runtime, choice.precision, aimed_ms), planners[key], views[key],
+            shape0, aimed_ms, allowed,
+        ))  # fmt: skip
+        # a speedup goal is handed to prune as a speedup over the original in this precision, so its
+        # re-measure judges it against the original timed in its own run
+        over = originals[choice.runtime, choice.precision] / aimed_ms if goal.target_speedup else None
+        prune_cfg = None  # the precision alone meets the aim: nothing to prune
+        if removes:
+            prune_cfg = _prune_config(
+                goal, choice.runtime, choice.precision, aimed_ms, choice.lowrank, over, goal.remeasure
+            )
+        status(f"attempt {n}: {_label(*key)}, aimed at {aimed_ms:.3f} ms")
+        attempt_recipe = _recipe_for(
+            recipe, goal, choice.runtime, choice.precision, prune_cfg, choice.lowrank
+        )
         attempt_dir = out_dir / f"attempt-{n}"
         try:
             result = run_recipe(attempt_recipe, attempt_dir, overwrite=True)
@@ -292,53 +336,58 @@ def tune(
                 raise
             report.attempts[-1].verdict += f"; attempt {n} could not run: {err.message}"
             break
-        prune_rec = next(r for r in result.ledger if r.kind == "prune")
+        pruned_target = next((r.details["target"] for r in result.ledger if r.kind == "prune"), None)
         validate = result.ledger[-1]
         measured: float | None = validate.latency_p50_ms
         drop_points = validate.details.get("top1_drop_points")
         attempt = Attempt(
-            n, choice.precision, planner_goal, float(prune_rec.details["target"]["predicted_ms"]),
+            n, choice.runtime, choice.precision, aimed_ms,
+            float(pruned_target["predicted_ms"]) if pruned_target else choice.predicted_ms,
             measured, validate.top1, None if drop_points is None else float(drop_points), str(attempt_dir),
             lowrank=choice.lowrank,
+            pruned_ms=pruned_target.get("measured_ms") if pruned_target else None,
+            prune_tries=max(1, len(pruned_target.get("attempts", []))) if pruned_target else 0,
         )  # fmt: skip
         report.attempts.append(attempt)
         speedup = validate.details.get("speedup_vs_baseline")
         if goal.target_speedup is not None and measured is not None and speedup:
-            # judged against the original measured in the same run, not the one profiled earlier
-            goal_ms = float(measured * float(speedup) / goal.target_speedup)
+            # judged against the original measured in the same run (fp32 on this runtime), scaled to
+            # the first runtime's by the ratio the tables measured
+            original_now = float(measured * float(speedup))
+            goal_ms = goal0_ms * original_now / originals[choice.runtime, "fp32"]
             attempt.goal_ms = goal_ms
         fast = measured is not None and measured <= goal_ms * (1 + goal.tolerance)
         accurate = attempt.top1_drop is not None and attempt.top1_drop <= goal.max_top1_drop
         if fast and accurate and measured is not None:
             met.append(attempt)
             slack = 1 - measured / goal_ms
-            if slack <= goal.tolerance or n == goal.max_attempts:
+            if slack <= goal.tolerance or n == goal.max_attempts or prune_cfg is None:
                 attempt.verdict = "meets the goal"
                 break
             # Faster than asked by more than the tolerance: a less pruned model may keep more top-1.
+            aim *= goal_ms / measured
             attempt.verdict = (
-                f"meets the goal, {slack:.0%} faster than asked: next, plan for "
-                f"{planner_goal * goal_ms / measured:.3f} ms predicted (this one is kept if that misses)"
+                f"meets the goal, {slack:.0%} faster than asked: next, aim at "
+                f"{goal0_ms * aim:.3f} ms (this one is kept if that misses)"
             )
-            planner_goal = planner_goal * goal_ms / measured
             continue
         if met:
             attempt.verdict = f"misses; attempt {met[-1].attempt} met the goal and is the result"
             break
         if not fast and measured is not None:
+            aim *= goal_ms / measured
             attempt.verdict = (
                 f"measured {measured:.3f} ms > goal {goal_ms:.3f} ms (+{goal.tolerance:.0%}): "
-                f"next, plan for {planner_goal * goal_ms / measured:.3f} ms predicted"
+                f"next, aim at {goal0_ms * aim:.3f} ms"
             )
-            planner_goal = planner_goal * goal_ms / measured
         elif queue and attempt.top1_drop is not None:
             nxt = queue.pop(0)
             attempt.verdict = (
                 f"top-1 dropped {attempt.top1_drop:.2f} points > {goal.max_top1_drop:g}: next, "
-                f"{_label(nxt.precision, nxt.lowrank)} "
+                f"{_label(nxt.runtime, nxt.precision, nxt.lowrank)} "
                 f"(proxy drop {nxt.predicted_drop:.2f})"
             )
-            choice, planner_goal = nxt, nxt.planner_goal_ms
+            choice, aim = nxt, 1.0
         else:
             attempt.verdict = (
                 f"top-1 dropped {attempt.top1_drop} points (max {goal.max_top1_drop:g}): no candidate left"
@@ -358,18 +407,24 @@ def tune(
     return report
 
 
-def _lowrank_options(goal: GoalSection, tables: dict[str, LatencyTable]) -> list[float | None]:
+def _whole_ms(table: LatencyTable) -> float:
+    """The original model's p50 as the table measured it."""
+    return float(next(a for a in table.anchors if a["name"] == "whole")["measured_ms"])
+
+
+def _lowrank_options(goal: GoalSection, tables: dict[tuple[str, str], LatencyTable]) -> list[float | None]:
     """The goal's low-rank choices that every table can predict (tables without factorized-MLP probes,
     e.g. a model whose MLP no rank can shrink, offer dense only)."""
     options = goal.lowrank_fractions()
-    if any(not tables[p].lowrank_ranks for p in goal.precisions) and any(f is not None for f in options):
+    if any(not tables[t].lowrank_ranks for t in goal.targets()) and any(f is not None for f in options):
         log.warning("tune: the latency table has no factorized-MLP probes; low rank is not offered")
         options = [f for f in options if f is None] or [None]
     return options
 
 
-def _label(precision: str, lowrank: float | None) -> str:
-    return precision if lowrank is None else f"{precision} + low rank {lowrank:g}"
+def _label(runtime: str, precision: str, lowrank: float | None) -> str:
+    what = f"{runtime} {precision}"
+    return what if lowrank is None else f"{what} + low rank {lowrank:g}"
 
 
 def write_reports(report: TuneReport, out_dir: Path) -> None:
@@ -387,26 +442,31 @@ def write_reports(report: TuneReport, out_dir: Path) -> None:
         "",
         "## Candidates (predicted)",
         "",
-        "| precision | low rank | planned for (ms) | predicted p50 (ms) | proxy top-1 | predicted drop (pts) |",
-        "|---|---|---|---|---|---|",
+        "| runtime | precision | low rank | planned for (ms) | predicted p50 (ms) | proxy top-1 | predicted drop (pts) |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {c.precision} | {_rank_cell(c.lowrank)} | {c.planner_goal_ms:.3f} | {c.predicted_ms:.3f} | {100 * c.proxy_top1:.2f}% | {c.predicted_drop:.2f} |"
+        f"| {c.runtime} | {c.precision} | {_rank_cell(c.lowrank)} | {c.planner_goal_ms:.3f} | {c.predicted_ms:.3f} | {100 * c.proxy_top1:.2f}% | {c.predicted_drop:.2f} |"
         for c in report.candidates
     ]
     lines += [
         "",
         "## Attempts (measured)",
         "",
-        "| # | precision | low rank | predicted p50 | measured p50 | top-1 | drop | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "Each attempt's prune step times the pruned model against the original before distilling "
+        "(`after pruning`, with its number of plans) and re-plans when it missed; `measured p50` is "
+        "validate's, after distilling, exporting and quantizing.",
+        "",
+        "| # | runtime | precision | low rank | aimed at | predicted p50 | after pruning | measured p50 | top-1 | drop | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in report.attempts:
         measured = f"{a.measured_ms:.3f}" if a.measured_ms is not None else "-"
+        pruned = f"{a.pruned_ms:.3f} ({a.prune_tries} plans)" if a.pruned_ms is not None else "-"
         top1 = f"{100 * a.top1:.2f}%" if a.top1 is not None else "-"
         drop = f"{a.top1_drop:.2f}" if a.top1_drop is not None else "-"
         lines.append(
-            f"| {a.attempt} | {a.precision} | {_rank_cell(a.lowrank)} | {a.predicted_ms:.3f} | {measured} | {top1} | {drop} | {a.verdict} |"
+            f"| {a.attempt} | {a.runtime} | {a.precision} | {_rank_cell(a.lowrank)} | {a.planner_goal_ms:.3f} | {a.predicted_ms:.3f} | {pruned} | {measured} | {top1} | {drop} | {a.verdict} |"
         )
     lines += [
         "",
@@ -418,7 +478,7 @@ def write_reports(report: TuneReport, out_dir: Path) -> None:
     points = [ParetoPoint("original", report.baseline_ms, report.base_proxy_top1, baseline=True)]
     points += [
         ParetoPoint(
-            f"{_label(c.precision, c.lowrank)} x{c.goal_factor:g}",
+            f"{_label(c.runtime, c.precision, c.lowrank)} x{c.goal_factor:g}",
             c.predicted_ms,
             c.proxy_top1 - (c.predicted_drop - 100 * (report.base_proxy_top1 - c.proxy_top1)) / 100,
         )

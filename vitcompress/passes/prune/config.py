@@ -129,6 +129,12 @@ class PruneConfig(PassConfig):
         "(0: trust the table's prediction, measure nothing).",
     )
     measure_runs: int = Field(50, ge=10, description="Latency target: timed runs per measurement.")
+    latency_miss: Literal["fail", "keep"] = Field(
+        "fail",
+        description="Latency target: when the last re-measured attempt still misses, fail (an error), or "
+        "keep the attempt that landed closest and record the miss (what `tune` does; it measures again "
+        "after distilling).",
+    )
     latency_lowrank: float | None = Field(
         None,
         gt=0,
