@@ -139,6 +139,9 @@ def cmd_tune(args: argparse.Namespace) -> dict:
                str(args.max_drop), "--data", args.data, "--eval-limit", str(args.eval_limit),
                "--data-limit", str(args.data_limit), "--distill-steps", str(args.distill_steps), "--json"]  # fmt: skip
         cmd += [a for choice in args.lowrank or [] for a in ("--lowrank", choice)]
+        cmd += [a for rt in args.runtime or [] for a in ("--runtime", rt)]
+        cmd += [a for p in args.precision or [] for a in ("--precision", p)]
+        cmd += ["--remeasure", str(args.remeasure)]
         start = time.perf_counter()
         result = CliRunner().invoke(app, cmd, catch_exceptions=False)
         report = json.loads((out / "tune.json").read_text())
@@ -149,7 +152,9 @@ def cmd_tune(args: argparse.Namespace) -> dict:
             "first_attempt": first,
             "first_within_10pct": bool(first) and abs(first["measured_ms"] - goal) <= 0.1 * goal,
             "first_meets": bool(first) and first["measured_ms"] <= goal * 1.1,
-            "first_lowrank": first.get("lowrank"), "candidates": report["candidates"],
+            "first_lowrank": first.get("lowrank"), "first_runtime": first.get("runtime"),
+            "first_pruned_ms": first.get("pruned_ms"), "first_prune_tries": first.get("prune_tries"),
+            "candidates": report["candidates"],
             "attempts": len(report["attempts"]), "met": report["met"], "wall_s": time.perf_counter() - start,
         })  # fmt: skip
         print(json.dumps(results[-1]), flush=True)
@@ -267,6 +272,9 @@ def main() -> None:
     t.add_argument("--distill-steps", type=int, default=300)
     t.add_argument("--work", default="/tmp/bench-latency")
     t.add_argument("--lowrank", nargs="+", default=None, help="tune's low-rank choices (default: tune's)")
+    t.add_argument("--runtime", nargs="+", default=None, help="tune's runtimes (default: tune's, ort)")
+    t.add_argument("--precision", nargs="+", default=None, help="tune's precisions (default: tune's)")
+    t.add_argument("--remeasure", type=int, default=2, help="tune's re-plans after pruning (0: table only)")
     v = sub.add_parser("versus")
     v.add_argument("--macs", type=float, nargs="+", default=[0.5])
     v.add_argument("--uniform", type=float, nargs="+", default=[0.25, 0.5])
