@@ -6,6 +6,11 @@
       --lowrank 0.5: every configuration's MLPs then factorized as `lowrank --rank-fraction 0.5` does.
   python scripts/bench_latency.py tune --model reference --speedups 2 4 6 [--lowrank none 0.5]
       run `vitcompress tune` for each target speedup and report the first measured attempt.
+  python scripts/bench_latency.py frontier --macs 0.35 0.5 0.7 --uniform 0.25 0.5
+      on the Fashion-MNIST reference: MAC-target, latency-aware (aimed at the MAC plans' p50s) and
+      uniform plans, every architecture timed in one joint run; top-1 after the same KD (MAC and
+      latency-aware) and before KD (latency-aware and uniform), each frontier interpolated at the
+      other's latencies.
   python scripts/bench_latency.py versus
       on the Fashion-MNIST reference: MAC-target pruning + KD against latency-aware pruning + KD at
       the latency the MAC plan measured (same KD budget), and latency-aware plans against uniform
@@ -17,6 +22,7 @@ Run each under the shared lock (flock /tmp/heavy.lock ...); JSON goes to --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -113,7 +119,9 @@ def cmd_error(args: argparse.Namespace) -> dict:
         "original_ms_now": original_now,
         "calibration": {"points": [list(p) for p in table.calibration], "anchors": table.anchors},
         "median_abs_error": statistics.median([abs(r["error"]) for r in rows]),
-        "median_abs_error_drift_corrected": statistics.median([abs(r["error_drift_corrected"]) for r in rows]),
+        "median_abs_error_drift_corrected": statistics.median(
+            [abs(r["error_drift_corrected"]) for r in rows]
+        ),
         "max_abs_error": max(abs(r["error"]) for r in rows),
         "configs": rows,
     }
@@ -161,48 +169,79 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     return {"model": args.model, "results": results}
 
 
+class Reference:
+    """Recipes on the Fashion-MNIST reference, run with `compress`, and joint timings of their ONNX files."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from train_reference import IMG_SIZE, IN_CHANS, KWARGS, NUM_CLASSES, SOURCE, default_dir
+
+        from vitcompress.latency.table import TargetSpec
+
+        ckpt = default_dir() / "model.safetensors"
+        self.model = {"source": SOURCE, "checkpoint": str(ckpt), "num_classes": NUM_CLASSES,
+                      "img_size": IMG_SIZE, "in_chans": IN_CHANS, "kwargs": KWARGS}  # fmt: skip
+        self.args, self.work = args, Path(args.work)
+        self.spec = TargetSpec(batch=args.batch)
+        self.data = {"train": {"source": "fashion-mnist"}, "eval": {"source": "fashion-mnist", "split": "test"},
+                     "calibration": {"source": "fashion-mnist", "limit": 2000}}  # fmt: skip
+        self.validate = {"kind": "validate", "runs": 30, "batch_sizes": [args.batch]}
+        self.common = {"kind": "prune", "importance": "hessian", "structures": ["heads", "head_dim", "mlp"],
+                       "calibration_batches": 16}  # fmt: skip
+        self.distill = {"kind": "distill", "steps": args.distill_steps, "batch_size": 128, "lr": 0.001,
+                        "augment": "shift-flip", "eval_limit": 2000, "teacher": dict(self.model)}  # fmt: skip
+
+    def run(self, name: str, model: dict, passes: list[dict]) -> Path:
+        import yaml
+        from typer.testing import CliRunner
+
+        from vitcompress.cli import app
+
+        recipe = {"version": 1, "name": name, "model": model, "data": self.data, "passes": passes}
+        path = self.work / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe))
+        result = CliRunner().invoke(
+            app, ["compress", "--recipe", str(path), "--out", str(self.work / name), "--overwrite"]
+        )
+        assert result.exit_code == 0, result.output[-2000:]
+        return self.work / name
+
+    def prune(self, name: str, prune: dict) -> Path:
+        return self.run(name, self.model, [prune, {"kind": "export"}, self.validate])
+
+    def kd(self, pruned: Path) -> Path:
+        return self.run(
+            f"{pruned.name}-kd", {"source": str(pruned)}, [self.distill, {"kind": "export"}, self.validate]
+        )
+
+    @staticmethod
+    def ledger(d: Path) -> list[dict]:
+        return json.loads((d / "report.json").read_text())["ledger"]
+
+    def top1(self, d: Path) -> float:
+        return float(next(r for r in self.ledger(d) if r["kind"] == "validate")["top1"])
+
+    def plan(self, d: Path) -> dict:
+        prune = next(r for r in self.ledger(d) if r["kind"] == "prune")["details"]
+        return {"macs_ratio": prune["macs_ratio"], "blocks": prune["blocks"]}
+
+    def joint(self, files: list[Path]) -> list[float]:
+        """p50 of each file timed together, median over --rounds interleaved runs."""
+        from vitcompress.latency.profile import time_files
+
+        rounds = [time_files(files, self.spec, self.args.runs) for _ in range(self.args.rounds)]
+        return [statistics.median(r[i] for r in rounds) for i in range(len(files))]
+
+
 def cmd_versus(args: argparse.Namespace) -> dict:
     """Latency-aware plans against MAC-target plans (+ the same KD) and uniform plans (no KD), each
     pair brought to equal measured latency first: the latency-aware plan is re-aimed at the other
     plan's p50 until the two, timed together, differ by at most --match."""
-    import yaml
-    from train_reference import IMG_SIZE, IN_CHANS, KWARGS, NUM_CLASSES, SOURCE, default_dir
-    from typer.testing import CliRunner
-
-    from vitcompress.cli import app
-    from vitcompress.latency.profile import time_files
-    from vitcompress.latency.table import TargetSpec
-
-    ckpt = default_dir() / "model.safetensors"
-    model_section = {"source": SOURCE, "checkpoint": str(ckpt), "num_classes": NUM_CLASSES,
-                     "img_size": IMG_SIZE, "in_chans": IN_CHANS, "kwargs": KWARGS}  # fmt: skip
-    work = Path(args.work)
-    spec = TargetSpec(batch=args.batch)
-    data = {"train": {"source": "fashion-mnist"}, "eval": {"source": "fashion-mnist", "split": "test"},
-            "calibration": {"source": "fashion-mnist", "limit": 2000}}  # fmt: skip
-    validate = {"kind": "validate", "runs": 30, "batch_sizes": [args.batch]}
-
-    def run(name: str, model: dict, passes: list[dict]) -> Path:
-        recipe = {"version": 1, "name": name, "model": model, "data": data, "passes": passes}
-        path = work / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(recipe))
-        result = CliRunner().invoke(
-            app, ["compress", "--recipe", str(path), "--out", str(work / name), "--overwrite"]
-        )
-        assert result.exit_code == 0, result.output[-2000:]
-        return work / name
-
-    def ledger(d: Path) -> list[dict]:
-        return json.loads((d / "report.json").read_text())["ledger"]
+    ref = Reference(args)
+    run, ledger, common, model_section, validate = ref.run, ref.ledger, ref.common, ref.model, ref.validate
 
     def joint(dirs: list[Path]) -> list[float]:
-        """p50 of each file timed together, median over --rounds interleaved runs."""
-        rounds = [time_files([d / "model.onnx" for d in dirs], spec, args.runs) for _ in range(args.rounds)]
-        return [statistics.median(r[i] for r in rounds) for i in range(len(dirs))]
-
-    common = {"kind": "prune", "importance": "hessian", "structures": ["heads", "head_dim", "mlp"],
-              "calibration_batches": 16}  # fmt: skip
+        return ref.joint([d / "model.onnx" for d in dirs])
 
     def pair(name: str, first: dict, kd: bool) -> dict:
         first_dir = run(name, model_section, [first, {"kind": "export"}, validate])
@@ -221,11 +260,7 @@ def cmd_versus(args: argparse.Namespace) -> dict:
         pruned = {"plan": first_dir, "latency_plan": lat_dir}
         dirs = dict(pruned)
         if kd:
-            teacher = dict(model_section)
-            distill = {"kind": "distill", "steps": args.distill_steps, "batch_size": 128, "lr": 0.001,
-                       "augment": "shift-flip", "eval_limit": 2000, "teacher": teacher}  # fmt: skip
-            dirs = {label: run(f"{d.name}-kd", {"source": str(d)}, [distill, {"kind": "export"}, validate])
-                    for label, d in dirs.items()}  # fmt: skip
+            dirs = {label: ref.kd(d) for label, d in dirs.items()}
         final = joint(list(dirs.values()))
         out: dict = {"match_tries": tries}
         for (label, d), ms in zip(dirs.items(), final, strict=True):
@@ -243,6 +278,69 @@ def cmd_versus(args: argparse.Namespace) -> dict:
         uniform = {"kind": "prune", "importance": "hessian", "heads": fraction, "mlp": fraction}
         rows[f"uniform-{fraction:g}"] = pair(f"uniform-{fraction:g}", uniform, kd=False)
     return {"kd_steps": args.distill_steps, "batch": args.batch, "rows": rows}
+
+
+def interpolate(points: list[tuple[float, float]], at: float) -> float | None:
+    """Top-1 of a frontier (p50, top-1) at latency `at`, linear between its two nearest points in
+    latency; None outside the frontier's latency range (no extrapolation)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= at <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (at - x0) / (x1 - x0)
+    return None
+
+
+def cmd_frontier(args: argparse.Namespace) -> dict:
+    """Equal latency by frontiers, not by matching: MAC-target plans at --macs (+ KD), latency-aware
+    plans aimed at the p50 each MAC plan measured (+ the same KD), and uniform plans at --uniform (no
+    KD). Every architecture is then timed in ONE joint run (--rounds interleaved runs, median), and
+    each frontier's top-1 is interpolated at the other's latencies: "at equal latency" is read off the
+    measured curves, where a single pair could not be brought to equal latency on this machine."""
+    ref = Reference(args)
+    mac_dirs = [ref.prune(f"f-macs-{m:g}", {**ref.common, "target_macs": m}) for m in args.macs]
+    uniform_dirs = [
+        ref.prune(f"f-uniform-{u:g}", {"kind": "prune", "importance": "hessian", "heads": u, "mlp": u})
+        for u in args.uniform
+    ]
+    aims = ref.joint([d / "model.onnx" for d in mac_dirs])  # what the latency-aware plans aim at
+    aimed = {"latency_batch": args.batch, "remeasure": 0}  # the table alone: the joint timing judges
+    lat_dirs = [
+        ref.prune(f"f-latency-{i}", {**ref.common, "target_latency_ms": ms, **aimed})
+        for i, ms in enumerate(aims)
+    ]
+    print(json.dumps({"aims_ms": aims}), flush=True)
+    kd = {d: ref.kd(d) for d in [*mac_dirs, *lat_dirs]}
+    timed = [*mac_dirs, *lat_dirs, *uniform_dirs]  # KD keeps the architecture: the pruned files are timed
+    ms = dict(zip(timed, ref.joint([d / "model.onnx" for d in timed]), strict=True))
+
+    def point(d: Path, label: str, after_kd: bool) -> dict:
+        return {"label": label, "p50_ms": ms[d], "top1": ref.top1(kd[d] if after_kd else d), **ref.plan(d)}
+
+    frontiers = {
+        "macs+kd": [point(d, f"MACs {m:g}", True) for d, m in zip(mac_dirs, args.macs, strict=True)],
+        "latency+kd": [point(d, f"aimed {a:.2f} ms", True) for d, a in zip(lat_dirs, aims, strict=True)],
+        "latency": [point(d, f"aimed {a:.2f} ms", False) for d, a in zip(lat_dirs, aims, strict=True)],
+        "uniform": [
+            point(d, f"uniform {u:g}", False) for d, u in zip(uniform_dirs, args.uniform, strict=True)
+        ],
+    }
+
+    def versus(mine: str, other: str) -> list[dict]:
+        curve = [(p["p50_ms"], p["top1"]) for p in frontiers[mine]]
+        rows = []
+        for p in frontiers[other]:
+            at = interpolate(curve, p["p50_ms"])
+            rows.append({"at": p["label"], "p50_ms": p["p50_ms"], other: p["top1"], mine: at,
+                         "points": None if at is None else 100 * (at - p["top1"])})  # fmt: skip
+        return rows
+
+    result = {
+        "kd_steps": args.distill_steps, "batch": args.batch, "frontiers": frontiers,
+        "latency+kd vs macs+kd": versus("latency+kd", "macs+kd"),
+        "latency vs uniform": versus("latency", "uniform"),
+    }  # fmt: skip
+    print(json.dumps({k: v for k, v in result.items() if k != "frontiers"}, indent=1), flush=True)
+    return result
 
 
 def main() -> None:
@@ -285,10 +383,19 @@ def main() -> None:
     v.add_argument("--match", type=float, default=0.03, help="equal latency: joint p50s within this fraction")
     v.add_argument("--match-tries", type=int, default=3)
     v.add_argument("--work", default="/tmp/bench-latency-versus")
-    for p in (e, t, v):
+    f = sub.add_parser("frontier")
+    f.add_argument("--macs", type=float, nargs="+", default=[0.35, 0.5, 0.7])
+    f.add_argument("--uniform", type=float, nargs="+", default=[0.25, 0.5])
+    f.add_argument("--distill-steps", type=int, default=300)
+    f.add_argument("--batch", type=int, default=32, help="batch of the latency the frontiers are drawn at")
+    f.add_argument("--runs", type=int, default=100)
+    f.add_argument("--rounds", type=int, default=5, help="interleaved runs of the joint timing (median)")
+    f.add_argument("--work", default="/tmp/bench-latency-frontier")
+    for p in (e, t, v, f):
         p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    result = {"error": cmd_error, "tune": cmd_tune, "versus": cmd_versus}[args.cmd](args)
+    commands = {"error": cmd_error, "tune": cmd_tune, "versus": cmd_versus, "frontier": cmd_frontier}
+    result = commands[args.cmd](args)
     result["command"] = " ".join(sys.argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

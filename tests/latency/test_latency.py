@@ -522,3 +522,16 @@ def test_tune_chooses_the_runtime_and_runs_the_attempt_there(cli, tiny_cache, tm
     assert [p.kind for p in recipes[0].passes] == ["export", "validate"]
     assert recipes[0].passes[-1].runtime.value == "openvino"
     assert "| 1 | openvino | fp32 | - |" in (out / "tune.md").read_text()
+
+
+def test_frontier_benchmark_reads_top1_at_a_latency_without_extrapolating():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
+    from bench_latency import interpolate
+
+    curve = [(3.0, 0.9), (1.0, 0.5), (2.0, 0.8)]  # (p50 ms, top-1), in any order
+    assert interpolate(curve, 1.5) == pytest.approx(0.65)
+    assert interpolate(curve, 3.0) == pytest.approx(0.9)
+    assert interpolate(curve, 0.9) is None and interpolate(curve, 3.1) is None
