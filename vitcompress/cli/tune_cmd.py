@@ -120,6 +120,8 @@ def tune(
     Examples:
       vitcompress tune timm:vit_tiny_patch16_224 --checkpoint ref.safetensors --img-size 28 --in-chans 1 \\
           --num-classes 10 --target-speedup 2 --max-top1-drop 1 --data fashion-mnist --out t/
+      vitcompress tune timm:deit_small_patch16_224 --target-p50-ms 15 --runtime ort --runtime openvino \\
+          --data my-images/ --eval-data my-images-val/ --out t/
       vitcompress tune --recipe my-goal.yaml --out t/
     """
     from vitcompress.latency.goal import GoalSection
