@@ -4,6 +4,8 @@
       profile the target afresh (timed), build N pruned configurations (seeded, per-block shapes
       differ), export/convert each, time them interleaved, and report predicted vs measured p50.
       --lowrank 0.5: every configuration's MLPs then factorized as `lowrank --rank-fraction 0.5` does.
+      --kind uneven: tune-like plans at 3-8x and uniform ones down to 1/8 instead (default: even).
+      --diagnose: also small block shapes, timed alone and as whole models (where the error comes from).
   python scripts/bench_latency.py tune --model reference --speedups 2 4 6 [--lowrank none 0.5]
       run `vitcompress tune` for each target speedup and report the first measured attempt.
   python scripts/bench_latency.py frontier --macs 0.35 0.5 0.7 --uniform 0.25 0.5
@@ -45,7 +47,8 @@ def load(model: str):  # type: ignore[no-untyped-def]
 
 
 def configurations(loaded, count: int, seed: int) -> list[list[tuple[int, int, int]]]:  # type: ignore[no-untyped-def]
-    """Seeded per-block shapes: a keep level per configuration, jittered per block."""
+    """Seeded per-block shapes, the `even` kind: a keep level per configuration (0.25-0.95),
+    jittered +-30% per block, head size the full one or 8-16 below it."""
     from vitcompress.latency.profile import widest
 
     heads, head_dim, mlp = widest(loaded)
@@ -65,20 +68,89 @@ def configurations(loaded, count: int, seed: int) -> list[list[tuple[int, int, i
     return out
 
 
+def _macs(blocks: list[tuple[int, int, int]], embed: int, tokens: int) -> float:
+    """Multiply-accumulates per image of the blocks (qkv, projection, attention matmuls, MLP)."""
+    return sum(tokens * (4 * embed * h * d + 2 * tokens * h * d + 2 * embed * m) for h, d, m in blocks)
+
+
+def uneven_configurations(loaded, count: int, seed: int) -> list[list[tuple[int, int, int]]]:  # type: ignore[no-untyped-def]
+    """Seeded per-block shapes, the `uneven` kind: what `tune` plans at 3-8x. About 7 in 10 are
+    uneven (1-3 blocks kept large, 3-6 heads, the rest at 1-2 heads of size 8-48 and MLP 2-50% of the
+    full width, all multiples of 8), each drawn until its blocks' MACs are within 15% of a target
+    MAC speedup (3x to 8x, spread evenly);
+    the others uniform at 1/4 down to 1/8 of the attention width and MLP (a minimum of one head)."""
+    from vitcompress.latency.profile import widest
+
+    heads, head_dim, mlp = widest(loaded)
+    embed, tokens = loaded.adapter.embed_dim, loaded.adapter.num_tokens
+    depth = len(loaded.adapter.blocks())
+    full = _macs([(heads, head_dim, mlp)] * depth, embed, tokens)
+    rng = random.Random(seed)
+
+    def eights(lo: float, hi: float, cap: int) -> int:
+        return min(cap, max(8, round(rng.uniform(lo, hi) / 8) * 8))
+
+    uniform_count = max(1, round(count * 0.3)) if count > 1 else 0
+    keeps = [1 / 4 + (1 / 8 - 1 / 4) * k / max(1, uniform_count - 1) for k in range(uniform_count)]
+    out = []
+    for k in keeps:
+        h = max(1, round(heads * k))
+        d = min(head_dim, max(8, round(heads * head_dim * k / h / 8) * 8))
+        out.append([(h, d, max(8, round(mlp * k / 8) * 8))] * depth)
+    uneven = count - len(out)
+    targets = [3 + 5 * n / max(1, uneven - 1) for n in range(uneven)]  # MAC speedups 3x..8x, evenly
+    for target in targets:
+        # the draw whose blocks' MACs come closest to the target (within 15% stops; a small model,
+        # where one large block alone is more than 1/target, gets its closest of 2000 draws)
+        best: tuple[float, list[tuple[int, int, int]]] = (float("inf"), [])
+        for _ in range(2000):
+            large = set(rng.sample(range(depth), min(depth - 1, rng.choice([1, 1, 2, 3]))))
+            small_dim, small_mlp = rng.uniform(16, 0.75 * head_dim), rng.uniform(0.05, 0.5) * mlp
+            blocks = [
+                (rng.randint(max(1, heads // 2), heads), eights(head_dim / 2, head_dim, head_dim),
+                 eights(0.6 * mlp, mlp, mlp))
+                if i in large
+                else (rng.choice([1, 1, 2]), eights(8, small_dim, head_dim), eights(0.02 * mlp, small_mlp, mlp))
+                for i in range(depth)
+            ]  # fmt: skip
+            miss = abs(full / _macs(blocks, embed, tokens) / target - 1)
+            best = min(best, (miss, blocks))
+            if miss <= 0.15:
+                break
+        out.append(best[1])
+    return out
+
+
+def diagnostic_shapes(loaded) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+    """Block shapes `--diagnose` times alone and as whole uniform models: tune's small blocks (one
+    or two heads of size 8-48, narrow MLPs, some below the table's grid) and one large block."""
+    from vitcompress.latency.profile import widest
+
+    heads, head_dim, mlp = widest(loaded)
+    small = [(1, 8, mlp // 48), (1, 16, mlp // 16), (2, 16, mlp // 8), (1, 32, mlp // 4), (1, 48, mlp // 2)]
+    shapes = [(h, min(d, head_dim), max(8, m // 8 * 8)) for h, d, m in small]
+    return [*shapes, (heads, min(32, head_dim), max(8, round(0.9 * mlp / 8) * 8))]
+
+
 def cmd_error(args: argparse.Namespace) -> dict:
     from vitcompress.latency.plan import factorized_copy
     from vitcompress.latency.predict import mlp_ranks
-    from vitcompress.latency.profile import profile_target, reshaped, target_file, time_files
-    from vitcompress.latency.table import TargetSpec
+    from vitcompress.latency.profile import cut, profile_target, reshaped, shaped, target_file, time_files, uniform
+    from vitcompress.latency.table import TargetSpec, load_table
     from vitcompress.timing import Environment
 
     loaded = load(args.model)
     spec = TargetSpec(args.runtime, args.precision, args.threads, 1)
     start = time.perf_counter()
-    table = profile_target(loaded, spec, runs=args.profile_runs)
+    if args.table is not None:  # a table profiled earlier: no profile cost, drift since then
+        table = load_table(args.table)
+    else:
+        table = profile_target(loaded, spec, runs=args.profile_runs)
+        table.save()
     profile_s = time.perf_counter() - start
-    table.save()
-    configs = configurations(loaded, args.configs, args.seed)
+    draw = {"even": configurations, "uneven": uneven_configurations}[args.kind]
+    configs = draw(loaded, args.configs, args.seed)
+    shapes = diagnostic_shapes(loaded) if args.diagnose else []
     ranks = []
     with tempfile.TemporaryDirectory() as scratch:
         # the original first: how far the machine drifted since the profile (same model, same file kind)
@@ -90,7 +162,15 @@ def cmd_error(args: argparse.Namespace) -> dict:
             ranks.append(mlp_ranks(model))
             files.append(target_file(model, spec, Path(scratch) / f"c{i}", f"c{i}"))
             del model
+        if shapes:  # the zero-block graph, then each shape as a one-block graph and as a whole model
+            one_block = cut(loaded, 1)
+            files.append(target_file(cut(loaded, 0), spec, Path(scratch) / "fixed", "fixed"))
+            for s in shapes:
+                name = "x".join(map(str, s))
+                files.append(target_file(shaped(one_block, *s), spec, Path(scratch) / f"b{name}", f"b{name}"))
+                files.append(target_file(uniform(loaded, *s), spec, Path(scratch) / f"u{name}", f"u{name}"))
         original_now, *measured = time_files(files, spec, args.runs)
+    measured, extra = measured[: len(configs)], measured[len(configs) :]
     profiled = table.anchors[0]["measured_ms"]
     drift = original_now / profiled
     rows = []
@@ -98,13 +178,31 @@ def cmd_error(args: argparse.Namespace) -> dict:
         predicted = table.predict_ms(blocks, mlp)
         rows.append({
             "blocks": blocks, "mlp_ranks": mlp, "raw_ms": table.raw_ms(blocks, mlp), "predicted_ms": predicted,
-            "measured_ms": ms,
+            "measured_ms": ms, "speedup": original_now / ms,
             "error": (predicted - ms) / ms, "error_drift_corrected": (predicted * drift - ms) / ms,
         })  # fmt: skip
+    diagnosis = []
+    if shapes:
+        depth = len(loaded.adapter.blocks())
+        fixed_now, pairs = extra[0], extra[1:]
+        for n, s in enumerate(shapes):
+            probe_ms, whole_ms = pairs[2 * n], pairs[2 * n + 1]
+            predicted = table.predict_ms([s] * depth)
+            diagnosis.append({
+                "shape": s,
+                "table_block_ms": table.block_ms(*s),  # the one-block graph's block, interpolated
+                "probe_block_ms": probe_ms - fixed_now,  # the same, timed now at this very shape
+                "in_model_block_ms": (whole_ms - fixed_now) / depth,  # a block inside the whole model
+                "predicted_block_ms": (predicted - table.fixed_ms) / depth,  # what the calibration makes of it
+                "whole_predicted_ms": predicted, "whole_measured_ms": whole_ms,
+                "whole_error_drift_corrected": (predicted * drift - whole_ms) / whole_ms,
+            })  # fmt: skip
+        diagnosis.insert(0, {"fixed_ms_table": table.fixed_ms, "fixed_ms_now": fixed_now})
 
     env = Environment.detect()
     return {
         "model": args.model,
+        "kind": args.kind,
         "lowrank": args.lowrank,
         "lowrank_probes": {
             "ranks": table.lowrank_ranks,
@@ -123,6 +221,9 @@ def cmd_error(args: argparse.Namespace) -> dict:
             [abs(r["error_drift_corrected"]) for r in rows]
         ),
         "max_abs_error": max(abs(r["error"]) for r in rows),
+        "max_abs_error_drift_corrected": max(abs(r["error_drift_corrected"]) for r in rows),
+        "drift": drift,
+        "diagnosis": diagnosis,
         "configs": rows,
     }
 
@@ -357,6 +458,16 @@ def main() -> None:
     e.add_argument("--runs", type=int, default=50)
     e.add_argument("--profile-runs", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument(
+        "--kind", choices=["even", "uneven"], default="even",
+        help="even: keep 0.25-0.95 of each structure, jittered per block; uneven: tune-like plans at 3-8x "
+        "(a few large blocks, the rest at 1-2 small heads and narrow MLPs) and uniform plans down to 1/8",
+    )  # fmt: skip
+    e.add_argument(
+        "--diagnose", action="store_true",
+        help="also time small block shapes alone and as whole uniform models: table vs probe vs in-model",
+    )  # fmt: skip
+    e.add_argument("--table", type=Path, default=None, help="use this table instead of profiling afresh")
     e.add_argument(
         "--lowrank", type=float, default=None, help="factorize each configuration's MLPs (rank fraction)"
     )
