@@ -23,10 +23,11 @@ def hand_table(**target):
               "heads": 4, "head_dim": 16, "mlp": 256}  # fmt: skip
     key = TableKey(family, {"cpu": "cpu A", "runtime": "ort", "runtime_version": "1.0", "precision": "fp32",
                             "threads": 2, "batch": 1, **target})  # fmt: skip
-    # one-block graph = fixed 1.0 + attention 0.5 per head-unit + MLP 1.0 per 256 channels
+    # one-block graph = fixed 1.0 + attention 0.25 per head x 8 channels + MLP 1.0 per 256 channels;
+    # attention probes carry the smallest MLP (64: 0.25), MLP probes the smallest attention (1 x 8: 0.25)
     heads, dims, mlp = [1, 2, 4], [8, 16], [64, 256]
-    attn = [[1.0 + 0.25 * h * d / 8 + 1.0 for d in dims] for h in heads]
-    mlp_ms = [1.0 + 1.0 * (m / 256) + attn[-1][-1] - 2.0 for m in mlp]
+    attn = [[1.0 + 0.25 * h * d / 8 + 0.25 for d in dims] for h in heads]
+    mlp_ms = [1.0 + 0.25 + m / 256 for m in mlp]
     return LatencyTable(key, heads, dims, attn, mlp, mlp_ms, fixed_ms=1.0,
                         calibration=[(5.0, 10.5), (10.0, 20.5)])  # fmt: skip
 
@@ -44,16 +45,16 @@ def test_table_interpolates_adds_parts_and_calibrates():
 
 
 def test_factorized_mlp_is_the_plain_mlp_of_equal_macs_plus_a_fitted_overhead():
-    table = hand_table()  # embed 64; the one-block graph with full attention and MLP m: 3.0 + m/256
+    table = hand_table()  # embed 64; the one-block graph with the smallest attention and MLP m: 1.25 + m/256
     # probes at full width 256: rank 16 is the plain MLP of 16 * (64 + 256) / 64 = 80 channels + 0.1 per layer
-    table.lowrank_ranks, table.lowrank_ms = [16, 32], [3.0 + 80 / 256 + 0.2, 3.0 + 160 / 256 + 0.4]
+    table.lowrank_ranks, table.lowrank_ms = [16, 32], [1.25 + 80 / 256 + 0.2, 1.25 + 160 / 256 + 0.4]
     assert table.factorization_ms(16) == pytest.approx(0.1)
     assert table.factorization_ms(24) == pytest.approx(0.15)  # linear between the probes
     assert table.factorization_ms(8) == pytest.approx(0.1) and table.factorization_ms(64) == pytest.approx(
         0.2
     )
     # MLP 128, fc1 at rank 16 and fc2 dense: MACs 16 * 192 + 64 * 128 per token = plain width 88
-    assert table.mlp_graph_ms(128, (16, None)) == pytest.approx(3.0 + 88 / 256 + 0.1)
+    assert table.mlp_graph_ms(128, (16, None)) == pytest.approx(1.25 + 88 / 256 + 0.1)
     dense = table.block_ms(4, 16, 128)
     # both at rank 16: plain width 16 * (64 + 128) / 64 = 48, and the overhead twice
     assert table.block_ms(4, 16, 128, (16, 16)) == pytest.approx(dense - 128 / 256 + 48 / 256 + 0.2)
@@ -145,8 +146,8 @@ def tiny_cache(tmp_path_factory):
 def test_profile_measures_the_grid_and_fits_the_whole_models(tiny_cache):
     _root, table, seen = tiny_cache
     assert table.heads == [1, 2, 3]  # vit_tiny: 3 heads
-    assert table.head_dims == [16, 32, 48, 64] and table.mlp == [48, 192, 384, 576, 768]
-    assert len(table.attn_ms) == len(table.heads) and all(len(r) == 4 for r in table.attn_ms)
+    assert table.head_dims == [8, 16, 32, 48, 64] and table.mlp == [24, 48, 192, 384, 576, 768]
+    assert len(table.attn_ms) == len(table.heads) and all(len(r) == 5 for r in table.attn_ms)
     assert table.fixed_ms > 0 and all(ms > 0 for ms in table.mlp_ms)
     assert table.key.family["depth"] == 2 and table.key.family["tokens"] == 17
     assert table.key.target["runtime"] == "ort" and table.key.target["runtime_version"]

@@ -4,9 +4,9 @@ Every probe is the model itself cut to zero or one block (the same patch embeddi
 head; the block shrunk to the probe's shape by the same surgery pruning uses), exported by the same
 exporter and converted to the target's precision the same way a compressed model is (ORT INT8: the
 static QDQ file of `vitcompress quantize`; OpenVINO INT8: NNCF). Factorized-MLP probes are the
-full one-block graph with fc1 and fc2 factorized by the lowrank pass itself (plain SVD; the weights do
-not matter for time). All probes and three whole models (the original and two uniformly pruned ones,
-for the calibration) are then timed in one interleaved run, so the machine's noise falls on all of
+one-block graph with the smallest attention and the full MLP, fc1 and fc2 factorized by the lowrank
+pass itself (plain SVD; the weights do not matter for time). All probes and four whole models (the
+original and three uniformly pruned ones, for the calibration) are then timed in one interleaved run, so the machine's noise falls on all of
 them alike; the medians go into the table.
 """
 
@@ -95,8 +95,10 @@ def grid(loaded: LoadedModel) -> tuple[list[int], list[int], list[int]]:
     between (latency is close to linear in each between them; measured error in BENCHMARKS.md)."""
     heads, head_dim, mlp = widest(loaded)
     head_grid = sorted({1, -(-heads // 3), -(-2 * heads // 3), heads})
-    dim_grid = _steps(head_dim, (0.25, 0.5, 0.75), 8)
-    mlp_grid = _steps(mlp, (0.0625, 0.25, 0.5, 0.75), 8)
+    # down to head size 8 and 1/32 of the MLP: `tune` at 4-8x plans blocks that small, and below the
+    # grid a prediction extrapolates (DeiT-S: the grid stopped at head size 16 and MLP 96)
+    dim_grid = _steps(head_dim, (0.125, 0.25, 0.5, 0.75), 8)
+    mlp_grid = _steps(mlp, (0.03125, 0.0625, 0.25, 0.5, 0.75), 8)
     return head_grid, dim_grid, mlp_grid
 
 
@@ -253,16 +255,21 @@ class ProbeSpec:
 
 
 def probes(loaded: LoadedModel) -> list[ProbeSpec]:
+    """What to time. The attention grid is timed with the smallest MLP, and the MLP row (with the
+    factorized-MLP and width probes) with the smallest attention: a small block is then read from
+    small graphs, not as a small difference of graphs carrying a full MLP or attention (see
+    `LatencyTable`)."""
     heads, dims, mlps = grid(loaded)
     h0, d0, m0 = heads[-1], dims[-1], mlps[-1]
+    h1, d1, m1 = heads[0], dims[0], mlps[0]  # the smallest grid point: the reference corner
     out = [ProbeSpec("fixed", "fixed", (0, 0, 0))]
-    out += [ProbeSpec(f"attn-{h}x{d}", "attn", (h, d, m0)) for h in heads for d in dims]
-    out += [ProbeSpec(f"mlp-{m}", "mlp", (h0, d0, m)) for m in mlps if m != m0]
-    out += [ProbeSpec(f"lowrank-{r}", "lowrank", (h0, d0, m0), r) for r in lowrank_ranks(loaded)]
+    out += [ProbeSpec(f"attn-{h}x{d}", "attn", (h, d, m1)) for h in heads for d in dims]
+    out += [ProbeSpec(f"mlp-{m}", "mlp", (h1, d1, m)) for m in mlps if m != m1]
+    out += [ProbeSpec(f"lowrank-{r}", "lowrank", (h1, d1, m0), r) for r in lowrank_ranks(loaded)]
     # Width probe: MLP widths just below a multiple of 64, to learn which multiples the kernels favour
     base = max(64, (m0 // 2) // 64 * 64)
     out += [
-        ProbeSpec(f"width-{base - k}", "width", (h0, d0, base - k)) for k in (0, 8, 16, 32) if base - k > 0
+        ProbeSpec(f"width-{base - k}", "width", (h1, d1, base - k)) for k in (0, 8, 16, 32) if base - k > 0
     ]
     half = (max(1, -(-h0 // 2)), d0, max(8, m0 // 2 // 8 * 8))
     quarter = (max(1, -(-h0 // 4)), d0, max(8, m0 // 4 // 8 * 8))
@@ -286,12 +293,13 @@ def lowrank_ranks(loaded: LoadedModel) -> list[int]:
     return [r for r in ranks if r < breakeven_rank(mlp, embed)]
 
 
-def factorized_probe(one_block: LoadedModel, rank: int) -> LoadedModel:
-    """A copy of a one-block probe with its MLP's fc1 and fc2 factorized at `rank` (plain SVD)."""
+def factorized_probe(one_block: LoadedModel, shape: tuple[int, int, int], rank: int) -> LoadedModel:
+    """A copy of a one-block probe cut to `shape` with its MLP's fc1 and fc2 factorized at `rank`
+    (plain SVD)."""
     from vitcompress.passes.lowrank.config import LowRankConfig
     from vitcompress.passes.lowrank.run import factorize_model
 
-    probe = cut(one_block, 1)
+    probe = shaped(one_block, *shape)
     factorize_model(probe, LowRankConfig(rank=rank, round_to=1))
     return probe
 
@@ -352,7 +360,7 @@ def profile_target(
             elif probe.kind == "whole":
                 model = uniform(loaded, *probe.shape)
             elif probe.kind == "lowrank":
-                model = factorized_probe(one_block, probe.rank)
+                model = factorized_probe(one_block, probe.shape, probe.rank)
             else:
                 model = shaped(one_block, *probe.shape)
             model.model.eval()
@@ -360,11 +368,9 @@ def profile_target(
         progress("timing", len(plan), total)
         medians = time_files(files, spec, runs)
     by_name = {p.name: ms for p, ms in zip(plan, medians, strict=True)}
-    m0 = mlps[-1]
+    m1 = mlps[0]
     attn = monotone_2d([[by_name[f"attn-{h}x{d}"] for d in dims] for h in heads])
-    mlp_ms = monotone(
-        [by_name[f"mlp-{m}"] if m != m0 else by_name[f"attn-{heads[-1]}x{dims[-1]}"] for m in mlps]
-    )
+    mlp_ms = monotone([by_name[f"mlp-{m}"] if m != m1 else by_name[f"attn-{heads[0]}x{dims[0]}"] for m in mlps])
     table = LatencyTable(
         key=key,
         heads=heads,

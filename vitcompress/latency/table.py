@@ -7,13 +7,24 @@ into the file; a table whose key differs in any field is never used (`check_key`
 
 Content. Times are medians in milliseconds of small exported graphs: `fixed_ms`, the model with no
 block (patch embedding, tokens, final norm, head); `attn_ms[i][j]`, the model with one block of
-`heads[i]` heads of size `head_dims[j]` and the full MLP; `mlp_ms[k]`, one block with full attention
-and MLP width `mlp[k]`. A block's cost is the one-block graph minus `fixed_ms`, and attention and MLP
-costs add (they run one after the other): block(h, d, m) = attn(h, d) + mlp(m) - full block. Between
-grid points the table interpolates linearly (bilinear over heads x head size).
+`heads[i]` heads of size `head_dims[j]` and the smallest MLP of the grid; `mlp_ms[k]`, one block with
+the smallest attention of the grid (one head of the smallest size) and MLP width `mlp[k]`. A block's
+cost is the one-block graph minus `fixed_ms`, and attention and MLP costs add (they run one after
+the other): block(h, d, m) = attn(h, d) + mlp(m) - corner - fixed, where the corner is the one-block
+graph at the smallest grid point (`attn_ms[0][0]`). Between grid points the table interpolates
+linearly (bilinear over heads x head size).
+
+Why the smallest point is the reference (version 4). Versions 1-3 timed the attention grid with the
+full MLP and the MLP row with full attention, so a small block was a small difference of large
+graphs (DeiT-S: a block of one head of 16 and MLP 96 read 0.65 ms as 3.44 + 2.81 - 4.90 - 0.70), and
+a few percent of noise on those graphs moved every small block of a plan the same way. The plans
+`tune` makes at 4-8x keep one or two blocks large and the rest at one or two small heads and narrow
+MLPs; one such table predicted them 10% low in the median and 30% at worst ("Uneven and small
+plans" in BENCHMARKS.md). Now a small block is read from small graphs, and the grid reaches down
+to head size 8 and 1/32 of the MLP, the smallest widths those plans use.
 
 Factorized MLPs (the lowrank pass: fc1 C -> r -> m, fc2 m -> r -> C). `lowrank_ms[k]` is the one-block
-graph with full attention and full MLP width whose fc1 and fc2 are both factorized at rank
+graph with the smallest attention and full MLP width whose fc1 and fc2 are both factorized at rank
 `lowrank_ranks[k]` (plain SVD). A factorized MLP is predicted as the plain MLP of equal MACs (width
 m_eff = (MACs of fc1 + fc2 per token) / 2C, so r(C+m)/C when both are factorized) read from `mlp_ms`,
 plus a per-factorized-layer overhead (the thin GEMMs and the extra tensor between them) fitted on
@@ -42,7 +53,9 @@ from typing import Any
 from vitcompress.errors import VitcompressError
 
 TABLE_FORMAT = "vitcompress.latency-table"
-TABLE_VERSION = 3  # 2: four calibration anchors, piecewise calibration; 3: factorized-MLP probes
+# 2: four calibration anchors, piecewise calibration; 3: factorized-MLP probes; 4: the grid read from
+# its smallest point (attention probes with the smallest MLP, MLP probes with the smallest attention)
+TABLE_VERSION = 4
 
 # runtime -> precisions a table can be measured in (what the probe graphs are converted to)
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -139,15 +152,15 @@ class LatencyTable:
     key: TableKey
     heads: list[int]
     head_dims: list[int]
-    attn_ms: list[list[float]]  # [heads][head_dims]: one-block graph, full MLP
+    attn_ms: list[list[float]]  # [heads][head_dims]: one-block graph, the smallest MLP of the grid
     mlp: list[int]
-    mlp_ms: list[float]  # one-block graph, full attention
+    mlp_ms: list[float]  # one-block graph, the smallest attention of the grid
     fixed_ms: float  # no-block graph
     calibration: list[tuple[float, float]] = field(default_factory=list)  # (raw, measured) anchor points
     anchors: list[dict[str, Any]] = field(default_factory=list)  # whole models measured: raw vs measured
     fast_multiple: int = 8  # MLP/head widths whose multiples the kernels run best (measured)
     lowrank_ranks: list[int] = field(default_factory=list)  # ranks of the factorized-MLP probes
-    lowrank_ms: list[float] = field(default_factory=list)  # one-block graph, fc1 and fc2 at that rank
+    lowrank_ms: list[float] = field(default_factory=list)  # one-block graph, smallest attention, full MLP at that rank
     profile_s: float = 0.0
     created: str = ""
 
@@ -156,8 +169,7 @@ class LatencyTable:
         """One block's raw cost (one-block graph minus the fixed parts); `ranks`: its MLP factorized."""
         by_heads = [_interp(self.head_dims, row, head_dim) for row in self.attn_ms]
         attn = _interp(self.heads, by_heads, heads)
-        full_attn = _interp(self.head_dims, self.attn_ms[-1], self.head_dims[-1])
-        return attn + self.mlp_graph_ms(mlp, ranks) - full_attn - self.fixed_ms
+        return attn + self.mlp_graph_ms(mlp, ranks) - self.attn_ms[0][0] - self.fixed_ms
 
     def mlp_graph_ms(self, mlp: int, ranks: MlpRanks | None = None) -> float:
         """The one-block graph with full attention and this MLP (factorized at `ranks`: see the module
