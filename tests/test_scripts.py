@@ -364,3 +364,26 @@ def test_train_reference_p4_variant_is_the_many_token_model(monkeypatch, tmp_pat
     assert train_reference.default_dir("p4") == tmp_path / "reference" / "fmnist-vit-p4"
     assert train_reference.default_dir() == tmp_path / "reference" / "fmnist-vit-p7"
     assert train_reference.VARIANTS["p7"] == (train_reference.KWARGS, train_reference.EPOCHS)  # unchanged
+
+
+def test_bench_latency_uneven_configurations_are_tune_like(monkeypatch):
+    """`bench_latency.py error --kind uneven`: uniform plans down to 1/8, then uneven ones at MAC
+    speedups spread over 3-8x, every width a multiple of 8, seeded."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_latency
+
+    from tests.conftest import tiny_ref
+    from vitcompress.models import load_model
+
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224", kwargs={"depth": 12, "patch_size": 8}))
+    configs = bench_latency.uneven_configurations(loaded, 10, seed=0)
+    assert configs == bench_latency.uneven_configurations(loaded, 10, seed=0) and len(configs) == 10
+    assert configs[0][0] == (1, 48, 192) and configs[2][0] == (1, 24, 96)  # 1/4 and 1/8 of 3 x 64, MLP 768
+    assert all(len(set(c)) == 1 for c in configs[:3])  # uniform
+    full = bench_latency._macs([(3, 64, 768)] * 12, 192, 17)
+    speedups = [full / bench_latency._macs(c, 192, 17) for c in configs[3:]]
+    assert all(2.5 <= s <= 9.2 for s in speedups) and max(speedups) > 2 * min(speedups)
+    for blocks in configs[3:]:
+        small = [b for b in blocks if b[0] <= 2 and b[2] <= 384]
+        assert len(small) >= 9 and len(set(blocks)) > 3  # most blocks small, not uniform
+        assert all(d % 8 == 0 and m % 8 == 0 and d >= 8 and m >= 8 and h >= 1 for h, d, m in blocks)

@@ -69,6 +69,32 @@ def test_factorized_mlp_is_the_plain_mlp_of_equal_macs_plus_a_fitted_overhead():
         hand_table().block_ms(4, 16, 128, (16, 16))
 
 
+def test_small_blocks_are_read_from_the_smallest_grid_point():
+    table = hand_table()
+    # the corner (1 head x 8, MLP 64) is one probe minus the fixed parts: no difference of large graphs
+    assert table.block_ms(1, 8, 64) == pytest.approx(table.attn_ms[0][0] - table.fixed_ms)
+    assert table.block_ms(1, 8, 64) == pytest.approx(0.25 + 0.25)
+    # a small uneven plan: one full block, one at the corner, sums exactly
+    assert table.raw_ms([(4, 16, 256), (1, 8, 64)]) == pytest.approx(1.0 + 3.0 + 0.5)
+
+
+def test_probes_time_attention_with_the_smallest_mlp_and_mlp_with_the_smallest_attention():
+    from vitcompress.latency.profile import grid, probes
+    from vitcompress.models import load_model
+
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))  # 3 heads x 64, MLP 768
+    heads, dims, mlps = grid(loaded)
+    assert dims[0] == 8 and mlps[0] == 24  # down to head size 8 and 1/32 of the MLP
+    by_kind: dict[str, list] = {}
+    for p in probes(loaded):
+        by_kind.setdefault(p.kind, []).append(p)
+    assert {p.shape for p in by_kind["attn"]} == {(h, d, 24) for h in heads for d in dims}
+    assert [p.shape for p in by_kind["mlp"]] == [(1, 8, m) for m in mlps[1:]]
+    assert {p.shape for p in by_kind["lowrank"] + by_kind["width"]} <= {(1, 8, m) for m in range(769)}
+    assert any(p.shape == (1, 8, 768) for p in by_kind["lowrank"])
+    assert [p.shape for p in by_kind["whole"]][-1] == (1, 8, 24)  # the floor anchor: the corner
+
+
 def test_piecewise_calibration_through_three_anchors():
     from vitcompress.latency.table import calibrate
 
@@ -186,6 +212,24 @@ def test_factorized_mlp_probes_predict_a_factorized_model(tiny_cache):
         original.predicted_ms / original.measured_ms
     )
     assert 1 / 3 < relative < 3.0, (original, factorized)  # the fixture's probes ran 10 times each: loose
+
+
+def test_an_uneven_plan_is_predicted_like_the_original(tiny_cache):
+    """A tune-like plan (one block kept whole, one at a head of 8 and MLP 24, below the old grid),
+    timed with the original: its prediction error is the original's, within the noise of a sub-ms model."""
+    from vitcompress.latency.predict import check_models
+    from vitcompress.latency.profile import reshaped
+    from vitcompress.latency.table import TargetSpec
+    from vitcompress.models import load_model
+
+    _root, table, _seen = tiny_cache
+    loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
+    uneven = reshaped(loaded, [(3, 64, 768), (1, 8, 24)])
+    assert table.predict_ms([(3, 64, 768), (1, 8, 24)]) < table.predict_ms(table.full_blocks())
+    original, check = check_models(table, [loaded, uneven], TargetSpec(), runs=50)
+    assert check.blocks == [(3, 64, 768), (1, 8, 24)]
+    relative = (check.predicted_ms / check.measured_ms) / (original.predicted_ms / original.measured_ms)
+    assert 1 / 3 < relative < 3.0, (original, check)  # the fixture's probes ran 10 times each: loose
 
 
 def test_probes_have_the_asked_shape_and_run():

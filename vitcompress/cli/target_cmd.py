@@ -115,8 +115,8 @@ def profile(
     Times small exported graphs on the target runtime, interleaved: the model with no block (patch
     embedding, norm, head), one block over a grid of (heads, head size) and of MLP widths at the
     model's token count, a few MLP widths around a multiple of 64 (which widths the kernels favour),
-    and two whole models that calibrate the sum of parts. Takes about 30 s for DeiT-S on ORT fp32 on
-    2 cores (more for int8: every probe is quantized). The table is keyed by model family, CPU,
+    and four whole models that calibrate the sum of parts. Takes about 100 s for DeiT-S on ORT fp32
+    on 2 cores (more for int8: every probe is quantized). The table is keyed by model family, CPU,
     runtime and version, precision, threads and batch, and stored under $VITCOMPRESS_CACHE (default
     ~/.cache/vitcompress)/latency; `prune --target-latency-ms` and `tune` read it.
 
