@@ -135,7 +135,15 @@ def diagnostic_shapes(loaded) -> list[tuple[int, int, int]]:  # type: ignore[no-
 def cmd_error(args: argparse.Namespace) -> dict:
     from vitcompress.latency.plan import factorized_copy
     from vitcompress.latency.predict import mlp_ranks
-    from vitcompress.latency.profile import cut, profile_target, reshaped, shaped, target_file, time_files, uniform
+    from vitcompress.latency.profile import (
+        cut,
+        profile_target,
+        reshaped,
+        shaped,
+        target_file,
+        time_files,
+        uniform,
+    )
     from vitcompress.latency.table import TargetSpec, load_table
     from vitcompress.timing import Environment
 

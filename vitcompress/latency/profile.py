@@ -370,7 +370,9 @@ def profile_target(
     by_name = {p.name: ms for p, ms in zip(plan, medians, strict=True)}
     m1 = mlps[0]
     attn = monotone_2d([[by_name[f"attn-{h}x{d}"] for d in dims] for h in heads])
-    mlp_ms = monotone([by_name[f"mlp-{m}"] if m != m1 else by_name[f"attn-{heads[0]}x{dims[0]}"] for m in mlps])
+    mlp_ms = monotone(
+        [by_name[f"mlp-{m}"] if m != m1 else by_name[f"attn-{heads[0]}x{dims[0]}"] for m in mlps]
+    )
     table = LatencyTable(
         key=key,
         heads=heads,

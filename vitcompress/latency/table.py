@@ -160,7 +160,7 @@ class LatencyTable:
     anchors: list[dict[str, Any]] = field(default_factory=list)  # whole models measured: raw vs measured
     fast_multiple: int = 8  # MLP/head widths whose multiples the kernels run best (measured)
     lowrank_ranks: list[int] = field(default_factory=list)  # ranks of the factorized-MLP probes
-    lowrank_ms: list[float] = field(default_factory=list)  # one-block graph, smallest attention, full MLP at that rank
+    lowrank_ms: list[float] = field(default_factory=list)  # smallest attention, full MLP at that rank
     profile_s: float = 0.0
     created: str = ""
 
