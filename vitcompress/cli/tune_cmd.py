@@ -89,6 +89,15 @@ def tune(
             "up to this often when it misses (0: trust the table until validate).",
         ),
     ] = 2,
+    confirm_runs: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=10,
+            help="A latency miss at validate is timed again (this many interleaved rounds, median) "
+            "before it costs another attempt (0: validate's reading decides).",
+        ),
+    ] = 3,
     tolerance: Annotated[
         float, typer.Option(help="A measured p50 up to this fraction above the goal meets it.")
     ] = 0.1,
@@ -157,6 +166,7 @@ def tune(
             batch=batch,
             max_attempts=max_attempts,
             remeasure=remeasure,
+            confirm_runs=confirm_runs,
             tolerance=tolerance,
             distill_epochs=distill_epochs,
             distill_steps=distill_steps,

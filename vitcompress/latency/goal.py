@@ -48,6 +48,13 @@ class GoalSection(BaseModel):
         0.1, gt=0, lt=0.5, description="A measured p50 within this fraction of the goal meets it."
     )
     max_attempts: int = Field(3, ge=1, le=6, description="Measured attempts before giving up.")
+    confirm_runs: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="A latency miss at validate is timed again before it costs another attempt: this many "
+        "interleaved rounds of the model and its baseline, median (0: validate's reading decides).",
+    )
     remeasure: int = Field(
         2,
         ge=0,

@@ -84,6 +84,7 @@ class Attempt:
     lowrank: float | None = None
     pruned_ms: float | None = None  # the prune step's own measurement, before distilling
     prune_tries: int = 1  # plans the prune step made (1 + its re-plans)
+    validate_ms: float | None = None  # validate's reading, when a miss was timed again (measured_ms)
 
 
 @dataclass
@@ -350,13 +351,24 @@ def tune(
         )  # fmt: skip
         report.attempts.append(attempt)
         speedup = validate.details.get("speedup_vs_baseline")
-        if goal.target_speedup is not None and measured is not None and speedup:
-            # judged against the original measured in the same run (fp32 on this runtime), scaled to
-            # the first runtime's by the ratio the tables measured
-            original_now = float(measured * float(speedup))
-            goal_ms = goal0_ms * original_now / originals[choice.runtime, "fp32"]
+        # A speedup goal is judged against the original timed in the same run: validate's fp32
+        # baseline runs on ORT, so the goal moves by how that original drifted from its ORT table.
+        drift_ref = originals.get(("ort", "fp32")) if goal.target_speedup is not None else None
+        if drift_ref and measured is not None and speedup:
+            goal_ms = goal0_ms * float(measured * float(speedup)) / drift_ref
             attempt.goal_ms = goal_ms
         fast = measured is not None and measured <= goal_ms * (1 + goal.tolerance)
+        if not fast and measured is not None and goal.confirm_runs and validate.artifact:
+            # A miss costs a whole attempt (prune, distil, ...): time it again, longer, first. On a
+            # shared machine one disturbed reading adds the same milliseconds to the model and its
+            # baseline and shrinks the speedup (a 0.3 ms model read 0.6 ms once, 0.3 ms again).
+            status(f"attempt {n}: {measured:.3f} ms misses {goal_ms:.3f} ms; timing it again")
+            again, original_again = _time_again(validate, choice.runtime, goal)
+            attempt.validate_ms, attempt.measured_ms, measured = measured, again, again
+            if drift_ref:
+                goal_ms = goal0_ms * original_again / drift_ref
+                attempt.goal_ms = goal_ms
+            fast = measured <= goal_ms * (1 + goal.tolerance)
         accurate = attempt.top1_drop is not None and attempt.top1_drop <= goal.max_top1_drop
         if fast and accurate and measured is not None:
             met.append(attempt)
@@ -407,6 +419,29 @@ def tune(
     return report
 
 
+def _time_again(validate: Any, runtime: str, goal: GoalSection) -> tuple[float, float]:
+    """p50 of the validated model and of its fp32 baseline, timed as validate timed them (the
+    baseline on ORT, the model on `runtime`), median over `goal.confirm_runs` interleaved rounds."""
+    import statistics
+
+    from vitcompress.runtimes import Precision, Runtime
+    from vitcompress.timing import bench_models
+
+    model, baseline = Path(str(validate.artifact)), Path(str(validate.details["baseline"]))
+    hint = validate.details.get("runner", {}).get("precision")
+    precision = Precision(hint) if runtime == "openvino" and hint in ("fp32", "bf16") else None
+    entries = [(baseline, Runtime.ort), (model, Runtime(runtime))]
+    rounds = [
+        bench_models(
+            [], threads=goal.threads, batch_sizes=[goal.batch], runs=50, precision=precision, entries=entries
+        )
+        for _ in range(goal.confirm_runs)
+    ]
+    model_ms = statistics.median(r.find(str(model), goal.batch, runtime).p50_ms for r in rounds)
+    baseline_ms = statistics.median(r.find(str(baseline), goal.batch, "ort").p50_ms for r in rounds)
+    return float(model_ms), float(baseline_ms)
+
+
 def _whole_ms(table: LatencyTable) -> float:
     """The original model's p50 as the table measured it."""
     return float(next(a for a in table.anchors if a["name"] == "whole")["measured_ms"])
@@ -455,13 +490,16 @@ def write_reports(report: TuneReport, out_dir: Path) -> None:
         "",
         "Each attempt's prune step times the pruned model against the original before distilling "
         "(`after pruning`, with its number of plans) and re-plans when it missed; `measured p50` is "
-        "validate's, after distilling, exporting and quantizing.",
+        "validate's, after distilling, exporting and quantizing (a miss there is timed again, "
+        "longer, before it counts: `confirm_runs`).",
         "",
         "| # | runtime | precision | low rank | aimed at | predicted p50 | after pruning | measured p50 | top-1 | drop | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in report.attempts:
         measured = f"{a.measured_ms:.3f}" if a.measured_ms is not None else "-"
+        if a.validate_ms is not None:
+            measured += f" (validate read {a.validate_ms:.3f})"
         pruned = f"{a.pruned_ms:.3f} ({a.prune_tries} plans)" if a.pruned_ms is not None else "-"
         top1 = f"{100 * a.top1:.2f}%" if a.top1 is not None else "-"
         drop = f"{a.top1_drop:.2f}" if a.top1_drop is not None else "-"
