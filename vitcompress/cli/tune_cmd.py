@@ -123,7 +123,8 @@ def tune(
     and low-rank choice (MLPs factorized after pruning, --lowrank), scores the candidates with a cheap
     proxy (PyTorch top-1 before distillation), runs the best for real (prune, lowrank, distil, export,
     quantize, validate) and measures it. The prune step times the pruned model against the original
-    and re-plans before distilling (--remeasure); a miss after validate is corrected and retried.
+    and re-plans before distilling (--remeasure); a latency miss at validate is timed again
+    (--confirm-runs), then corrected and retried.
     OUT/tune.md shows every candidate and attempt, predicted against measured; tune.png the frontier.
 
     Examples:
