@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 RECIPE = """
 version: 1
 model: {source: timm:vit_tiny_patch16_224, num_classes: 10, img_size: 32, kwargs: {depth: 2, patch_size: 8}}
@@ -44,4 +46,5 @@ def test_validate_times_the_file_on_every_runtime_and_gates_on_the_target(cli, t
     assert details["fastest_runtime"] == min(p50, key=p50.__getitem__)
     assert validate["latency_p50_ms"] == p50["openvino"]  # the budget was checked on the target
     runs = [(r["runtime"], r["precision"], r["threads"]) for r in details["bench"]["results"]]
-    assert runs == [("openvino", "fp32", 1), ("ort", "fp32", 1)]
+    assert runs == [("ort", "fp32", 1), ("openvino", "fp32", 1)]  # the baseline first, timed once
+    assert details["speedup_vs_baseline"] == pytest.approx(p50["ort"] / p50["openvino"])

@@ -255,7 +255,7 @@ def prune_to_latency(
             planner_goal = planner_goal * goal_ms / measured  # the model's error near this shape
         last = attempts[-1]
         if "measured_ms" in last and _missed(last, cfg) and cfg.latency_miss == "keep":
-            closest = min(attempts, key=lambda a: abs(a["measured_ms"] - a["goal_ms"]))
+            closest = min(attempts, key=lambda a: _miss_rank(a, cfg))
             if closest is not last:  # go back to it: the original weights, its plan
                 assert original is not None
                 loaded.model = copy.deepcopy(original)
@@ -310,3 +310,11 @@ def prune_to_latency(
 def _missed(attempt: dict[str, Any], cfg: PruneConfig) -> bool:
     """Whether a measured attempt landed outside the tolerance around its goal (both sides)."""
     return bool(abs(attempt["measured_ms"] - attempt["goal_ms"]) > cfg.latency_tolerance * attempt["goal_ms"])
+
+
+def _miss_rank(attempt: dict[str, Any], cfg: PruneConfig) -> tuple[bool, float]:
+    """Which missed attempt to keep: one that is not slower than the band first (the goal is an upper
+    bound: a plan too fast still meets it), then the smallest relative miss (with a speedup target each
+    attempt has its own goal, from the original timed in its run)."""
+    ratio = attempt["measured_ms"] / attempt["goal_ms"]
+    return ratio > 1 + cfg.latency_tolerance, abs(ratio - 1)

@@ -94,7 +94,6 @@ class ValidateConfig(PassConfig):
         "better on a few images); a failed check fails max_top1_drop.",
     )
 
-
     def wants_original_model(self) -> bool:
         return self.compare_baseline  # exports the model as loaded when none was exported before
 
@@ -124,15 +123,19 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
 
     runtime = Runtime(cfg.runtime) if cfg.runtime else runtime_for(state.onnx_path)
     paths = [state.onnx_path]
-    if cfg.compare_baseline and baseline is not None and baseline.resolve() != state.onnx_path.resolve():
+    # The baseline is the fp32 file on ORT. An unchanged model is its own baseline: timed once on
+    # ORT, but on another runtime (or precision hint) it is a different measurement and is compared.
+    same_file = baseline is not None and baseline.resolve() == state.onnx_path.resolve()
+    if cfg.compare_baseline and baseline is not None and (not same_file or runtime is not Runtime.ort):
         paths = [baseline, state.onnx_path]
-    entries = [(p, Runtime.ort if p != state.onnx_path else runtime) for p in paths]
+    entries = [(p, Runtime.ort if i < len(paths) - 1 else runtime) for i, p in enumerate(paths)]
     device = Device.gpu if cfg.provider is not Provider.cpu or runtime is Runtime.tensorrt else Device.cpu
     if cfg.compare_runtimes:
         entries += [
             (state.onnx_path, spec.runtime)
             for spec in RUNTIMES.values()
             if spec.runtime is not runtime
+            and not (same_file and spec.runtime is Runtime.ort)  # the baseline entry is that run
             and state.onnx_path.suffix.lower() in spec.suffixes
             and device in spec.devices
             and _installed(spec.runtime)
@@ -218,8 +221,8 @@ def run(state: ModelState, cfg: ValidateConfig) -> ModelState:
                 cfg.provider,
                 threads,
                 label=label,
-                runtime=runtime if reference == state.onnx_path else None,
-                precision=hint if reference == state.onnx_path else None,
+                runtime=runtime if len(paths) == 1 else None,  # the baseline runs on ORT
+                precision=hint if len(paths) == 1 else None,
             )
             details["sanity"] = sanity.to_dict()
             warn_if_insane(sanity)
