@@ -674,6 +674,7 @@ def test_a_speedup_goal_timed_again_moves_with_the_original_and_a_failed_retimin
         assert result.exit_code == 0, result.output
         assert attempt["goal_ms"] == pytest.approx(1.1 * goal)
         assert attempt["measured_ms"] == pytest.approx(1.15 * goal) and attempt["verdict"] == "meets the goal"
+        assert f"(validate read {1.5 * goal:.3f}) | {1.1 * goal:.3f} |" in (out / "tune.md").read_text()
     else:
         assert result.exit_code == 3
         # validate's reading stands: a model at 1.5x the goal, 2x faster than an original that ran its
