@@ -65,7 +65,8 @@ def distill(
         str, typer.Option(help="timm constructor kwargs of the teacher, as JSON.")
     ] = "{}",
     clip_grad: Annotated[
-        float, typer.Option(min=0.0, help="Max gradient norm; lower it if training diverges (0: no clipping).")
+        float,
+        typer.Option(min=0.0, help="Max gradient norm; lower it if training diverges (0: no clipping)."),
     ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and initialization.")] = 0,
     overwrite: OverwriteOpt = False,

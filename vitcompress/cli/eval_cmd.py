@@ -156,9 +156,7 @@ def evaluate(
             )
         from vitcompress.models import load_model
 
-        loaded = load_model(
-            model_flags.ref(model)
-        )
+        loaded = load_model(model_flags.ref(model))
         spec = _with_overrides(spec, loaded.input.channels, mean, std, input_range, crop_pct, num_workers)
         dataset = load_dataset(spec, loaded.input, loaded.num_classes)
     if model_classes is not None and model_classes != dataset.classes:

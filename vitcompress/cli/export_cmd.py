@@ -43,9 +43,7 @@ def export(
     from vitcompress.passes.export import export_model
 
     cfg = options.build(filename=out.name)
-    loaded = load_model(
-        model_flags.ref(model)
-    )
+    loaded = load_model(model_flags.ref(model))
     with err_console.status(f"exporting {loaded.label} with {cfg.exporter.value}, opset {cfg.opset}"):
         result = export_model(loaded, out, cfg, seed=seed)
     if json_out:

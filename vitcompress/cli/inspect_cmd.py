@@ -43,9 +43,7 @@ def inspect(
     from vitcompress.passes.sparsify.select import sparse_layers
     from vitcompress.report import fmt_count
 
-    loaded = load_model(
-        model_flags.ref(model)
-    )
+    loaded = load_model(model_flags.ref(model))
     stats = model_stats(loaded)
     sparse = sparse_layers(loaded.model)
     if json_out:

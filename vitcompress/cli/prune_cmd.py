@@ -108,7 +108,8 @@ def prune(
     target = record.details.get("target") or {}
     for attempt in target.get("attempts", []):
         measured = f", measured {attempt['measured_ms']:.3f} ms" if "measured_ms" in attempt else ""
+        kept = " (kept: the closest; the goal was missed)" if attempt.get("kept") else ""
         out_console.print(
             f"latency attempt {attempt['attempt']}: predicted {attempt['predicted_ms']:.3f} ms{measured} "
-            f"(goal {target['goal_ms']:.3f} ms on {target['runtime']})"
+            f"(goal {attempt.get('goal_ms', target['goal_ms']):.3f} ms on {target['runtime']}){kept}"
         )

@@ -8,7 +8,9 @@ import typer
 
 from vitcompress.cli.common import JsonOpt, out_console, print_json
 
-app = typer.Typer(help="List the ready recipes, validate recipes and show their schema.", no_args_is_help=True)
+app = typer.Typer(
+    help="List the ready recipes, validate recipes and show their schema.", no_args_is_help=True
+)
 
 
 @app.command("list")
@@ -33,7 +35,9 @@ def list_recipes(json_out: JsonOpt = False) -> None:
 def validate(
     recipe: Annotated[
         Path,
-        typer.Argument(help="Recipe YAML file, or a ready recipe by name (see `recipe list`).", show_default=False),
+        typer.Argument(
+            help="Recipe YAML file, or a ready recipe by name (see `recipe list`).", show_default=False
+        ),
     ],
     resolved: Annotated[
         bool, typer.Option("--resolved", help="Print the recipe with every default filled in.")

@@ -29,11 +29,14 @@ VaryOpt = Annotated[
 
 
 def sweep(
-    recipe: Annotated[Path, typer.Option(
+    recipe: Annotated[
+        Path,
+        typer.Option(
             "--recipe",
             "-r",
             help="Recipe YAML, or a ready recipe by name: quickstart, edge-cpu-int8, ... (`vitcompress recipe list`).",
-        )],
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: one folder per variant.")],
     vary: VaryOpt = None,
     sets: SetOpt = None,

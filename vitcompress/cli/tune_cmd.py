@@ -95,7 +95,8 @@ def tune(
             min=0,
             max=10,
             help="A latency miss at validate is timed again (this many interleaved rounds, median) "
-            "before it costs another attempt (0: validate's reading decides).",
+            "before it costs another attempt (0: validate's reading decides). A reading that meets the goal "
+            "stands as it is.",
         ),
     ] = 3,
     tolerance: Annotated[
