@@ -269,9 +269,9 @@ def tune(
     }
     fastest = min(floors, key=lambda k: floors[k])
     where = " or ".join(goal.runtime)
-    reach = (
-        1 + goal.tolerance / 2
-    )  # prune's own check (its latency_tolerance): refuse here what it would refuse
+    # A floor within the goal's tolerance is offered; prune's own check is half as tolerant, so a
+    # candidate in between can be refused there (a later attempt then says so in its verdict).
+    reach = 1 + goal.tolerance
     if floors[fastest] > goal_ms * reach:
         raise UnreachableGoalError(
             f"p50 {goal_ms:.3f} ms cannot be reached on {where}: the fastest reachable p50 is "
