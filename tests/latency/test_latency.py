@@ -491,6 +491,9 @@ def test_a_latency_miss_is_kept_at_the_closest_attempt_or_fails(tiny_cache, monk
         )
 
     def prune(**kw):
+        import torch
+
+        torch.manual_seed(0)  # the same random-init weights, so the same saliencies, in every call
         loaded = load_model(tiny_ref("timm:vit_tiny_patch16_224"))
         return prune_model(loaded, PruneConfig(target_speedup=speedup, latency_tolerance=0.05, **kw))
 
