@@ -269,8 +269,9 @@ def tune(
     }
     fastest = min(floors, key=lambda k: floors[k])
     where = " or ".join(goal.runtime)
-    # A floor within the goal's tolerance is offered; prune's own check is half as tolerant, so a
-    # candidate in between can be refused there (a later attempt then says so in its verdict).
+    # A floor within the goal's tolerance is offered. Prune's own check is half as tolerant, so a
+    # candidate in between can be refused there: a first attempt then ends tune with prune's message
+    # (tune.md lists the candidates), a later one is recorded in the previous attempt's verdict.
     reach = 1 + goal.tolerance
     if floors[fastest] > goal_ms * reach:
         raise UnreachableGoalError(
