@@ -4,8 +4,10 @@ NViT (Yang et al., CVPR 2023) ranks every prunable structure (heads, head-size c
 in every block) globally by its Hessian-aware saliency divided by the latency its removal saves,
 read from a lookup table measured on the target. Here the table is `vitcompress.latency`'s, and the
 cost of a unit is the marginal latency at the model's current shape (the table is not linear: the
-first heads removed save less than the last), recomputed after every removal. Widths are cut in
-chunks of the multiple the table found fast (at least `round_to`).
+first heads removed save less than the last), recomputed after every removal. MLP widths are cut in
+chunks of the multiple the table found fast (at least `round_to`); head sizes in `round_to` chunks
+(the fast multiple is measured on MLP widths, and at 32 it would leave a 32-wide head nothing to
+cut but the whole head: the batch-32 plans of BENCHMARKS.md's frontier dropped only whole heads).
 
 The prediction is only a model, so the result is exported to the target, measured against the
 original in one interleaved run, and, if it misses the goal by more than `latency_tolerance`, the
@@ -64,12 +66,25 @@ def factorized_copy(loaded: LoadedModel, rank_fraction: float) -> LoadedModel:
     return out
 
 
+def steps(cfg: PruneConfig, table: LatencyTable) -> tuple[int, int]:
+    """(MLP chunk, head-size chunk) of a latency plan: the table's fast multiple for MLP widths,
+    round_to for head sizes."""
+    return max(cfg.round_to, table.fast_multiple), cfg.round_to
+
+
+def latency_planner(stats: Any, shape: Shape, cfg: PruneConfig, table: LatencyTable) -> Planner:
+    from vitcompress.passes.prune import Planner
+
+    return Planner(stats, shape, *steps(cfg, table))
+
+
 def smallest_ms(
     table: LatencyTable, cfg: PruneConfig, shape: Shape, allowed: Callable[[Structure, int], bool]
 ) -> float:
+    """The predicted p50 of the smallest model a latency plan reaches (every allowed width at its floor)."""
     from vitcompress.passes.prune import smallest_shape
 
-    return table.predict_ms(shape_blocks(smallest_shape(cfg, shape, allowed)))
+    return table.predict_ms(shape_blocks(smallest_shape(cfg, shape, allowed, *steps(cfg, table))))
 
 
 def plan_removal(
@@ -88,7 +103,7 @@ def plan_removal(
     enabled = [s for s in cfg.enabled() if s is not Structure.embed]
     saliency = {(u.structure, u.block, u.index): u.saliency for s in enabled for u in planner.units(s)}
     removed: Removed = {}
-    current = planned_shape(shape, removed, planner.r)
+    current = planned_shape(shape, removed, planner.r, planner.hr)
     predicted = table.predict_ms(shape_blocks(current))
     while predicted > goal_ms:
         best: tuple[tuple[float, float, int, int], Unit] | None = None
@@ -103,7 +118,7 @@ def plan_removal(
                     after = table.block_ms(block.heads - 1, block.head_dim, block.mlp)
                 elif structure is Structure.head_dim:
                     index = int(removed.get((structure, i), 0))
-                    after = table.block_ms(block.heads, block.head_dim - planner.r, block.mlp)
+                    after = table.block_ms(block.heads, block.head_dim - planner.hr, block.mlp)
                 else:
                     index = int(removed.get((structure, i), 0))
                     after = table.block_ms(block.heads, block.head_dim, block.mlp - planner.r)
@@ -111,7 +126,8 @@ def plan_removal(
                 if index is None or key not in saliency:
                     continue
                 unit = Unit(structure, i, index, saliency[key])
-                if not _fits(cfg, shape, unit, removed):
+                step = planner.hr if structure is Structure.head_dim else planner.r
+                if not _fits(cfg, shape, unit, removed, step):
                     continue
                 saved = before - after  # raw ms: the calibration scales every unit alike here
                 score = unit.saliency / saved if saved > 1e-6 else math.inf
@@ -121,7 +137,7 @@ def plan_removal(
         if best is None:
             break  # nothing left to remove: the caller checks reachability first
         _add(removed, best[1])
-        current = planned_shape(shape, removed, planner.r)
+        current = planned_shape(shape, removed, planner.r, planner.hr)
         predicted = table.predict_ms(shape_blocks(current))
     return removed
 
@@ -150,7 +166,6 @@ def prune_to_latency(
     from vitcompress.models.adapters import adapter_for
     from vitcompress.models.stats import count_macs
     from vitcompress.passes.prune import (
-        Planner,
         PruneResult,
         StepReport,
         Structure,
@@ -206,7 +221,7 @@ def prune_to_latency(
     params0 = sum(p.numel() for p in loaded.model.parameters())
     batches = _batches(data, cfg, seed)
     stats = compute_stats(loaded, cfg.importance, _graph(loaded), batches)
-    planner = Planner(stats, shape0, max(cfg.round_to, table.fast_multiple))
+    planner = latency_planner(stats, shape0, cfg, table)
     original = copy.deepcopy(loaded.model) if cfg.remeasure else None
     attempts: list[dict[str, Any]] = []
     removals: list[Any] = []  # each attempt's removal, to go back to the closest one (latency_miss: keep)

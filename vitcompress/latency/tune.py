@@ -212,12 +212,18 @@ def tune(
 ) -> TuneReport:
     """Search for `recipe.goal` and run it for real; raises BudgetExceededError if no attempt meets it."""
     from vitcompress.data import load_dataset
-    from vitcompress.latency.plan import factorized_copy, plan_removal, shape_blocks, smallest_ms
+    from vitcompress.latency.plan import (
+        factorized_copy,
+        latency_planner,
+        plan_removal,
+        shape_blocks,
+        smallest_ms,
+    )
     from vitcompress.latency.predict import mlp_ranks
     from vitcompress.latency.profile import get_table
     from vitcompress.latency.table import FactorizedMlpTable, TargetSpec
     from vitcompress.models import as_model_ref, load_model
-    from vitcompress.passes.prune import Planner, _batches, _graph, compute_stats, current_shape
+    from vitcompress.passes.prune import _batches, _graph, compute_stats, current_shape
     from vitcompress.pipeline import run_recipe
 
     goal = recipe.goal
@@ -290,8 +296,8 @@ def tune(
     report = TuneReport(goal_ms, goal.max_top1_drop, ", ".join(goal.runtime), baseline_ms, base_top1)
     planners: dict[tuple[str, str, float | None], Any] = {}
     for (runtime, precision, lowrank), table in views.items():
-        planner = planners[runtime, precision, lowrank] = Planner(stats, shape0, max(8, table.fast_multiple))
         cfg = _prune_config(goal, runtime, precision, goal_ms)
+        planner = planners[runtime, precision, lowrank] = latency_planner(stats, shape0, cfg, table)
         for factor in FRONTIER_FACTORS:
             target = goal_ms * factor
             removed = plan_removal(cfg, planner, table, shape0, target, allowed)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Unit:
-    """One removable piece: a head, a chunk of `round_to` head dims (in every head), MLP or embed channels."""
+    """One removable piece: a head, a chunk of head dims (in every head), MLP or embed channels."""
 
     structure: Structure
     block: int  # -1 for the embedding
@@ -47,12 +47,20 @@ class Plan:
 
 
 class Planner:
-    """Turns channel statistics into units and counts into concrete channel indices."""
+    """Turns channel statistics into units and counts into concrete channel indices.
 
-    def __init__(self, stats: ChannelStats, shape: Shape, round_to: int) -> None:
+    MLP and embedding widths go in chunks of `round_to`, head sizes in chunks of `head_step` (default
+    `round_to`). A latency plan cuts MLP widths in the multiple the target's kernels like (16 or 32 on
+    some CPUs at batch 32) but head sizes still in 8s: a 32-wide head cut in 32s could only go whole.
+    """
+
+    def __init__(
+        self, stats: ChannelStats, shape: Shape, round_to: int, head_step: int | None = None
+    ) -> None:
         import torch
 
         self.stats, self.shape, self.r = stats, shape, round_to
+        self.hr = head_step or round_to
         self.head_order: list[list[int]] = []  # per block: heads, least important first
         self.head_sal: list[list[float]] = []
         self.dim_order: list[list[torch.Tensor]] = []  # per block, per head: dims least important first
@@ -81,7 +89,7 @@ class Planner:
 
         hd = self.shape.blocks[block].head_dim
         return torch.cat(
-            [h * hd + order[k * self.r : (k + 1) * self.r] for h, order in enumerate(self.dim_order[block])]
+            [h * hd + order[k * self.hr : (k + 1) * self.hr] for h, order in enumerate(self.dim_order[block])]
         )
 
     def units(self, structure: Structure) -> list[Unit]:
@@ -91,7 +99,7 @@ class Planner:
                 units += [Unit(structure, i, h, self.head_sal[i][h]) for h in range(b.heads)]
             elif structure is Structure.head_dim:
                 best = -math.inf
-                for k in range(b.head_dim // self.r - 1):
+                for k in range(b.head_dim // self.hr - 1):
                     best = max(best, self.stats.unit_score(self.stats.attn[i], self.dim_chunk_channels(i, k)))
                     units.append(Unit(structure, i, k, best))
             elif structure is Structure.mlp:
@@ -110,13 +118,13 @@ class Planner:
             gone_heads = removed.get((Structure.heads, i), set())
             assert isinstance(gone_heads, set)
             dim_chunks = int(removed.get((Structure.head_dim, i), 0))  # type: ignore[arg-type]
-            keep_hd = b.head_dim - dim_chunks * self.r
+            keep_hd = b.head_dim - dim_chunks * self.hr
             channels: list[int] = []
             for h in range(b.heads):
                 if h in gone_heads:
                     channels += range(h * b.head_dim, (h + 1) * b.head_dim)
                 elif dim_chunks:
-                    channels += (h * b.head_dim + self.dim_order[i][h][: dim_chunks * self.r]).tolist()
+                    channels += (h * b.head_dim + self.dim_order[i][h][: dim_chunks * self.hr]).tolist()
             if channels:
                 plan.attn_remove[i] = sorted(channels)
                 plan.heads[i] = (b.heads - len(gone_heads), keep_hd)
@@ -129,11 +137,14 @@ class Planner:
         return plan
 
 
-def planned_shape(shape: Shape, removed: dict[tuple[Structure, int], Any], r: int) -> Shape:
+def planned_shape(
+    shape: Shape, removed: dict[tuple[Structure, int], Any], r: int, head_r: int | None = None
+) -> Shape:
+    """The shape after `removed`: widths cut in chunks of r, head sizes in chunks of head_r (default r)."""
     out = shape.copy()
     for i, b in enumerate(out.blocks):
         b.heads -= len(removed.get((Structure.heads, i), ()))
-        b.head_dim -= int(removed.get((Structure.head_dim, i), 0)) * r
+        b.head_dim -= int(removed.get((Structure.head_dim, i), 0)) * (head_r or r)
         b.mlp -= int(removed.get((Structure.mlp, i), 0)) * r
     out.embed -= int(removed.get((Structure.embed, -1), 0)) * r
     return out
@@ -212,8 +223,16 @@ def _heads_to_sets(planner: Planner, removed: dict[tuple[Structure, int], Any]) 
             removed[key] = set(planner.head_order[key[1]][:value])
 
 
-def _fits(cfg: PruneConfig, shape: Shape, unit: Unit, removed: dict[tuple[Structure, int], Any]) -> bool:
-    r = cfg.round_to
+def _fits(
+    cfg: PruneConfig,
+    shape: Shape,
+    unit: Unit,
+    removed: dict[tuple[Structure, int], Any],
+    step: int | None = None,
+) -> bool:
+    """Whether `unit` can go next: a head while more than min_heads stay, a chunk (of `step`, default
+    round_to) in order while one chunk of the width stays."""
+    r = step or cfg.round_to
     if unit.structure is Structure.heads:
         return (
             shape.blocks[unit.block].heads - len(removed.get((Structure.heads, unit.block), ()))
@@ -326,24 +345,33 @@ def _removal_target(
     return removed
 
 
-def smallest_shape(cfg: PruneConfig, shape: Shape, allowed: Callable[[Structure, int], bool]) -> Shape:
+def smallest_shape(
+    cfg: PruneConfig,
+    shape: Shape,
+    allowed: Callable[[Structure, int], bool],
+    step: int | None = None,
+    head_step: int | None = None,
+) -> Shape:
     """The smallest model the planner may reach: every allowed structure cut to its floor (min_heads
-    heads, one `round_to` chunk of head size, MLP and embedding width)."""
-    r, enabled = cfg.round_to, cfg.enabled()
+    heads, one chunk of head size, MLP and embedding width; chunks as the Planner's, default round_to)."""
+    enabled = cfg.enabled()
 
-    def floor(width: int) -> int:
+    def floor(width: int, r: int) -> int:
         return width - max(0, width // r - 1) * r
+
+    r = step or cfg.round_to
+    hr = head_step or r
 
     out = shape.copy()
     for i, b in enumerate(out.blocks):
         if Structure.heads in enabled and allowed(Structure.heads, i):
             b.heads = min(b.heads, cfg.min_heads)
         if Structure.head_dim in enabled and allowed(Structure.head_dim, i):
-            b.head_dim = floor(b.head_dim)
+            b.head_dim = floor(b.head_dim, hr)
         if Structure.mlp in enabled and allowed(Structure.mlp, i):
-            b.mlp = floor(b.mlp)
+            b.mlp = floor(b.mlp, r)
     if Structure.embed in enabled and allowed(Structure.embed, -1):
-        out.embed = floor(out.embed)
+        out.embed = floor(out.embed, r)
     return out
 
 
