@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,18 @@ def test_readme_examples_run_in_order(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("VITCOMPRESS_CACHE", str(tmp_path / "cache"))  # latency tables: not the user's
     examples = readme_examples()
     assert len(examples) >= 8 and examples[0][:2] == ["python", "scripts/make_example.py"]
+    took: list[tuple[float, str]] = []  # printed at the end (pytest -s): where the suite's time goes
     for args in examples:
+        started = time.perf_counter()
         if args[0] == "python":  # scripts/NAME.py, run as __main__ in this process (tests/inprocess.py)
             run = run_script(Path(args[1]).relative_to("scripts").as_posix(), *args[2:])
             assert run.returncode == 0, (args, run.stderr[-3000:])
-            continue
-        result = cli(*args[1:])
-        assert result.exit_code == 0, (args, result.output)
+        else:
+            result = cli(*args[1:])
+            assert result.exit_code == 0, (args, result.output)
+        took.append((time.perf_counter() - started, " ".join(args)[:110]))
+    for seconds, line in sorted(took, reverse=True)[:12]:
+        print(f"{seconds:6.1f} s  {line}")
     assert (tmp_path / "out" / "report.md").is_file()
     assert (tmp_path / "recipe.schema.json").is_file()
     # "Compress your own model": the stand-in model is a trained one and the run kept it so
