@@ -240,6 +240,38 @@ def test_folder_batches_with_workers_match_inline_and_name_bad_files(tmp_path):
         list(broken.batches(8))
 
 
+def test_folder_decoding_runs_in_threads_and_never_forks(tmp_path, monkeypatch):
+    """A forked DataLoader worker crashed the suite's process (SIGSEGV) once OpenVINO had run in it;
+    decoding now runs in this process's threads, so nothing may fork or start a process."""
+    import multiprocessing
+    import os
+    import threading
+
+    from vitcompress.data.folder import FolderItems
+
+    def refuse(*_a, **_k):
+        raise AssertionError("folder decoding started a process")
+
+    monkeypatch.setattr(os, "fork", refuse)
+    monkeypatch.setattr(multiprocessing.Process, "start", refuse)
+    seen: set[str] = set()
+    getitem = FolderItems.__getitem__
+
+    def recording(self, index):
+        seen.add(threading.current_thread().name)
+        return getitem(self, index)
+
+    monkeypatch.setattr(FolderItems, "__getitem__", recording)
+    _grey_folder(tmp_path / "imgs", per_class=10, classes=3)
+    spec = DataSpec(source="folder", path=tmp_path / "imgs", num_workers=2)
+    batches = list(load_dataset(spec, RGB32, 3).batches(4))
+    assert [len(y) for _, y in batches] == [4] * 7 + [2]
+    assert seen and all(name.startswith("vitcompress-decode") for name in seen) and len(seen) <= 2
+    seen.clear()
+    list(load_dataset(spec.model_copy(update={"num_workers": 0}), RGB32, 3).batches(4))
+    assert seen == {threading.current_thread().name}  # 0: inline
+
+
 def test_folder_subsets_and_holdout_stay_lazy(tmp_path):
     from vitcompress.data import holdout
 

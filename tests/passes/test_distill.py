@@ -146,19 +146,24 @@ def test_the_cli_chooses_on_val_and_reports_test_once(cli, tmp_path):
 
 
 def test_kd_beats_labels_alone_from_the_same_pruned_start(tmp_path, digits_teacher):
+    """Little data is where a teacher helps most. Measured 2026-12-05 (seeds 0-2, 40 steps): with 128
+    images KD won every seed (83.0-84.1% against 79.7-82.2%); with 256 labels alone caught up with
+    this weak (87%) teacher and one seed decided (the test failed on a fresh install), so: 128 images
+    and the mean of three seeds."""
     test = _digits(digits_teacher, "test")
     pruned = copy.deepcopy(digits_teacher)
     prune_model(pruned, PruneConfig(target_macs=0.4, structures=["heads", "mlp"], round_to=8))
-    train = _digits(pruned, limit=256)  # little data: where a teacher helps most
-    scores = {}
-    for name, weights in {"labels": (1.0, 0.0), "kd": (0.3, 0.7)}.items():
-        student = copy.deepcopy(pruned)
-        cfg = DistillConfig(
-            steps=40, batch_size=32, lr=1e-3, hard_label=weights[0], soft_kd=weights[1], temperature=4.0
-        )
-        distill_model(student, digits_teacher, cfg, train, None, tmp_path / name, seed=0)
-        scores[name] = evaluate_torch(student, test).top1
-    assert scores["kd"] > scores["labels"], scores
+    train = _digits(pruned, limit=128)
+    scores: dict[str, list[float]] = {"labels": [], "kd": []}
+    for seed in range(3):
+        for name, weights in {"labels": (1.0, 0.0), "kd": (0.3, 0.7)}.items():
+            student = copy.deepcopy(pruned)
+            cfg = DistillConfig(
+                steps=40, batch_size=32, lr=1e-3, hard_label=weights[0], soft_kd=weights[1], temperature=4.0
+            )
+            distill_model(student, digits_teacher, cfg, train, None, tmp_path / f"{name}-{seed}", seed=seed)
+            scores[name].append(evaluate_torch(student, test).top1)
+    assert np.mean(scores["kd"]) > np.mean(scores["labels"]) + 0.005, scores
 
 
 def test_a_killed_run_resumes_to_the_same_loss_curve(tmp_path, digits_teacher):

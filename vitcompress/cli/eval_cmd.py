@@ -95,7 +95,7 @@ def evaluate(
     ] = None,
     num_workers: Annotated[
         int | None,
-        typer.Option(min=0, help="Image folders: decoding worker processes (default: min(2, CPUs))."),
+        typer.Option(min=0, help="Image folders: decoding threads (default: min(2, CPUs); 0: inline)."),
     ] = None,
     per_class: Annotated[
         bool, typer.Option("--per-class", help="Also report top-1 per class (table, or per_class in JSON).")

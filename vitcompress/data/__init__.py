@@ -6,8 +6,8 @@ once under `data:` (train / eval / val / calibration); every pass that needs dat
 data-aware SVD, calibration, distillation, eval) reads from there.
 
 The array sources are small and held as uint8; an image folder is listed, not read: its files are
-chosen first (the limit applies before any decoding) and decoded batch by batch by DataLoader worker
-processes (see folder.py). Either way the model's own preprocessing applies (preprocess.py): its
+chosen first (the limit applies before any decoding) and decoded batch by batch by decoding threads
+(see folder.py). Either way the model's own preprocessing applies (preprocess.py): its
 input size, interpolation, crop, pixel range and mean/std, each overridable per data source, and
 the log says what the data really was (channel modes, sizes) and what was done to it.
 """
@@ -206,21 +206,33 @@ class Dataset:
     def _folder_batches(
         self, order: np.ndarray, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from torch.utils.data import DataLoader
+        """Decode in `num_workers` threads, one batch ahead of the consumer. Threads, not worker
+        processes: PIL's decoders and resampling run without the GIL, and a forked DataLoader worker
+        crashed the whole process (SIGSEGV) once OpenVINO had run in it (`eval model.xml --data
+        DIR` does exactly that); a forkserver or spawn would instead re-run a user's unguarded
+        script in every worker."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        batches = -(-len(order) // batch_size)
+        items = self._items()
+        chunks = [order[start : start + batch_size].tolist() for start in range(0, len(order), batch_size)]
         workers = self.spec.num_workers if self.spec.num_workers is not None else default_workers()
-        workers = min(workers, batches) if batches > 1 else 0  # one batch: forking would only cost
-        loader: DataLoader[tuple[torch.Tensor, int, str]] = DataLoader(
-            self._items(),  # type: ignore[arg-type]
-            batch_size=batch_size,
-            sampler=order.tolist(),
-            num_workers=workers,
-            collate_fn=_collate,
-        )
-        for images, labels, errors in loader:
-            raise_decode_errors(errors)
-            yield self.preprocess(images), labels
+        if workers == 0 or len(order) <= 1:
+            for chunk in chunks:
+                yield self._collated([items[i] for i in chunk])
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="vitcompress-decode") as pool:
+            ahead = [pool.submit(items.__getitem__, i) for i in chunks[0]] if chunks else []
+            for n in range(len(chunks)):
+                current = ahead
+                ahead = (
+                    [pool.submit(items.__getitem__, i) for i in chunks[n + 1]] if n + 1 < len(chunks) else []
+                )
+                yield self._collated([f.result() for f in current])
+
+    def _collated(self, decoded: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, errors = _collate(decoded)
+        raise_decode_errors(errors)
+        return self.preprocess(images), labels
 
 
 def holdout(data: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset]:

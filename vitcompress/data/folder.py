@@ -2,9 +2,9 @@
 
 Loading a folder lists its files and reads the headers (mode, size) of the files it keeps; nothing is
 decoded then. `limit` picks the files first (stratified over classes), so only those are ever
-opened. Pixels are decoded when a batch is asked for: by DataLoader worker processes when a data set
-is iterated (`Dataset.batches`), in this process for random access (`Dataset.take`). Memory stays one
-batch per worker, whatever the folder's size.
+opened. Pixels are decoded when a batch is asked for: by decoding threads, one batch ahead, when a data
+set is iterated (`Dataset.batches`), inline for random access (`Dataset.take`). Memory stays two
+batches, whatever the folder's size.
 """
 
 from __future__ import annotations
@@ -214,10 +214,10 @@ def list_folder(spec: DataSpec) -> FolderFiles:
 
 
 class FolderItems:
-    """A map-style torch Dataset over some files: item i is (uint8 C x H x W tensor, label, error).
+    """Random access over some files: item i is (uint8 C x H x W tensor, label, error).
 
     A file that fails to decode yields a zero image and the error text, and whoever collects the
-    batch raises it with the file named; a worker's own traceback would bury that.
+    batch raises it with the file named (a decoding thread's own traceback would bury that).
     """
 
     def __init__(
@@ -242,7 +242,7 @@ class FolderItems:
         try:
             with Image.open(path) as image:
                 pixels = self.transform(to_model_mode(image, self.channels))
-        except Exception as err:  # reported by the collecting process, file named
+        except Exception as err:  # reported when the batch is collected, file named
             return torch.zeros(self.shape, dtype=torch.uint8), int(self.labels[index]), f"{path}: {err}"
         if tuple(pixels.shape) != self.shape:
             return (

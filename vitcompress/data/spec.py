@@ -72,7 +72,7 @@ class DataSpec(BaseModel):
         None, description="Image folders: override timm's crop mode (center keeps the aspect ratio)."
     )
     num_workers: int | None = Field(
-        None, ge=0, description="Image folders: decoding worker processes (default: min(2, CPUs); 0: inline)."
+        None, ge=0, description="Image folders: decoding threads (default: min(2, CPUs); 0: inline)."
     )
 
     @model_validator(mode="after")
