@@ -7,16 +7,15 @@
 For each size a folder of small PNGs (10 classes, mixed sizes 40-96 px, mixed RGB and grey) is
 written to a temporary directory; then a fresh subprocess loads it through the data layer
 (`load_dataset`, a 3x32x32 model input with timm's crop) and iterates every batch, as an eval
-would. Each subprocess reports its peak RSS (VmHWM from /proc/self/status), the largest peak of its
-decoding workers (getrusage of the reaped children) and images/s. `--eager` adds the old way for
-contrast: every image decoded into one array first, so its peak grows with the folder.
+would. Each subprocess reports its peak RSS (VmHWM from /proc/self/status; the decoding threads
+run in it) and images/s. `--eager` adds the old way for contrast: every image decoded into one array
+first, so its peak grows with the folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -81,16 +80,14 @@ def child(folder: Path, batch_size: int, workers: int, eager: bool) -> dict:
         for x, _ in data.batches(batch_size):
             seen += len(x)
     wall = time.perf_counter() - start
-    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KB on Linux
     return {
-        "mode": "eager (decode all first)" if eager else f"streaming ({workers} workers)",
+        "mode": "eager (decode all first)" if eager else f"streaming ({workers} decoding threads)",
         "images": seen,
         "seconds": wall,
         "images_per_s": seen / wall if wall > 0 else 0.0,
         "peak_rss_mb": vm_hwm_mb(),
         "peak_rss_after_imports_mb": before,
         "peak_rss_above_imports_mb": vm_hwm_mb() - before,
-        "worker_peak_rss_mb": workers_peak if not eager and workers else 0.0,
     }
 
 
@@ -119,7 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--sizes", default="200,800,3200", help="Folder sizes (images), comma-separated.")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes.")
+    parser.add_argument("--workers", type=int, default=2, help="Decoding threads (0: inline).")
     parser.add_argument("--eager", action="store_true", help="Also measure decoding everything first.")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes, for the test suite.")
     parser.add_argument("--json", type=Path, help="Write the results here.")
@@ -139,16 +136,16 @@ def main() -> None:
                 row = {"folder_images": size, **run_size(folder, args, eager)}
                 rows.append(row)
                 print(
-                    f"{size} images, {row['mode']}: peak RSS {row['peak_rss_mb']:.0f} MB "
-                    f"(workers {row['worker_peak_rss_mb']:.0f} MB), {row['images_per_s']:.0f} images/s",
+                    f"{size} images, {row['mode']}: peak RSS {row['peak_rss_mb']:.0f} MB, "
+                    f"{row['images_per_s']:.0f} images/s",
                     file=sys.stderr,
                 )
-    print("| folder images | mode | peak RSS (MB) | above imports (MB) | worker peak RSS (MB) | images/s |")
-    print("|---|---|---|---|---|---|")
+    print("| folder images | mode | peak RSS (MB) | above imports (MB) | images/s |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['folder_images']} | {r['mode']} | {r['peak_rss_mb']:.0f} | {r['peak_rss_above_imports_mb']:.1f} | "
-            f"{r['worker_peak_rss_mb']:.0f} | {r['images_per_s']:.0f} |"
+            f"{r['images_per_s']:.0f} |"
         )
     streaming = [r for r in rows if r["mode"].startswith("streaming")]
     growth = streaming[-1]["peak_rss_mb"] / streaming[0]["peak_rss_mb"] if streaming else float("nan")

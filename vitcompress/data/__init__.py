@@ -172,10 +172,7 @@ class Dataset:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if isinstance(self.raw, FolderFiles):
             items = self._items()
-            decoded = [items[int(i)] for i in indices]
-            raise_decode_errors([d[2] for d in decoded])
-            images = torch.stack([d[0] for d in decoded])
-            return self.preprocess(images), torch.from_numpy(self.raw.labels[indices])
+            return self._collated([items[int(i)] for i in indices])
         images = torch.from_numpy(np.ascontiguousarray(self.raw.images[indices]))
         return self.preprocess(images), torch.from_numpy(self.raw.labels[indices])
 

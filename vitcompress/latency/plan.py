@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from vitcompress.latency.table import LatencyTable, TargetSpec
     from vitcompress.models.loader import LoadedModel
     from vitcompress.passes.prune import Planner, PruneConfig, PruneResult, Shape, Structure, Unit
+    from vitcompress.passes.prune.importance import ChannelStats
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def steps(cfg: PruneConfig, table: LatencyTable) -> tuple[int, int]:
     return max(cfg.round_to, table.fast_multiple), cfg.round_to
 
 
-def latency_planner(stats: Any, shape: Shape, cfg: PruneConfig, table: LatencyTable) -> Planner:
+def latency_planner(stats: ChannelStats, shape: Shape, cfg: PruneConfig, table: LatencyTable) -> Planner:
     from vitcompress.passes.prune import Planner
 
     return Planner(stats, shape, *steps(cfg, table))
